@@ -1,0 +1,80 @@
+"""Shared pieces of every quantization format: the config base class and input validation.
+
+A format module (``nf4.py``, ``int8.py``, ``gptq.py``...) holds a frozen config dataclass and the
+pure-PyTorch reference ``quantize``/``dequantize`` functions. The reference is the specification:
+Triton kernels and any faster path must reproduce it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_DTYPE_NAMES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None, *, what: str = "dtype") -> torch.dtype | None:
+    """Turn ``"bf16"``/``"bfloat16"``/``torch.bfloat16`` into a float ``torch.dtype`` (``None`` passes)."""
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and value not in FLOAT_DTYPES:
+            raise TypeError(f"{what} must be a floating dtype, got {value}")
+        return value
+    key = str(value).removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"{what}={value!r} is not one of {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Base of every format config: static, hashable, JSON-serializable metadata.
+
+    Subclasses set ``format`` (the name used in recipes and ``quantization_config``) and ``bits``.
+    ``compute_dtype`` is the dtype the layer computes in (``None``: the dtype of the float weight).
+    """
+
+    format: ClassVar[str] = ""
+    compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.compute_dtype, what=f"{type(self).__name__}.compute_dtype")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.compute_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def check_weight(weight: torch.Tensor, *, name: str = "weight") -> None:
+    """Validate a float weight before quantization.
+
+    Raises:
+        TypeError: ``weight`` is not a floating-point tensor.
+        ValueError: ``weight`` is not 2-D, is empty, or holds NaN/Inf (the message names ``name``).
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point weight, got dtype {weight.dtype}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: weight holds NaN/Inf (first at index {bad}, value {weight[bad[0], bad[1]].item()}); cannot quantize")

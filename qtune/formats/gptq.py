@@ -1,0 +1,698 @@
+r"""GPTQ: int-N weights with per-group scales and zero points, found with second-order error compensation.
+
+This module is the reference (the specification) of qtune's GPTQ format. It holds the configs, the
+GPTQ and round-to-nearest (RTN) quantizers, the packing of the checkpoint tensors and the
+dequantization every faster kernel must reproduce.
+
+Storage (AutoGPTQ ``qlinear_cuda_old`` / GPTQModel ``FORMAT.GPTQ``, checkpoint format v1), for a layer
+with ``N = out_features``, ``K = in_features``, ``b = bits``, group size ``g`` and ``G = ceil(K / g)``:
+
+* ``qweight``: int32 ``[ceil(K/32)·b, N]``. The int-b codes ``q[k, n]`` are packed along the input
+  dimension: every 32 consecutive rows form a little-endian bit stream of ``32·b`` bits spread over
+  ``b`` words, code ``i`` of the 32 at stream bits ``[b·i, b·i + b)``. For b ∈ {2, 4, 8} this is
+  "row ``r·(32/b) + j`` sits in word ``r`` at bits ``[b·j, b·j + b)``"; for b = 3 codes 10 and 21
+  straddle word boundaries. ``K`` that is not a multiple of 32 is padded with zero codes.
+* ``qzeros``: int32 ``[G, ceil(N/32)·b]``, the zero points packed the same way along the output
+  dimension. v1 stores ``zero − 1`` (so symmetric 4-bit gives ``0x77777777``).
+* ``scales``: ``[G, N]``, fp16 in checkpoints.
+* ``g_idx``: int32 ``[K]``, the group of each input column: ``k // g`` unless act-order without static
+  groups reorders them.
+
+Dequantization (v1)::
+
+    W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n]),   z = stored zero + 1
+
+Group parameters (GPTQ's ``Quantizer.find_params``), per output row over the group's columns, with
+``maxq = 2^b − 1``::
+
+    xmin = min(0, min w),  xmax = max(0, max w)                    (0 is always inside the range)
+    sym:  xmax = max(|xmin|, xmax), xmin = −xmax, zero = 2^(b−1)
+    all-zero group: xmin, xmax = −1, +1
+    scale = (xmax − xmin) / maxq,   asym: zero = round(−xmin / scale)
+    q     = clamp(round(w / scale) + zero, 0, maxq)
+
+Two departures from the reference keep ``|w − ŵ| ≤ scale/2`` for every weight: the scale is rounded
+*up* to the storage dtype before the codes are chosen (so dequantization reproduces exactly what the
+quantizer assumed), and an asymmetric group whose zero rounds to 0, which v1 cannot store, gets zero 1
+with the scale widened to ``xmax / (maxq − 1)``. The reference's symmetric rule also differs for an
+all-non-negative group (it keeps ``xmin = 0`` and clips the group's top weights); here it is absmax.
+
+GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") minimises the layer's output error ``‖X Wᵀ − X Ŵᵀ‖²`` over calibration inputs ``X``
+one input column at a time. With ``H = 2/n · Σ x xᵀ`` (the Hessian of that error with respect to
+each row of ``W``) and ``U`` the upper Cholesky factor of ``H⁻¹``, quantizing column ``j`` to ``q_j``
+is followed by the optimal update of the not-yet-quantized columns::
+
+    e_j     = (w_j − q_j) / U[j, j]
+    w_{j:} ← w_{j:} − e_j · U[j, j:]
+
+Updates inside a block of ``block_size`` columns are applied immediately; those to the columns after
+the block are batched into one matrix product per block ("lazy batch"), which gives the same result.
+Act-order (``desc_act``) processes the columns by descending ``diag(H)`` so the most
+activation-heavy ones are quantized while the most freedom is left to compensate them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+
+from .base import QuantConfig, check_weight
+
+__all__ = [
+    "GPTQConfig",
+    "RTNConfig",
+    "GPTQTensors",
+    "GPTQHessian",
+    "pack_rows",
+    "unpack_rows",
+    "pack_zeros",
+    "unpack_zeros",
+    "dequantize_gptq",
+    "quantize_rtn",
+    "gptq_quantize",
+    "gptq_quantize_from_inputs",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_MASK32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+def _check_bits(bits: object, *, what: str = "bits") -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{what}={bits!r} is not supported; choose one of 2, 3, 4, 8")
+
+
+def _check_group_size(group_size: object, *, what: str) -> None:
+    # Group size 1 would store a scale per weight; anything >= 2 works, including a partial last group.
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size >= 2):
+        raise ValueError(f"{what}={group_size!r} is not supported; use -1 (one group per row) or an integer >= 2 "
+                         "(usually 32, 64, 128)")
+
+
+def _check_bool(value: object, *, what: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what}={value!r} must be a bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """Settings of GPTQ quantization (names follow AutoGPTQ/GPTQModel ``quantize_config.json``).
+
+    Attributes:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input columns sharing one scale/zero per output row; -1 = one group per row.
+        desc_act: act-order, quantize columns by descending Hessian diagonal.
+        sym: symmetric grid (zero fixed at 2^(bits-1)) instead of a per-group min/max zero.
+        static_groups: with act-order, compute all group parameters up front on the original column
+            groups, so ``g_idx`` stays ``k // group_size`` (kernels need no gather).
+        damp_percent: fraction of mean(diag H) added to the diagonal before inverting, in (0, 1).
+        true_sequential: quantize the sub-layers of a block one after another, each calibrated on the
+            outputs of the already-quantized ones (read by the model-level driver, not here).
+        block_size: lazy-batch width of the column loop; does not change the result.
+    """
+
+    format: ClassVar[str] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        _check_bits(self.bits, what=f"{cls}.bits")
+        _check_group_size(self.group_size, what=f"{cls}.group_size")
+        for field in ("desc_act", "sym", "static_groups", "true_sequential"):
+            _check_bool(getattr(self, field), what=f"{cls}.{field}")
+        dp = self.damp_percent
+        if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not (0.0 < dp < 1.0):
+            raise ValueError(f"{cls}.damp_percent={dp!r} must be a number in (0, 1); 0.01 is usual, "
+                             "0.1 for layers whose Hessian is ill-conditioned")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"{cls}.block_size={bs!r} must be a positive integer (128 is usual)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest int-N per group, stored in the GPTQ tensors: the baseline GPTQ must beat.
+
+    Attributes:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input columns sharing one scale/zero per output row; -1 = one group per row.
+        sym: symmetric grid (zero fixed at 2^(bits-1)) instead of a per-group min/max zero.
+    """
+
+    format: ClassVar[str] = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        _check_bits(self.bits, what=f"{cls}.bits")
+        _check_group_size(self.group_size, what=f"{cls}.group_size")
+        _check_bool(self.sym, what=f"{cls}.sym")
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------
+def _stream_layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where code ``i`` of a 32-code block lands: its word, its shift, whether it straddles into the next word."""
+    offset = torch.arange(32, device=device, dtype=torch.int64) * bits
+    word, shift = offset // 32, offset % 32
+    return word, shift, shift + bits > 32
+
+
+def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret int64 values in [0, 2^32) as int32 with the same 32 bits (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack int-``bits`` codes along dim 0 into int32 words, in the AutoGPTQ v1 layout.
+
+    Every 32 rows become ``bits`` words; row ``i`` of a 32-row block occupies stream bits
+    ``[bits·i, bits·i + bits)``, least-significant first (3-bit codes 10 and 21 straddle two words).
+    ``K`` not a multiple of 32 is padded with zero rows.
+
+    Args:
+        q (Tensor): ``[K, N]`` integer codes in ``[0, 2**bits)``, any integer dtype.
+        bits (int): 2, 3, 4 or 8.
+
+    Returns:
+        Tensor: ``[ceil(K/32)·bits, N]`` int32.
+
+    Raises:
+        TypeError: ``q`` is not an integer tensor.
+        ValueError: unsupported ``bits``, ``q`` not 2-D, or a code out of range.
+    """
+    _check_bits(bits)
+    if not isinstance(q, torch.Tensor) or q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise TypeError(f"pack_rows: expected an integer tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() != 2:
+        raise ValueError(f"pack_rows: expected a 2-D tensor [K, N], got shape {tuple(q.shape)}")
+    maxq = 2**bits - 1
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > maxq):
+        raise ValueError(f"pack_rows: codes must lie in [0, {maxq}] for bits={bits}, "
+                         f"got range [{int(q.min())}, {int(q.max())}]")
+    rows, cols = q.shape
+    blocks = -(-rows // 32)
+    # int64 so that shifting a code to bit 31 cannot overflow; the words are cast to int32 at the end.
+    padded = torch.zeros(blocks * 32, cols, dtype=torch.int64, device=q.device)
+    padded[:rows] = q
+    padded = padded.view(blocks, 32, cols)
+
+    word, shift, straddle = _stream_layout(bits, q.device)
+    out = torch.zeros(blocks, bits, cols, dtype=torch.int64, device=q.device)
+    # Codes occupy disjoint bits, so adding them into their words is the same as OR-ing them.
+    low = (padded << shift.view(1, 32, 1)) & _MASK32
+    out.index_add_(1, word, low)
+    if bool(straddle.any()):
+        pos = straddle.nonzero().flatten()
+        high = padded[:, pos] >> (32 - shift[pos]).view(1, -1, 1)
+        out.index_add_(1, word[pos] + 1, high)
+    return _to_int32_bits(out.view(blocks * bits, cols))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`.
+
+    Args:
+        packed (Tensor): ``[ceil(rows/32)·bits, N]`` int32.
+        bits (int): 2, 3, 4 or 8.
+        rows (int): number of rows ``K`` to return (drops the padding).
+
+    Returns:
+        Tensor: ``[rows, N]`` int32 codes in ``[0, 2**bits)``.
+
+    Raises:
+        TypeError: ``packed`` is not int32.
+        ValueError: unsupported ``bits`` or a shape that does not match ``rows``.
+    """
+    _check_bits(bits)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+        raise TypeError(f"unpack_rows: expected an int32 tensor, got {getattr(packed, 'dtype', type(packed).__name__)}")
+    blocks = -(-rows // 32)
+    if packed.dim() != 2 or packed.shape[0] != blocks * bits or rows < 0:
+        raise ValueError(f"unpack_rows: packed shape {tuple(packed.shape)} does not hold {rows} rows at {bits} bits "
+                         f"(expected [{blocks * bits}, N])")
+    cols = packed.shape[1]
+    words = (packed.to(torch.int64) & _MASK32).view(blocks, bits, cols)
+    word, shift, straddle = _stream_layout(bits, packed.device)
+    codes = words[:, word] >> shift.view(1, 32, 1)  # [blocks, 32, cols]
+    if bool(straddle.any()):
+        pos = straddle.nonzero().flatten()
+        codes[:, pos] |= words[:, word[pos] + 1] << (32 - shift[pos]).view(1, -1, 1)
+    codes &= 2**bits - 1
+    return codes.reshape(blocks * 32, cols)[:rows].to(torch.int32)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack zero points into v1 ``qzeros``: ``zero − 1`` packed along the output dimension.
+
+    Args:
+        zeros (Tensor): ``[G, N]`` integer zero points in ``[1, 2**bits]``.
+        bits (int): 2, 3, 4 or 8.
+
+    Returns:
+        Tensor: ``[G, ceil(N/32)·bits]`` int32.
+
+    Raises:
+        TypeError: ``zeros`` is not an integer tensor.
+        ValueError: a zero outside ``[1, 2**bits]`` (v1 cannot store a zero of 0).
+    """
+    _check_bits(bits)
+    if not isinstance(zeros, torch.Tensor) or zeros.dtype.is_floating_point or zeros.dtype == torch.bool:
+        raise TypeError(f"pack_zeros: expected an integer tensor, got {getattr(zeros, 'dtype', type(zeros).__name__)}")
+    if zeros.dim() != 2:
+        raise ValueError(f"pack_zeros: expected a 2-D tensor [G, N], got shape {tuple(zeros.shape)}")
+    if zeros.numel() and (int(zeros.min()) < 1 or int(zeros.max()) > 2**bits):
+        raise ValueError(f"pack_zeros: zero points must lie in [1, {2**bits}] for bits={bits} (v1 stores zero-1), "
+                         f"got range [{int(zeros.min())}, {int(zeros.max())}]")
+    return pack_rows((zeros.to(torch.int64) - 1).T, bits).T.contiguous()
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zeros` (adds the v1 +1 back).
+
+    Args:
+        qzeros (Tensor): ``[G, ceil(out_features/32)·bits]`` int32.
+        bits (int): 2, 3, 4 or 8.
+        out_features (int): ``N``.
+
+    Returns:
+        Tensor: ``[G, N]`` int32 zero points in ``[1, 2**bits]``.
+    """
+    return (unpack_rows(qzeros.T.contiguous(), bits, out_features).T + 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed tensors and dequantization
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GPTQTensors:
+    """The checkpoint tensors of one GPTQ layer (v1) and the metadata needed to read them.
+
+    Attributes:
+        qweight (Tensor): ``[ceil(K/32)·bits, N]`` int32.
+        qzeros (Tensor): ``[G, ceil(N/32)·bits]`` int32, zero − 1.
+        scales (Tensor): ``[G, N]``, fp16 unless quantized with another ``scale_dtype``.
+        g_idx (Tensor): ``[K]`` int32 group of each input column.
+        bits (int), in_features (int): ``K``, out_features (int): ``N``, group_size (int): -1 or >= 2.
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``[N, K]`` these tensors encode (see :func:`dequantize_gptq`)."""
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                               self.in_features, dtype=dtype)
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantization of v1 GPTQ tensors; the specification of the Triton kernels.
+
+    ``W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n])`` with ``z`` = stored zero + 1,
+    computed in fp32 and cast to ``dtype`` once at the end.
+
+    Args:
+        qweight (Tensor): ``[ceil(K/32)·bits, N]`` int32.
+        qzeros (Tensor): ``[G, ceil(N/32)·bits]`` int32.
+        scales (Tensor): ``[G, N]`` float (fp16/bf16/fp32).
+        g_idx (Tensor): ``[K]`` integer, values in ``[0, G)``.
+        bits (int): 2, 3, 4 or 8.
+        in_features (int): ``K``.
+        dtype (torch.dtype): dtype of the result.
+
+    Returns:
+        Tensor: ``[N, K]`` of ``dtype``.
+
+    Raises:
+        ValueError: shapes that disagree with each other, or ``g_idx`` out of range.
+    """
+    _check_bits(bits)
+    if scales.dim() != 2 or not scales.dtype.is_floating_point:
+        raise ValueError(f"dequantize_gptq: scales must be a float [G, N] tensor, "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    n_groups, out_features = scales.shape
+    packed_cols = -(-out_features // 32) * bits
+    if qzeros.dim() != 2 or tuple(qzeros.shape) != (n_groups, packed_cols):
+        raise ValueError(f"dequantize_gptq: qzeros shape {tuple(qzeros.shape)} does not match "
+                         f"scales {tuple(scales.shape)} "
+                         f"at {bits} bits (expected [{n_groups}, {packed_cols}])")
+    if g_idx.dim() != 1 or g_idx.shape[0] != in_features:
+        raise ValueError(f"dequantize_gptq: g_idx shape {tuple(g_idx.shape)} does not match in_features={in_features}")
+    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise ValueError(f"dequantize_gptq: g_idx values must lie in [0, {n_groups}), "
+                         f"got range [{int(g_idx.min())}, {int(g_idx.max())}]")
+    if qweight.dim() != 2 or qweight.shape[1] != out_features:
+        raise ValueError(f"dequantize_gptq: qweight shape {tuple(qweight.shape)} does not match "
+                         f"out_features={out_features}")
+    q = unpack_rows(qweight, bits, in_features)  # [K, N]
+    z = unpack_zeros(qzeros, bits, out_features)  # [G, N]
+    g = g_idx.long()
+    w = scales.float()[g] * (q - z[g]).float()  # [K, N]
+    return w.T.contiguous().to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Group parameters (GPTQ's Quantizer.find_params)
+# --------------------------------------------------------------------------------------------------
+def _round_scale_up(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 scales to values ``scale_dtype`` holds exactly, never downwards, never to zero.
+
+    The codes are chosen with the scale that will be stored, so dequantization reproduces exactly what
+    the quantizer (and GPTQ's error compensation) assumed. Rounding up keeps the group's range covered
+    (rounding down could clip the largest weight by more than half a step).
+    """
+    stored = scale.to(scale_dtype)
+    up = stored.float() < scale
+    if bool(up.any()):
+        stored = torch.where(up, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    smallest = torch.nextafter(torch.zeros((), dtype=scale_dtype), torch.ones((), dtype=scale_dtype))
+    return torch.clamp(stored, min=smallest).float()
+
+
+def _group_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
+                  name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each group from its min and max (fp32 tensors of any shape).
+
+    Returns ``(scale, zero)``, both fp32 of the input's shape; scale is representable in ``scale_dtype``
+    and positive, zero holds integers in ``[1, 2**bits]``.
+    """
+    maxq = 2**bits - 1
+    # Like the reference, 0 is always inside the range: an all-positive group still starts at 0.
+    xmin = torch.clamp(xmin, max=0.0)
+    xmax = torch.clamp(xmax, min=0.0)
+    if sym:
+        # Deliberately absmax on both sides even for an all-non-negative group. The reference only
+        # mirrors xmin when it is negative, so such a group gets scale = xmax/maxq with zero 2^(b-1)
+        # and its largest weights are clipped to about half their value.
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    # An all-zero group gets a unit range so its scale is not 0 (the zeros are still exact: q = zero).
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = _round_scale_up((xmax - xmin) / maxq, scale_dtype)
+    if sym:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.round(-xmin / scale)
+        # v1 stores zero − 1 in `bits` bits, so a zero of 0 has no encoding (AutoGPTQ's packer wraps it
+        # to all ones and corrupts the neighbouring zeros; GPTQModel's v2 format exists for this). Such
+        # a group (min ≈ 0) gets zero 1 and a scale widened to xmax/(maxq−1), so that the shifted grid
+        # [−scale, (maxq−1)·scale] still covers [xmin, xmax] and the error stays within half a step.
+        low = zero < 1
+        if bool(low.any()):
+            widened = _round_scale_up(xmax / (maxq - 1), scale_dtype)
+            scale = torch.where(low, widened, scale)
+            zero = torch.clamp(zero, 1, maxq)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{name}: a group's range ({float((xmax - xmin).max()):.4g}) overflows {scale_dtype} scales; "
+                         "pass scale_dtype=torch.float32")
+    return scale, zero
+
+
+def _quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def _check_cfg(cfg: object, allowed: tuple[type, ...], fn: str) -> None:
+    if not isinstance(cfg, allowed):
+        names = " or ".join(c.__name__ for c in allowed)
+        raise TypeError(f"{fn}: cfg must be a {names}, got {type(cfg).__name__}")
+
+
+def _pack_result(codes_kn: torch.Tensor, scales_gn: torch.Tensor, zeros_gn: torch.Tensor, g_idx: torch.Tensor,
+                 bits: int, group_size: int, scale_dtype: torch.dtype) -> GPTQTensors:
+    in_features, out_features = codes_kn.shape
+    return GPTQTensors(
+        qweight=pack_rows(codes_kn.to(torch.int64), bits),
+        qzeros=pack_zeros(zeros_gn.to(torch.int64), bits),
+        scales=scales_gn.to(scale_dtype).contiguous(),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits, in_features=in_features, out_features=out_features, group_size=group_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Round-to-nearest
+# --------------------------------------------------------------------------------------------------
+def quantize_rtn(weight: torch.Tensor, cfg: RTNConfig | GPTQConfig, name: str = "weight", *,
+                 scale_dtype: torch.dtype = torch.float16) -> GPTQTensors:
+    """Round-to-nearest int-N per group, in the GPTQ tensors (uses ``bits``, ``group_size``, ``sym``).
+
+    Every element satisfies ``|W − dequantize(quantize_rtn(W))| ≤ scale/2`` (up to fp32 rounding).
+
+    Args:
+        weight (Tensor): ``[N, K]`` float (fp16/bf16/fp32/fp64).
+        cfg (RTNConfig | GPTQConfig): bits, group size and symmetry.
+        name (str): layer name for error messages.
+        scale_dtype (torch.dtype): dtype of ``scales`` (fp16 like checkpoints).
+
+    Returns:
+        GPTQTensors: with ``g_idx = k // group_size``.
+
+    Raises:
+        TypeError: non-float weight or a wrong config type.
+        ValueError: NaN/Inf, non-2-D or empty weight; a range too large for ``scale_dtype``.
+    """
+    _check_cfg(cfg, (RTNConfig, GPTQConfig), "quantize_rtn")
+    check_weight(weight, name=name)
+    n, k = weight.shape
+    gs = k if cfg.group_size == -1 else cfg.group_size
+    n_groups = -(-k // gs)
+    w = weight.float()
+    # Zero padding of the partial last group does not move its min/max: 0 is always in the range.
+    padded = torch.nn.functional.pad(w, (0, n_groups * gs - k)).view(n, n_groups, gs)
+    scale, zero = _group_params(padded.amin(-1), padded.amax(-1), cfg.bits, cfg.sym, scale_dtype, name)  # [N, G]
+    codes = _quantize_codes(padded, scale.unsqueeze(-1), zero.unsqueeze(-1), 2**cfg.bits - 1)
+    codes = codes.view(n, n_groups * gs)[:, :k]
+    g_idx = torch.arange(k, device=weight.device) // gs
+    return _pack_result(codes.T, scale.T, zero.T, g_idx, cfg.bits, cfg.group_size, scale_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPTQ
+# --------------------------------------------------------------------------------------------------
+class GPTQHessian:
+    """Streaming accumulator of ``H = 2/n · Σ x xᵀ`` over calibration inputs of one linear layer.
+
+    Kept as a running average in fp32 (``H ← H·n/(n+m) + 2/(n+m)·XᵀX``) so it stays O(1) in size
+    whatever the number of tokens. ``n`` counts input vectors (tokens); the reference counts
+    sequences instead, a constant factor that changes neither the damping (relative to mean diag H)
+    nor the result.
+
+    Args:
+        in_features (int): ``K``.
+        device (torch.device | str | None): where ``H`` lives (CPU by default).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"GPTQHessian: in_features={in_features!r} must be a positive integer")
+        self.in_features = in_features
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._nsamples = 0
+
+    @property
+    def H(self) -> torch.Tensor:
+        """``[K, K]`` fp32, the accumulator itself (not a copy)."""
+        return self._H
+
+    @property
+    def nsamples(self) -> int:
+        """Number of input vectors accumulated so far."""
+        return self._nsamples
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate inputs of the layer.
+
+        Args:
+            x (Tensor): ``[..., K]`` float; every leading index is one sample (token).
+
+        Raises:
+            TypeError: ``x`` is not a float tensor.
+            ValueError: last dimension is not ``K``, or ``x`` holds NaN/Inf.
+        """
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = getattr(x, "dtype", type(x).__name__)
+            raise TypeError(f"GPTQHessian.add_batch: expected a float tensor, got {got}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"GPTQHessian.add_batch: inputs of shape {tuple(x.shape)} do not end in "
+                             f"in_features={self.in_features}")
+        x = x.reshape(-1, self.in_features).to(device=self._H.device, dtype=torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("GPTQHessian.add_batch: calibration inputs hold NaN/Inf")
+        self._H *= self._nsamples / (self._nsamples + m)
+        self._nsamples += m
+        x = math.sqrt(2.0 / self._nsamples) * x
+        self._H.addmm_(x.T, x)
+
+
+def _cholesky(h: torch.Tensor, name: str, damp_percent: float, upper: bool = False) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(h, upper=upper)
+    if int(info) != 0:
+        raise ValueError(f"{name}: the damped Hessian is not positive definite (Cholesky failed at column "
+                         f"{int(info) - 1}) with damp_percent={damp_percent}; use a larger damp_percent "
+                         "(e.g. 0.1) or more calibration data")
+    return factor
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg: GPTQConfig, name: str = "weight",
+                  *, scale_dtype: torch.dtype = torch.float16) -> GPTQTensors:
+    """Quantize one linear weight with GPTQ.
+
+    Follows the reference ``fasterquant`` (IST-DASLab/gptq, AutoGPTQ): dead inputs (``H[i,i] = 0``) get
+    ``H[i,i] = 1`` and a zero weight column; optional act-order permutation; damping
+    ``λ = damp_percent · mean(diag H)``; ``U = chol(H⁻¹)ᵀ``; column-by-column quantization with
+    error compensation in lazy blocks. Group parameters are computed when a group starts, on the
+    current (already compensated, possibly permuted) columns of the group; with ``static_groups``
+    they are computed up front on the original column groups. All float work is fp32 on
+    ``weight.device``.
+
+    Args:
+        weight (Tensor): ``[N, K]`` float (fp16/bf16/fp32/fp64).
+        hessian (Tensor | GPTQHessian): ``[K, K]`` (``2/n·XᵀX``) or its accumulator.
+        cfg (GPTQConfig): the settings.
+        name (str): layer name for error messages.
+        scale_dtype (torch.dtype): dtype of ``scales`` (fp16 like checkpoints).
+
+    Returns:
+        GPTQTensors: ``g_idx[perm[i]] = i // group_size`` with act-order and dynamic groups,
+        ``k // group_size`` otherwise.
+
+    Raises:
+        TypeError: non-float weight, non-tensor hessian or a wrong config type.
+        ValueError: NaN/Inf or malformed weight, a hessian that is not ``[K, K]``, holds NaN/Inf or
+            has no samples, or a damped Hessian that is not positive definite.
+    """
+    _check_cfg(cfg, (GPTQConfig,), "gptq_quantize")
+    check_weight(weight, name=name)
+    n, k = weight.shape
+    device = weight.device
+    if isinstance(hessian, GPTQHessian):
+        if hessian.nsamples == 0:
+            raise ValueError(f"{name}: the GPTQHessian has no calibration samples; call add_batch() first")
+        hessian = hessian.H
+    if not isinstance(hessian, torch.Tensor):
+        raise TypeError(f"{name}: hessian must be a Tensor or GPTQHessian, got {type(hessian).__name__}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"{name}: hessian has shape {tuple(hessian.shape)}, expected [{k}, {k}] for weight "
+                         f"of shape {tuple(weight.shape)}")
+    H = hessian.to(device=device, dtype=torch.float32, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(f"{name}: hessian holds NaN/Inf")
+    W = weight.to(dtype=torch.float32, copy=True)
+
+    bits, maxq = cfg.bits, 2**cfg.bits - 1
+    gs = k if cfg.group_size == -1 else cfg.group_size
+    n_groups = -(-k // gs)
+
+    # An input that is always 0 carries no information; its weight cannot affect the output.
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.empty(n_groups, n, dtype=torch.float32, device=device)
+    zeros = torch.empty(n_groups, n, dtype=torch.float32, device=device)
+    if cfg.static_groups:
+        for g in range(n_groups):
+            cols = W[:, g * gs:(g + 1) * gs]
+            scales[g], zeros[g] = _group_params(cols.amin(1), cols.amax(1), bits, cfg.sym, scale_dtype, name)
+
+    perm = None
+    if cfg.desc_act:
+        # stable: equal diagonals keep their order, so the result does not depend on the sort backend.
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    damp = cfg.damp_percent * torch.mean(torch.diagonal(H))
+    H.diagonal().add_(damp)
+    L = _cholesky(H, name, cfg.damp_percent)
+    Hinv = _cholesky(torch.cholesky_inverse(L), name, cfg.damp_percent, upper=True)
+    del H, L
+
+    # Group of each (permuted) column: static groups follow the original column, dynamic ones the order.
+    if cfg.static_groups:
+        col_group = (perm if perm is not None else torch.arange(k, device=device)) // gs
+    else:
+        col_group = torch.arange(k, device=device) // gs
+    col_group = col_group.tolist()
+
+    codes = torch.zeros(n, k, dtype=torch.float32, device=device)
+    for i1 in range(0, k, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not cfg.static_groups and col % gs == 0:
+                # The group's current values: in-block columns live in W1; columns past the block have
+                # not yet received this block's lazy update, so it is applied to the slice here. (The
+                # reference reads the stale W instead, which only agrees when groups start on block starts.)
+                end = min(col + gs, k)
+                cur = W1[:, i:i + (end - col)]
+                if end > i2:
+                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
+                    cur = torch.cat([cur, rest], dim=1)
+                g = col // gs
+                scales[g], zeros[g] = _group_params(cur.amin(1), cur.amax(1), bits, cfg.sym, scale_dtype, name)
+            s, z = scales[col_group[col]], zeros[col_group[col]]
+            w = W1[:, i]
+            q = _quantize_codes(w, s, z, maxq)
+            codes[:, col] = q
+            err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = torch.arange(k, device=device) // gs
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if not cfg.static_groups:
+            # Column perm[i] was quantized i-th, with the parameters of group i // gs.
+            g_idx = torch.empty_like(g_idx)
+            g_idx[perm] = torch.arange(k, device=device) // gs
+    return _pack_result(codes.T, scales, zeros, g_idx, bits, cfg.group_size, scale_dtype)
+
+
+def gptq_quantize_from_inputs(weight: torch.Tensor, x: torch.Tensor, cfg: GPTQConfig, name: str = "weight", *,
+                              scale_dtype: torch.dtype = torch.float16) -> GPTQTensors:
+    """Accumulate the Hessian of inputs ``x`` (``[..., K]`` float) and run :func:`gptq_quantize`."""
+    check_weight(weight, name=name)
+    hessian = GPTQHessian(weight.shape[1], device=weight.device)
+    hessian.add_batch(x)
+    return gptq_quantize(weight, hessian, cfg, name, scale_dtype=scale_dtype)

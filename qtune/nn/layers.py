@@ -1,0 +1,146 @@
+"""The format-specific ``QuantLinear`` layers.
+
+Buffer names follow the checkpoint layouts they come from: ``weight``/``SCB`` (bitsandbytes 8-bit),
+``qweight``/``qzeros``/``scales``/``g_idx`` (GPTQ); the 4-bit layer keeps bitsandbytes'
+``weight.absmax``-style tensors as ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``,
+``nested_offset``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats import gptq, int8, nf4
+from ..formats.gptq import GPTQConfig, GPTQHessian, RTNConfig
+from ..formats.int8 import Int8Config, LLMInt8Config
+from ..formats.nf4 import FP4Config, NF4Config
+from .base import QuantLinear, register_layer
+
+
+@register_layer(NF4Config, FP4Config)
+class Linear4bit(QuantLinear):
+    """NF4/FP4 blockwise-absmax layer (see :mod:`qtune.formats.nf4`)."""
+
+    op_format = "4bit"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: NF4Config | FP4Config, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        device = kw.get("device")
+        shape = (self.out_features, self.in_features)
+        nb = nf4.n_blocks(shape, config.blocksize)
+        self.blocksize = config.blocksize
+        self.quant_type = config.quant_type
+        self.register_buffer("weight", torch.zeros(nf4.packed_layout(shape, config.blocksize), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if config.double_quant else torch.float32, device=device))
+        self.register_buffer("quant_map", nf4.code_table(config.quant_type, device or "cpu"))
+        if config.double_quant:
+            self.register_buffer("nested_absmax", torch.zeros(math.ceil(nb / nf4.NESTED_BLOCKSIZE), device=device))
+            self.register_buffer("nested_quant_map", nf4.dynamic_map(device or "cpu"))
+            self.register_buffer("nested_offset", torch.zeros((), device=device))
+        else:
+            for name in ("nested_absmax", "nested_quant_map", "nested_offset"):
+                self.register_buffer(name, None)
+
+    def _load_quantized(self, weight: Tensor, config: NF4Config | FP4Config, *, name: str, **kwargs: Any) -> None:
+        _no_extras(kwargs, name)
+        t = nf4.quantize_4bit(weight, config, name=name)
+        self.weight, self.absmax, self.quant_map = t.packed, t.absmax, t.code
+        if t.double_quant:
+            self.nested_absmax, self.nested_quant_map, self.nested_offset = t.nested_absmax, t.nested_code, t.nested_offset
+
+    def weight_args(self) -> tuple:
+        return (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
+                self.nested_offset, self.blocksize, [self.out_features, self.in_features])
+
+
+@register_layer(Int8Config)
+class LinearInt8(QuantLinear):
+    """8-bit absmax (int8) or zero-point (uint8) layer, per row or per group (see :mod:`qtune.formats.int8`)."""
+
+    op_format = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: Int8Config, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        device = kw.get("device")
+        self.group_size = config.group_size
+        groups = 1 if config.group_size == -1 else math.ceil(self.in_features / config.group_size)
+        code_dtype = torch.int8 if config.symmetric else torch.uint8
+        self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=code_dtype, device=device))
+        self.register_buffer("scale", torch.ones(self.out_features, groups, device=device))
+        if config.symmetric:
+            self.register_buffer("zero", None)
+        else:
+            self.register_buffer("zero", torch.zeros(self.out_features, groups, dtype=torch.uint8, device=device))
+
+    def _load_quantized(self, weight: Tensor, config: Int8Config, *, name: str, **kwargs: Any) -> None:
+        _no_extras(kwargs, name)
+        t = int8.quantize_int8(weight, config, name=name)
+        self.weight, self.scale, self.zero = t.weight, t.scale, t.zero
+
+    def weight_args(self) -> tuple:
+        return (self.weight, self.scale, self.zero, self.group_size)
+
+
+@register_layer(LLMInt8Config)
+class LinearLLMInt8(QuantLinear):
+    """LLM.int8(): int8 per-row weights (bitsandbytes' ``weight``/``SCB``), fp16 outlier columns at run time."""
+
+    op_format = "llm_int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: LLMInt8Config, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        device = kw.get("device")
+        self.threshold = float(config.threshold)
+        self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=device))
+        self.register_buffer("SCB", torch.ones(self.out_features, device=device))
+
+    def _load_quantized(self, weight: Tensor, config: LLMInt8Config, *, name: str, **kwargs: Any) -> None:
+        _no_extras(kwargs, name)
+        t = int8.quantize_int8(weight, config, name=name)
+        self.weight, self.SCB = t.weight, t.scale[:, 0].contiguous()
+
+    def weight_args(self) -> tuple:
+        return (self.weight, self.SCB, self.threshold)
+
+
+@register_layer(GPTQConfig, RTNConfig)
+class LinearGPTQ(QuantLinear):
+    """GPTQ-layout int-N layer (GPTQ with calibration, or round-to-nearest), see :mod:`qtune.formats.gptq`."""
+
+    op_format = "gptq"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: GPTQConfig | RTNConfig, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        device = kw.get("device")
+        self.bits = config.bits
+        self.group_size = config.group_size
+        k, n, b = self.in_features, self.out_features, config.bits
+        groups = 1 if config.group_size == -1 else math.ceil(k / config.group_size)
+        self.register_buffer("qweight", torch.zeros(math.ceil(k / 32) * b, n, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, math.ceil(n / 32) * b, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(groups, n, dtype=torch.float16, device=device))
+        g = config.group_size if config.group_size != -1 else k
+        self.register_buffer("g_idx", (torch.arange(k, device=device) // g).to(torch.int32))
+
+    def _load_quantized(self, weight: Tensor, config: GPTQConfig | RTNConfig, *, name: str,
+                        hessian: Tensor | GPTQHessian | None = None, **kwargs: Any) -> None:
+        _no_extras(kwargs, name)
+        if isinstance(config, GPTQConfig):
+            if hessian is None:
+                raise ValueError(f"{name}: GPTQ needs calibration data: pass hessian= (qtune.formats.gptq.GPTQHessian) "
+                                 "or quantize the model with calibration inputs; use RTNConfig for round-to-nearest")
+            t = gptq.gptq_quantize(weight, hessian, config, name=name)
+        else:
+            t = gptq.quantize_rtn(weight, config, name=name)
+        self.qweight, self.qzeros, self.scales, self.g_idx = t.qweight, t.qzeros, t.scales, t.g_idx
+
+    def weight_args(self) -> tuple:
+        return (self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+
+
+def _no_extras(kwargs: dict, name: str) -> None:
+    if kwargs:
+        raise TypeError(f"{name}: unexpected arguments {sorted(kwargs)} for this format")

@@ -1,0 +1,7 @@
+"""qtune's ``torch.library`` operators (importing this package registers them)."""
+from . import dequantize, linear  # noqa: F401  (registration side effect)
+from .library import LIB, register_device_kernel
+from .linear import GRAD_INPUT_OPS, LINEAR_OPS, WEIGHT_SCHEMAS, dequantize as dequantize_weight, quant_linear
+
+__all__ = ["LIB", "register_device_kernel", "LINEAR_OPS", "GRAD_INPUT_OPS", "WEIGHT_SCHEMAS",
+           "dequantize_weight", "quant_linear"]

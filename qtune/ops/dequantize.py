@@ -1,0 +1,64 @@
+"""Dequantize operators: packed weight → dense ``[out_features, in_features]`` tensor.
+
+``qtune::dequantize_4bit``, ``qtune::dequantize_int8`` and ``qtune::dequantize_gptq`` wrap the
+reference functions of :mod:`qtune.formats`, which define the maths.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..formats import gptq, int8, nf4
+from .library import define
+
+
+def _dequantize_4bit_ref(packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                         nested_code: Optional[Tensor], nested_offset: Optional[Tensor], blocksize: int,
+                         shape: list[int], dtype: torch.dtype) -> Tensor:
+    return nf4.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax=nested_absmax,
+                               nested_code=nested_code, nested_offset=nested_offset)
+
+
+def _dequantize_4bit_fake(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, shape, dtype):
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.numel() * 2 >= shape[0] * shape[1], lambda: "packed holds fewer than N*K/2 bytes")
+    return packed.new_empty(shape, dtype=dtype)
+
+
+dequantize_4bit = define(
+    "dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? nested_offset, int blocksize, int[] shape, ScalarType dtype) -> Tensor",
+    _dequantize_4bit_ref, _dequantize_4bit_fake)
+
+
+def _dequantize_int8_ref(weight: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int,
+                         dtype: torch.dtype) -> Tensor:
+    return int8.dequantize_int8(weight, scale, zero, group_size, dtype)
+
+
+def _dequantize_int8_fake(weight, scale, zero, group_size, dtype):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D, got {weight.dim()}-D")
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+dequantize_int8 = define(
+    "dequantize_int8(Tensor weight, Tensor scale, Tensor? zero, int group_size, ScalarType dtype) -> Tensor",
+    _dequantize_int8_ref, _dequantize_int8_fake)
+
+
+def _dequantize_gptq_ref(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                         in_features: int, dtype: torch.dtype) -> Tensor:
+    return gptq.dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, dtype)
+
+
+def _dequantize_gptq_fake(qweight, qzeros, scales, g_idx, bits, in_features, dtype):
+    torch._check(qweight.dtype == torch.int32, lambda: f"qweight must be int32, got {qweight.dtype}")
+    return qweight.new_empty((scales.shape[1], in_features), dtype=dtype)
+
+
+dequantize_gptq = define(
+    "dequantize_gptq(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int in_features, "
+    "ScalarType dtype) -> Tensor",
+    _dequantize_gptq_ref, _dequantize_gptq_fake)
