@@ -1,0 +1,5 @@
+import sys
+
+from qtune.cli.main import main
+
+sys.exit(main())
