@@ -30,6 +30,7 @@ def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "qtune/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package would clash with HF kernels"
+    assert "qtune/csrc/qtune_cpu.c" in names  # the native CPU kernels compile from it on first use
     assert "qtune/data/austen/emma.txt.gz" in names or not (ROOT / "qtune/data/austen/emma.txt.gz").exists()
 
 

@@ -193,13 +193,31 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
     return vals * absmax[idx]
 
 
-def quantize_4bit(weight: torch.Tensor, config: _FourBitConfig, *, name: str = "weight") -> FourBitTensors:
-    """Quantize a float weight to NF4/FP4 (reference implementation; bitsandbytes-identical bytes).
+def quantize_blocks_4bit(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference blockwise 4-bit quantization of a flat fp32 tensor (the spec of the native CPU kernel).
+
+    Args:
+        flat: fp32 [n]. blocksize: elements per block. code: fp32 [16] table.
+    Returns:
+        (uint8 [ceil(n/2)] packed codes, high nibble first; fp32 [ceil(n/blocksize)] absmax).
+    """
+    absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble encodes 0.0, as in bitsandbytes
+    q = _nearest_code(scaled, code).to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2], absmax
+
+
+def quantize_4bit(weight: torch.Tensor, config: _FourBitConfig, *, name: str = "weight",
+                  blocks_fn=quantize_blocks_4bit) -> FourBitTensors:
+    """Quantize a float weight to NF4/FP4 (bitsandbytes-identical bytes).
 
     Args:
         weight: [N, K] fp16/bf16/fp32/fp64.
         config: :class:`NF4Config` or :class:`FP4Config`.
         name: the layer's name, used in error messages.
+        blocks_fn: the blockwise kernel, :func:`quantize_blocks_4bit` or an op with the same contract
+            (``torch.ops.qtune.quantize_blocks_4bit`` dispatches to the native CPU kernel).
     Returns:
         :class:`FourBitTensors` on ``weight``'s device.
     Raises:
@@ -209,13 +227,9 @@ def quantize_4bit(weight: torch.Tensor, config: _FourBitConfig, *, name: str = "
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     flat = weight.detach().reshape(-1).float()
     code = code_table(config.quant_type, weight.device)
-    absmax, scaled = _blockwise_absmax_scaled(flat, config.blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble encodes 0.0, as in bitsandbytes
-    q = _nearest_code(scaled, code).to(torch.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).view(packed_layout(shape, config.blocksize))
-    t = FourBitTensors(packed=packed, absmax=absmax, code=code, shape=shape,
-                       blocksize=config.blocksize, quant_type=config.quant_type)
+    packed, absmax = blocks_fn(flat, config.blocksize, code)
+    t = FourBitTensors(packed=packed.view(packed_layout(shape, config.blocksize)), absmax=absmax, code=code,
+                       shape=shape, blocksize=config.blocksize, quant_type=config.quant_type)
     if config.double_quant:
         offset = absmax.mean()
         t.absmax, t.nested_absmax = quantize_blockwise_8bit(absmax - offset)

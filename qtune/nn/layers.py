@@ -46,7 +46,7 @@ class Linear4bit(QuantLinear):
 
     def _load_quantized(self, weight: Tensor, config: NF4Config | FP4Config, *, name: str, **kwargs: Any) -> None:
         _no_extras(kwargs, name)
-        t = nf4.quantize_4bit(weight, config, name=name)
+        t = nf4.quantize_4bit(weight, config, name=name, blocks_fn=torch.ops.qtune.quantize_blocks_4bit)
         self.weight, self.absmax, self.quant_map = t.packed, t.absmax, t.code
         if t.double_quant:
             self.nested_absmax, self.nested_quant_map, self.nested_offset = t.nested_absmax, t.nested_code, t.nested_offset

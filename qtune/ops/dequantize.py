@@ -1,4 +1,4 @@
-"""Dequantize operators: packed weight → dense ``[out_features, in_features]`` tensor.
+"""Dequantize operators (packed weight → dense ``[out_features, in_features]``) and the 4-bit block quantizer.
 
 ``qtune::dequantize_4bit``, ``qtune::dequantize_int8`` and ``qtune::dequantize_gptq`` wrap the
 reference functions of :mod:`qtune.formats`, which define the maths.
@@ -62,3 +62,12 @@ dequantize_gptq = define(
     "dequantize_gptq(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int in_features, "
     "ScalarType dtype) -> Tensor",
     _dequantize_gptq_ref, _dequantize_gptq_fake)
+
+
+def _quantize_blocks_4bit_fake(flat, blocksize, code):
+    n = flat.numel()
+    return flat.new_empty((n + 1) // 2, dtype=torch.uint8), flat.new_empty((n + blocksize - 1) // blocksize)
+
+
+quantize_blocks_4bit = define("quantize_blocks_4bit(Tensor flat, int blocksize, Tensor code) -> (Tensor, Tensor)",
+                              nf4.quantize_blocks_4bit, _quantize_blocks_4bit_fake)

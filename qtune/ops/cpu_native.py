@@ -1,0 +1,151 @@
+"""Native CPU kernels (``qtune/csrc/qtune_cpu.c``) registered as the ``cpu`` kernels of the qtune ops.
+
+The C file is compiled on first use with the system C compiler (``cc -O3 -march=native -fopenmp``,
+about a second) into ``$QTUNE_CACHE`` (default ``~/.cache/qtune``) and loaded with ctypes; no
+PyTorch headers are needed. The kernels reproduce the pure-PyTorch reference bit for bit (tested).
+
+Where no C compiler is available, or ``QTUNE_NATIVE_CPU=0``, the reference kernels serve the CPU and
+a warning says so once: results are identical, only slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..formats import int8 as int8_fmt
+from ..formats import nf4
+from .library import register_device_kernel
+
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "qtune_cpu.c"
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_failed: Optional[str] = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QTUNE_CACHE", Path.home() / ".cache" / "qtune"))
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL:
+    src = _SOURCE.read_bytes()
+    tag = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
+    lib_path = cache_dir() / f"libqtune_cpu_{tag}.so"
+    if not lib_path.exists():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            raise RuntimeError("no C compiler (cc/gcc/clang) found")
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            tmp_lib = Path(tmp) / lib_path.name
+            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp_lib)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent processes never load a half-written file
+    lib = ctypes.CDLL(str(lib_path))
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.qt_dequant_4bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr, c_int, c_int]
+    lib.qt_quant_4bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
+    lib.qt_dequant_int8_sym.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, c_int, c_int]
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded native library, or ``None`` (after one warning) where it cannot be built."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            if os.environ.get("QTUNE_NATIVE_CPU", "1") == "0":
+                _failed = "disabled by QTUNE_NATIVE_CPU=0"
+            else:
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError) as e:
+                    _failed = str(e)
+                    warnings.warn(f"qtune: native CPU kernels unavailable ({e}); using the pure-PyTorch "
+                                  "reference kernels (same results, slower)", RuntimeWarning, stacklevel=2)
+    return _lib
+
+
+def _p(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def dequantize_4bit_cpu(packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                        nested_code: Optional[Tensor], nested_offset: Optional[Tensor], blocksize: int,
+                        shape: list[int], dtype: torch.dtype) -> Tensor:
+    lib = library()
+    if lib is None or dtype not in _KIND:
+        return nf4.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax=nested_absmax,
+                                   nested_code=nested_code, nested_offset=nested_offset)
+    scale = nf4.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset).contiguous()
+    packed = packed.contiguous()
+    code = code.float().contiguous()
+    out = torch.empty(shape, dtype=dtype)
+    lib.qt_dequant_4bit(_p(packed), _p(scale), _p(code), shape[0] * shape[1], blocksize, _p(out), _KIND[dtype],
+                        torch.get_num_threads())
+    return out
+
+
+def quantize_blocks_4bit_cpu(flat: Tensor, blocksize: int, code: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed bytes (uint8 [ceil(n/2)]) and fp32 absmax of fp32 ``flat`` (see ``nf4.quantize_blocks_4bit``)."""
+    lib = library()
+    if lib is None or flat.dtype != torch.float32:
+        return nf4.quantize_blocks_4bit(flat, blocksize, code)
+    order = torch.argsort(code)
+    sorted_code = code[order]
+    mids = ((sorted_code[:-1] + sorted_code[1:]) / 2).contiguous()
+    order8 = order.to(torch.uint8).contiguous()
+    flat = flat.contiguous()
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty((n + blocksize - 1) // blocksize, dtype=torch.float32)
+    lib.qt_quant_4bit(_p(flat), n, blocksize, _p(mids), _p(order8), _p(packed), _p(absmax), torch.get_num_threads())
+    return packed, absmax
+
+
+def dequantize_int8_cpu(weight: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int,
+                        dtype: torch.dtype) -> Tensor:
+    lib = library()
+    if lib is None or zero is not None or weight.dtype != torch.int8 or dtype not in _KIND:
+        return int8_fmt.dequantize_int8(weight, scale, zero, group_size, dtype)
+    rows, cols = weight.shape
+    weight, scale = weight.contiguous(), scale.float().contiguous()
+    out = torch.empty(rows, cols, dtype=dtype)
+    g = cols if group_size == -1 else group_size
+    lib.qt_dequant_int8_sym(_p(weight), _p(scale), rows, cols, g, scale.shape[1], _p(out), _KIND[dtype],
+                            torch.get_num_threads())
+    return out
+
+
+def register() -> None:
+    register_device_kernel("dequantize_4bit", "cpu", dequantize_4bit_cpu)
+    register_device_kernel("dequantize_int8", "cpu", dequantize_int8_cpu)
+    register_device_kernel("quantize_blocks_4bit", "cpu", quantize_blocks_4bit_cpu)
