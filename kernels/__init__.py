@@ -1,0 +1,108 @@
+"""Triton kernels for qtune's operators on CUDA (installed as ``qtune.kernels``).
+
+One file per kernel, each registered for ``"cuda"`` against its ``qtune::`` op by :func:`register`:
+
+==========================  ==========================================================================
+file                        ops it implements on CUDA
+==========================  ==========================================================================
+``dequant_4bit.py``         ``qtune::dequantize_4bit``  (NF4/FP4, fused double-quant absmax)
+``dequant_int8.py``         ``qtune::dequantize_int8``  (absmax per row/group, zero-point)
+``dequant_gptq.py``         ``qtune::dequantize_gptq``  (2/3/4/8-bit, ``g_idx`` act-order)
+``matmul_4bit.py``          ``qtune::linear_4bit``, ``qtune::linear_4bit_grad_input``
+``matmul_gptq.py``          ``qtune::linear_gptq``, ``qtune::linear_gptq_grad_input``
+``matmul_int8.py``          ``qtune::linear_int8``, ``qtune::linear_int8_grad_input``,
+                            ``qtune::linear_llm_int8_grad_input``
+``matmul_llm_int8.py``      ``qtune::linear_llm_int8``  (int8×int8→int32 GEMM + fused scaling epilogue,
+                            16-bit outlier columns)
+==========================  ==========================================================================
+
+The fused linear kernels never write the dequantized weight to global memory: tiles are dequantized
+in registers and fed to ``tl.dot``. The autograd rule of ``qtune::linear_<fmt>`` calls
+``linear_<fmt>_grad_input`` in backward, so registering both gives a fused forward and backward.
+
+Importing this package is always safe: without Triton, or without a CUDA device, :func:`register`
+registers nothing and qtune keeps its reference (pure PyTorch) kernels. Nothing here imports Triton
+until it is needed; the kernel wrappers (e.g. ``qtune.kernels.linear_4bit``) are loaded on first
+access, and run on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+# public wrapper -> module that defines it
+_WRAPPERS = {
+    "dequantize_4bit": "dequant_4bit",
+    "dequantize_int8": "dequant_int8",
+    "dequantize_gptq": "dequant_gptq",
+    "linear_4bit": "matmul_4bit",
+    "linear_4bit_grad_input": "matmul_4bit",
+    "linear_gptq": "matmul_gptq",
+    "linear_gptq_grad_input": "matmul_gptq",
+    "linear_int8": "matmul_int8",
+    "linear_int8_grad_input": "matmul_int8",
+    "linear_llm_int8_grad_input": "matmul_int8",
+    "linear_llm_int8": "matmul_llm_int8",
+}
+
+# qtune op name -> public wrapper registered for it on CUDA
+OPS = {name: name for name in _WRAPPERS}
+
+KERNEL_MODULES = ("dequant_4bit", "dequant_int8", "dequant_gptq", "matmul_4bit", "matmul_gptq", "matmul_int8",
+                  "matmul_llm_int8")
+
+_registered: list[str] = []
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works (the kernels need it)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def register(force: bool = False) -> list[str]:
+    """Register the Triton kernels for ``"cuda"`` against the ``qtune::`` ops (idempotent).
+
+    Nothing is registered without Triton, or without a CUDA device unless ``force`` (registering is
+    harmless there: a CUDA kernel only ever runs on CUDA tensors).
+
+    Returns:
+        The op names registered by this process (empty when the reference kernels stay in use).
+    """
+    # CUDA first: on a CPU-only machine `import qtune` then never pays for importing Triton
+    if _registered or not (force or cuda_available()) or not triton_available():
+        return list(_registered)
+    from qtune.ops.library import register_device_kernel
+
+    for op_name, wrapper in OPS.items():
+        register_device_kernel(op_name, "cuda", __getattr__(wrapper))
+        _registered.append(op_name)
+    return list(_registered)
+
+
+def registered() -> list[str]:
+    """The op names this process registered CUDA kernels for."""
+    return list(_registered)
+
+
+def __getattr__(name: str) -> Any:
+    # Kernel wrappers and kernel modules load lazily: importing qtune must not import Triton.
+    if name in _WRAPPERS:
+        if not triton_available():
+            raise AttributeError(f"qtune.kernels.{name} needs Triton, which is not importable here")
+        return getattr(importlib.import_module(f"{__name__}.{_WRAPPERS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["register", "registered", "triton_available", "cuda_available", "OPS", "KERNEL_MODULES", *_WRAPPERS]
