@@ -1,0 +1,401 @@
+"""Calibration data and sequential (block-by-block) GPTQ for causal LMs.
+
+:func:`gptq_quantize_model` follows the reference GPTQ driver (IST-DASLab/gptq, AutoGPTQ):
+
+1. Run the model on the calibration windows until the first decoder block, capturing the block's
+   inputs (hidden states and keyword arguments: attention mask, rotary embeddings...).
+2. For each block: hook its linear layers, run the block on every captured input to accumulate each
+   layer's Hessian ``H = 2/n·Σ x xᵀ`` (:class:`qtune.formats.gptq.GPTQHessian`), quantize the layers
+   with :func:`qtune.formats.gptq.gptq_quantize` and swap in ``LinearGPTQ``. With ``true_sequential`` the
+   block's layers are processed in groups in execution order (layers reading the same input form one
+   group: q/k/v, then o, then gate/up, then down), each group calibrated on the outputs of the
+   already-quantized groups.
+3. Run the quantized block on its inputs; its outputs are the next block's inputs.
+
+Peak memory is one block (on ``device``) plus the calibration activations (two
+``samples × seq_len × hidden`` fp32 tensors) plus one ``K × K`` Hessian per layer of the block. Linear
+layers outside the decoder blocks (rarely quantized) are calibrated by one final full forward pass.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .formats import GPTQConfig, QuantConfig, RTNConfig
+from .formats.gptq import GPTQHessian
+from .nn import QuantizationReport, QuantLinear, config_for, float_weight_of, layer_class_for, linear_modules
+from .nn.replace import LayerReport
+
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+                 ".parquet": "parquet", ".csv": "csv"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration data
+# ------------------------------------------------------------------------------------------------
+def calibration_texts(source: str | Path, *, text_field: str | None = None, split: str = "train",
+                      max_chars: int | None = None) -> list[str]:
+    """Texts from a local file (``.txt``, ``.json``/``.jsonl``, ``.parquet``, ``.csv``) or a dataset name,
+    read with the ``datasets`` library.
+
+    Args:
+        source: a file path, ``austen:emma``/``austen:persuasion`` (bundled), or a Hub dataset name (needs a
+            network).
+        text_field: the column holding text (default: ``"text"``, else the first string column).
+        split: dataset split for a dataset name.
+        max_chars: stop after this many characters.
+    Raises:
+        FileNotFoundError: ``source`` looks like a path and does not exist.
+        ValueError: no text column, or no text at all.
+    """
+    import datasets
+
+    if str(source).startswith("austen:"):  # a bundled novel (qtune.assets), handy for demos and tests
+        from .assets import austen_text
+
+        return [austen_text(str(source).split(":", 1)[1])]
+    path = Path(source)
+    looks_like_path = path.suffix.lower() in TEXT_SUFFIXES or "/" in str(source) or str(source).startswith(".")
+    if path.exists():
+        if path.is_dir():
+            raise ValueError(f"calibration source {source} is a folder; give a .txt/.json/.jsonl/.parquet file")
+        builder = TEXT_SUFFIXES.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"calibration file {source}: unsupported extension {path.suffix!r} "
+                             f"(use one of {sorted(TEXT_SUFFIXES)})")
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets raises many types for malformed files
+            raise ValueError(f"calibration file {source}: cannot be read ({type(e).__name__}: {e})") from None
+    elif looks_like_path:
+        raise FileNotFoundError(f"calibration file {source} does not exist")
+    else:
+        try:
+            ds = datasets.load_dataset(str(source), split=split)
+        except Exception as e:
+            raise ValueError(f"calibration dataset {source!r} cannot be loaded ({type(e).__name__}: {e})") from None
+    columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    field = text_field or ("text" if "text" in columns else (columns[0] if columns else None))
+    if field is None or field not in ds.column_names:
+        raise ValueError(f"calibration source {source}: no text column (columns: {ds.column_names})")
+    texts, total = [], 0
+    for t in ds[field]:
+        if t:
+            texts.append(t)
+            total += len(t)
+            if max_chars is not None and total >= max_chars:
+                break
+    if not texts:
+        raise ValueError(f"calibration source {source}: holds no text")
+    return texts
+
+
+def calibration_windows(source: str | Path | list[str], tokenizer: Any, *, samples: int = 128, seq_len: int = 512,
+                        seed: int = 0, text_field: str | None = None) -> Tensor:
+    """``samples`` random windows of ``seq_len`` tokens from the calibration text (as in the GPTQ paper).
+
+    The texts are joined with blank lines and tokenized once; window starts are drawn uniformly with
+    ``seed``.
+
+    Returns:
+        int64 ``[samples, seq_len]`` token ids.
+    Raises:
+        ValueError: non-positive sizes, or fewer than ``seq_len + 1`` tokens of text.
+    """
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"samples={samples} must be ≥ 1 and seq_len={seq_len} ≥ 2")
+    texts = source if isinstance(source, list) else calibration_texts(
+        source, text_field=text_field, max_chars=max(samples * seq_len * 12, 200_000))
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() <= seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens; at least {seq_len + 1} are needed for "
+                         f"--seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+# ------------------------------------------------------------------------------------------------
+# Model structure
+# ------------------------------------------------------------------------------------------------
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ``nn.ModuleList`` of ``config.num_hidden_layers`` identical modules holding linear
+    layers (else the longest such list).
+
+    Raises:
+        ValueError: none found.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1 \
+                and (linear_modules(m[0]) or any(isinstance(x, QuantLinear) for x in m[0].modules())):
+            if n_layers is not None and len(m) == n_layers:
+                return name, m
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no decoder block list (nn.ModuleList of layers) found")
+    return best
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first(x: Any) -> Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Tensor]) -> list[tuple[Tensor, dict]]:
+    """(hidden states, kwargs) given to ``block`` for each batch of token ids."""
+    captured: list[tuple[Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        # positional inputs (GPT-2 passes past/mask positionally) become keywords, so that the hidden
+        # states can be swapped per block while the rest is replayed as is
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        rest = dict(bound)
+        first = next(iter(rest))
+        hidden = rest.pop(first)
+        extra = rest.pop("kwargs", None)
+        if isinstance(extra, dict):
+            rest.update(extra)
+        rest["_hidden_name"] = first
+        rest.pop("past_key_values", None)
+        rest.pop("past_key_value", None)
+        rest.pop("layer_past", None)
+        rest["use_cache"] = False
+        captured.append((hidden.detach(), rest))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _call(block: nn.Module, hidden: Tensor, kwargs: dict, device) -> Any:
+    kw = {k: _to(v, device) for k, v in kwargs.items() if k != "_hidden_name"}
+    kw[kwargs.get("_hidden_name", "hidden_states")] = hidden.to(device)
+    return block(**kw)
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[Tensor, dict]], device: torch.device) -> list[Tensor]:
+    return [_first(_call(block, hidden, kwargs, device)).to("cpu") for hidden, kwargs in inputs]
+
+
+def _to(v: Any, device: torch.device) -> Any:
+    if isinstance(v, Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, dict], device) -> list[list[str]]:
+    """Layers of ``block`` grouped by shared input tensor, in execution order (one forward on one sample)."""
+    order: list[tuple[str, int]] = []
+    alive: list[Tensor] = []  # keeps the inputs alive so their ids are not reused during the forward
+    handles = []
+    for n in names:
+        def hook(module, args, n=n):
+            alive.append(args[0])
+            order.append((n, id(args[0])))
+        handles.append(block.get_submodule(n).register_forward_pre_hook(hook))
+    try:
+        hidden, kwargs = sample
+        _call(block, hidden[:1], kwargs, device)
+    except Exception:
+        # a mask shaped for the whole batch may reject a 1-row slice: fall back to the whole batch
+        order.clear()
+        alive.clear()
+        _call(block, hidden, kwargs, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: dict[int, int] = {}
+    done: set[str] = set()
+    for n, key in order:
+        if n in done:
+            continue
+        done.add(n)
+        if key in seen:
+            groups[seen[key]].append(n)
+        else:
+            seen[key] = len(groups)
+            groups.append([n])
+    groups.extend([[n] for n in names if n not in done])  # layers the forward did not reach
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ driver
+# ------------------------------------------------------------------------------------------------
+def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=None,
+                overrides: Mapping[str, QuantConfig | None] | None = None) -> dict[str, QuantConfig]:
+    """``{layer name: config}`` for the linear layers to quantize (same matching as :func:`qtune.quantize_model`).
+
+    ``skip_modules=None`` skips ``lm_head`` and the output embeddings; tied and fp32-pinned modules are
+    always skipped.
+    """
+    from .integrations.transformers import DEFAULT_SKIP, unquantizable_modules
+
+    skip = tuple(DEFAULT_SKIP if skip_modules is None else skip_modules)
+    skip += unquantizable_modules(model, output_embeddings=skip_modules is None)
+    plan = {}
+    for name, _ in linear_modules(model):
+        cfg = config_for(name, config, skip, dict(overrides or {}))
+        if cfg is not None:
+            plan[name] = cfg
+    return plan
+
+
+def check_group_sizes(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
+    """The GPTQ checkpoint layout needs ``group_size`` to divide every layer's ``in_features``: GPTQ loaders'
+    kernels (ExLlama, Marlin) assume whole groups. qtune's own layout and kernels accept a partial last group.
+
+    Raises:
+        ValueError: naming the first layer where it does not.
+    """
+    for name, cfg in plan.items():
+        gs = getattr(cfg, "group_size", -1)
+        if isinstance(cfg, (GPTQConfig, RTNConfig)) and gs != -1:
+            weight, _ = float_weight_of(model.get_submodule(name), name)
+            k = weight.shape[1]
+            if k % gs:
+                raise ValueError(f"layer {name}: group_size {gs} does not divide in_features {k} (the GPTQ layout "
+                                 "needs whole groups; the qtune layout accepts a partial last group)")
+
+
+def _quantize_layer(model: nn.Module, name: str, cfg: QuantConfig, hessian: GPTQHessian | None,
+                    report: QuantizationReport) -> None:
+    module = model.get_submodule(name)
+    weight, _ = float_weight_of(module, name)
+    before = weight.numel() * weight.element_size()
+    kwargs = {"hessian": hessian} if isinstance(cfg, GPTQConfig) else {}
+    layer = layer_class_for(cfg).from_float(module, cfg, name=name, **kwargs)
+    for bname, buf in list(layer._buffers.items()):  # private copies (shared code tables break safetensors)
+        if buf is not None:
+            layer._buffers[bname] = buf.clone()
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    report.layers.append(LayerReport(name, cfg.format, layer.bits_per_parameter(), before, layer.quantized_bytes()))
+
+
+def _hessians_from(module_root: nn.Module, names: list[str], run: Callable[[], Any], device) -> dict[str, GPTQHessian]:
+    hessians: dict[str, GPTQHessian] = {}
+    handles = []
+    for n in names:
+        layer = module_root.get_submodule(n)
+        w, _ = float_weight_of(layer, n)
+        hessians[n] = GPTQHessian(w.shape[1], device=device)
+
+        def hook(module, args, n=n):
+            hessians[n].add_batch(args[0].detach())
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConfig, *,
+                        skip_modules=None, overrides: Mapping[str, QuantConfig | None] | None = None,
+                        true_sequential: bool | None = None, batch_size: int = 8,
+                        device: torch.device | str | None = None, progress: bool = True) -> QuantizationReport:
+    """Quantize a causal LM in place with sequential, block-by-block GPTQ.
+
+    Args:
+        model: a transformers causal LM (float), any device (blocks are moved to ``device`` one at a time).
+        calibration: int64 ``[samples, seq_len]`` token ids (:func:`calibration_windows`).
+        config: default format; ``GPTQConfig`` layers are calibrated, others (RTN, NF4...) are quantized
+            directly when their block is reached.
+        skip_modules, overrides: as in :func:`qtune.quantize_model` (``skip_modules=None``: ``lm_head`` and
+            the output embeddings).
+        true_sequential: process each block's layers group by group (default: ``config.true_sequential``).
+        batch_size: calibration windows per forward.
+        device: where each block runs (default: the device of the model's first parameter).
+        progress: tqdm bar over blocks.
+    Returns:
+        :class:`qtune.QuantizationReport` (``report.seconds`` holds the wall time).
+    Raises:
+        ValueError: bad calibration shape; a damped Hessian that is not positive definite.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise ValueError("calibration must be an integer tensor [samples, seq_len] of token ids")
+    start = time.perf_counter()
+    plan = plan_layers(model, config, skip_modules=skip_modules, overrides=overrides)
+    if true_sequential is None:
+        true_sequential = bool(getattr(config, "true_sequential", True))
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else first.device
+    was_training = model.training
+    model.eval()
+    report = QuantizationReport()
+    blocks_name, blocks = find_blocks(model)
+    batches = [calibration[i:i + batch_size].to(first.device) for i in range(0, calibration.shape[0], batch_size)]
+    inputs = _capture_block_inputs(model, blocks[0], batches)
+
+    bar = tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        prefix = f"{blocks_name}.{i}."
+        names = [n[len(prefix):] for n in plan if n.startswith(prefix)]
+        bar.set_postfix_str(f"{len(names)} layers")
+        calibrated = [n for n in names if isinstance(plan[prefix + n], GPTQConfig)]
+        for n in names:
+            if n not in calibrated:
+                _quantize_layer(model, prefix + n, plan[prefix + n], None, report)
+        if calibrated:
+            groups = _groups_in_order(block, calibrated, inputs[0], device) if true_sequential else [calibrated]
+            for group in groups:
+                hessians = _hessians_from(block, group, lambda: _run_block(block, inputs, device), device)
+                for n in group:
+                    _quantize_layer(model, prefix + n, plan[prefix + n], hessians.pop(n), report)
+        outputs = _run_block(block, inputs, device)
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+        block.to(home)
+
+    rest = [n for n in plan if not isinstance(model.get_submodule(n), QuantLinear)]
+    if rest:
+        gptq_rest = [n for n in rest if isinstance(plan[n], GPTQConfig)]
+        hessians = _hessians_from(model, gptq_rest, lambda: [model(input_ids=b, use_cache=False) for b in batches],
+                                  first.device) if gptq_rest else {}
+        for n in rest:
+            _quantize_layer(model, n, plan[n], hessians.pop(n, None), report)
+    report.skipped.extend(n for n, _ in linear_modules(model))
+    report.seconds = time.perf_counter() - start
+    model.train(was_training)
+    return report
+
+
+def quantize_with_calibration(model: nn.Module, tokenizer: Any, source: str | Path | list[str], config: QuantConfig, *,
+                              samples: int = 128, seq_len: int = 512, seed: int = 0, **kwargs: Any) -> QuantizationReport:
+    """:func:`calibration_windows` then :func:`gptq_quantize_model`."""
+    windows = calibration_windows(source, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    return gptq_quantize_model(model, windows, config, **kwargs)
+
+
+__all__ = ["calibration_texts", "calibration_windows", "gptq_quantize_model", "quantize_with_calibration",
+           "find_blocks", "plan_layers", "check_group_sizes"]

@@ -1,0 +1,56 @@
+"""``qtune inspect PATH [--plot out.png]``: per-layer format, bits, bytes and bits/parameter.
+
+PATH is a quantized folder (qtune, bitsandbytes or GPTQ) or a float one; a float model is quantized in
+memory with ``--format SPEC`` (default nf4) so the table and the plot show before/after. ``--reference
+FLOAT_DIR`` gives the float weights of a quantized folder, for the relative error column and the
+"before" histogram.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from ..inspect import float_weights, format_table, layer_table, plot, quantized_copy
+    from ..integrations.checkpoints import load_model, read_config_json
+    from .quantize import parse_format_spec, resolve_model
+
+    path = resolve_model(args.path)
+    reference = None
+    if read_config_json(path).get("quantization_config") is None:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True)
+        spec = parse_format_spec(args.format)
+        if spec.format == "gptq":
+            raise ValueError("inspect quantizes float models with round-to-nearest formats; for gptq, "
+                             "inspect the output of `qtune quantize --format gptq` with --reference")
+        model = quantized_copy(base, spec)
+        reference = float_weights(base)
+        print(f"{path}: float model, quantized in memory as {args.format}")
+    else:
+        model = load_model(path, dtype=args.dtype)
+        if args.reference:
+            ref = AutoModelForCausalLM.from_pretrained(resolve_model(args.reference), dtype="float32",
+                                                       use_safetensors=True)
+            reference = float_weights(ref)
+    print(format_table(layer_table(model, reference)))
+    print(f"model memory footprint: {model.get_memory_footprint():,} bytes")
+    if args.plot:
+        out = plot(model, args.plot, reference=reference, layer=args.layer)
+        print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="per-layer format, bits, bytes, bits/param (and plots)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="model folder (quantized or float), or 'smollm2'")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="weight histogram before/after of one layer + per-layer relative error")
+    p.add_argument("--layer", default=None, help="layer for the histogram (default: the one with the largest error)")
+    p.add_argument("--format", default="nf4", help="format spec for a float PATH (default nf4)")
+    p.add_argument("--reference", default=None, help="float model folder for errors of a quantized PATH")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=run)
+    return p

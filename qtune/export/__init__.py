@@ -1,0 +1,54 @@
+"""Exports of a trained adapter: the adapter itself, merged full-precision, or merged and re-quantized.
+
+>>> from qtune.export import export
+>>> export("runs/smollm2-135m-qlora-nf4", "out/merged", mode="merged", dtype="bf16")
+>>> export("runs/smollm2-135m-qlora-nf4", "out/gptq", mode="quantized", format="gptq", layout="gptq",
+...        calibration="austen:emma", heldout="austen:persuasion")
+
+* :func:`export_adapter` (``adapter``): PEFT folder + model card + ``qtune_base.json``.
+* :func:`export_merged` (``merged``): LoRA folded into the dequantized base in fp32; a plain transformers
+  checkpoint (no qtune needed to load it).
+* :func:`export_quantized` (``quantized``): merged, then quantized again (RTN formats directly, GPTQ with
+  calibration data), with the per-layer error against the merged full-precision model.
+
+Every export is written to a temporary folder next to ``out`` and renamed at the end (nothing partial is
+ever left at ``out``; an existing ``out`` is only replaced with ``overwrite=True``), reloads itself and
+checks logits before reporting success (``verify=False`` skips that), and can be uploaded to the Hugging
+Face Hub (``push_to_hub="user/name"``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .adapter import export_adapter
+from .merged import export_merged, merge_to_float
+from .quantized import export_quantized
+from .report import ExportResult, LayerError
+from .source import ExportSource, load_source
+from .verify import LogitsDiff, VerificationError
+
+MODES = ("adapter", "merged", "quantized")
+
+__all__ = ["export", "export_adapter", "export_merged", "export_quantized", "load_source", "merge_to_float",
+           "ExportSource", "ExportResult", "LayerError", "LogitsDiff", "VerificationError", "MODES"]
+
+
+def export(source: str | Path | ExportSource, out: str | Path, *, mode: str = "adapter", **kwargs: Any) -> ExportResult:
+    """Export ``source`` (a run or adapter folder) to ``out`` in ``mode`` (``adapter``/``merged``/``quantized``).
+
+    ``kwargs`` go to :func:`export_adapter`, :func:`export_merged` or :func:`export_quantized`.
+
+    Raises:
+        ValueError: unknown mode, or an option the mode does not take (named).
+    """
+    funcs = {"adapter": export_adapter, "merged": export_merged, "quantized": export_quantized}
+    if mode not in funcs:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    import inspect
+
+    allowed = set(inspect.signature(funcs[mode]).parameters)
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        raise ValueError(f"--mode {mode} does not take {', '.join(unknown)}")
+    return funcs[mode](source, out, **kwargs)

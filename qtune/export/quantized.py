@@ -1,0 +1,296 @@
+"""``--mode quantized``: merge (as ``--mode merged``, in fp32), then quantize the merged weights again.
+
+Why not merge in the quantized domain (``W_q + ΔW`` re-rounded, as ``merge_and_unload`` on a quantized
+base does)? Because the export can then pick the format and redo the work that makes it good:
+
+* RTN formats (``nf4``, ``fp4``, ``int8``, ``llm_int8``, ``rtn``): each merged weight ``W'`` is quantized
+  directly (new absmax/scales fitted to ``W'``).
+* ``gptq``: sequential block-by-block GPTQ (:func:`qtune.calibration.gptq_quantize_model`) on the merged
+  model with calibration text, so the rounding error of ``W'`` is compensated with the merged model's own
+  activations. This is what lets a fine-tune of a GPTQ base ship as a GPTQ model, a merge other tools refuse.
+
+The layers quantized are those that were quantized in the training base (same names), or, for a float
+base, every linear layer except the output head and tied layers. With ``format`` equal to the base's
+format and no options (``--format nf4``), the base's settings are kept (block size, double quant, GPTQ
+bits/group size/act-order); ``nf4:double_quant=true`` or ``gptq:bits=4,group_size=64`` set them.
+
+Reported (printed and in ``qtune_export.json``): per layer and in total ``‖Q(W') − W'‖/‖W'‖`` against the
+merged full-precision weights, per layer also against the LoRA delta ``‖Q(W') − W'‖/‖ΔW‖``; logits of
+the re-quantized model against the merged one on a probe sentence; and, with a held-out text, the
+perplexity of the trained model, the merged fp32 model and the re-quantized one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..formats import GPTQConfig, LLMInt8Config, QuantConfig, config_from_dict
+from ..formats.base import dtype_name
+from ..nn import QuantLinear, float_weight_of, layer_class_for
+from .atomic import atomic_output, check_free_space, check_output
+from .merged import _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
+from .report import ExportResult, LayerError, format_layer_table
+from .source import ExportSource, load_source
+from .verify import compare_logits, logits, probe_ids, tolerance, verify_quantized
+
+__all__ = ["export_quantized", "target_config", "requantize_model", "FORMATS", "LAYOUTS"]
+
+FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
+LAYOUTS = ("qtune", "bnb", "gptq")
+
+
+def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dtype: torch.dtype) -> QuantConfig:
+    """The config to re-quantize into.
+
+    Args:
+        spec: a ``QuantConfig``, or ``"name[:key=value,...]"`` as for ``qtune quantize`` (``nf4``,
+            ``nf4:double_quant=true``, ``gptq:bits=4,group_size=64``).
+        base_plan: the training base's ``{layer: QuantConfig}``; a bare name equal to the base's (single)
+            format keeps the base's settings.
+        dtype: the compute dtype of the new layers.
+    Raises:
+        ValueError: unknown format or option.
+    """
+    if isinstance(spec, QuantConfig):
+        return dataclasses.replace(spec, compute_dtype=spec.compute_dtype or dtype_name(dtype))
+    from ..cli.quantize import parse_format_spec
+
+    qc = parse_format_spec(spec)
+    if qc.format not in FORMATS:
+        raise ValueError(f"--format {spec!r}: {qc.format!r} is not one of {', '.join(FORMATS)}")
+    compute = qc.compute_dtype or dtype_name(dtype)
+    base_formats = {type(c) for c in base_plan.values()}
+    if not qc.options and len(base_formats) == 1:
+        base_cfg = next(iter(base_plan.values()))
+        if base_cfg.format == qc.format:
+            return dataclasses.replace(base_cfg, compute_dtype=compute)
+    return config_from_dict({"format": qc.format, **qc.options, "compute_dtype": compute})
+
+
+def check_layout(cfg: QuantConfig, layout: str) -> None:
+    """Refuse layout/format pairs the writers cannot express (before any work is done)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "gptq" and cfg.format not in ("gptq", "rtn"):
+        raise ValueError(f"--layout gptq holds gptq/rtn layers, not {cfg.format}")
+    if layout == "bnb":
+        if cfg.format not in ("nf4", "fp4", "int8", "llm_int8"):
+            raise ValueError(f"--layout bnb holds nf4/fp4/int8/llm_int8 layers, not {cfg.format}")
+        if cfg.format == "int8" and (not cfg.symmetric or cfg.group_size != -1):
+            raise ValueError("--layout bnb holds symmetric per-row int8 only (int8:symmetric=true,group_size=-1)")
+
+
+def _clone_buffers(layer: QuantLinear) -> None:
+    # code tables are cached and shared between layers; safetensors refuses aliased tensors
+    for name, buf in list(layer._buffers.items()):
+        if buf is not None:
+            layer._buffers[name] = buf.clone()
+
+
+def _error(name: str, layer: QuantLinear, w: torch.Tensor, delta_norm: float | None) -> LayerError:
+    q = layer.dequantize(torch.float32)
+    e2 = float((q - w).pow(2).sum())
+    w2 = float(w.pow(2).sum())
+    rel_delta = None if not delta_norm else math.sqrt(e2) / delta_norm
+    return LayerError(name=name, format=layer.config.format, bits=layer.bits_per_parameter(),
+                      rel_weight=math.sqrt(e2 / max(w2, 1e-30)), rel_delta=rel_delta, err_sq=e2, w_sq=w2)
+
+
+@torch.no_grad()
+def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, calibration: torch.Tensor | None = None,
+                     delta_norms: dict[str, float] | None = None, progress: bool = False) -> list[LayerError]:
+    """Quantize the layers ``plan`` of a float model to ``cfg``, in place; return each layer's error.
+
+    Args:
+        model: a transformers model with fp32 ``nn.Linear``/``Conv1D`` layers (the merged model).
+        plan: names of the layers to quantize.
+        cfg: the target config.
+        calibration: int64 ``[samples, seq_len]`` token ids; required for ``GPTQConfig``.
+        delta_norms: ``{layer: ‖ΔW‖}`` of the folded adapter, for ``rel_delta``.
+    Raises:
+        ValueError: GPTQ without calibration.
+    """
+    delta_norms = delta_norms or {}
+    errors: list[LayerError] = []
+    if isinstance(cfg, GPTQConfig):
+        if calibration is None:
+            raise ValueError("GPTQ re-quantization needs calibration data (--calibration)")
+        from ..calibration import gptq_quantize_model
+
+        weights = {n: float_weight_of(model.get_submodule(n), n)[0].float().clone() for n in plan}
+        gptq_quantize_model(model, calibration, None, skip_modules=(), overrides={n: cfg for n in plan},
+                            progress=progress)
+        for n in plan:
+            layer = model.get_submodule(n)
+            if not isinstance(layer, QuantLinear):
+                raise ValueError(f"layer {n}: GPTQ left it unquantized (tied or kept in fp32 by the model)")
+            errors.append(_error(n, layer, weights.pop(n), delta_norms.get(n)))
+        return errors
+    for n in plan:
+        module = model.get_submodule(n)
+        w = float_weight_of(module, n)[0].float()
+        layer = layer_class_for(cfg).from_float(module, cfg, name=n)
+        _clone_buffers(layer)
+        errors.append(_error(n, layer, w, delta_norms.get(n)))
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return errors
+
+
+def _total(errors: list[LayerError]) -> float:
+    return math.sqrt(sum(e.err_sq for e in errors) / max(sum(e.w_sq for e in errors), 1e-30))
+
+
+def _state_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def export_quantized(source: str | Path | ExportSource, out: str | Path, *, format: str | QuantConfig = "nf4",
+                     layout: str = "qtune", dtype: str | torch.dtype | None = "auto",
+                     calibration: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                     seed: int = 0, overwrite: bool = False, verify: bool = True,
+                     heldout: str | None = None, heldout_tokens: int | None = None, heldout_window: int | None = None,
+                     push_to_hub: str | None = None, private: bool = False, token: str | None = None,
+                     base: str | None = None, base_format: str | None = None, progress: bool = False,
+                     log: Callable[[str], None] = print) -> ExportResult:
+    """Merge the adapter in fp32, quantize the merged model again, and write it in ``layout``.
+
+    Args:
+        source: a run/adapter folder or an :class:`ExportSource` (consumed).
+        out: the export folder (atomic; must not exist unless ``overwrite``).
+        format: target format (see :func:`target_config`).
+        layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
+        dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
+        calibration: GPTQ calibration text (file, ``austen:emma``...; default: the run recipe's).
+        samples, seq_len, seed: calibration windows (default: the recipe's, else 128 × 512).
+        verify: reload the written folder with qtune's loader and compare logits with the in-memory model.
+        heldout, heldout_tokens, heldout_window: held-out text for perplexity/logits comparisons.
+        push_to_hub, private, token: upload afterwards (:func:`qtune.export.hub.push_folder`).
+        base, base_format: see :func:`qtune.export.load_source`.
+        progress: tqdm bar over GPTQ blocks.
+        log: output lines (the per-layer table included).
+    Returns:
+        :class:`ExportResult` with ``layers`` and ``total_rel_weight``.
+    Raises:
+        FileExistsError, FileNotFoundError, ValueError: bad output path, source, format/layout pair, missing
+            calibration, verification failure. Nothing is left at ``out`` on any error.
+    """
+    from . import card, hub
+
+    start = time.perf_counter()
+    out = check_output(out, overwrite=overwrite)
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if push_to_hub:
+        hub.check_repo(push_to_hub, overwrite=overwrite, token=token)
+    src = source if isinstance(source, ExportSource) else load_source(source, base=base, base_format=base_format)
+    target = resolve_dtype(dtype, src)
+    base_plan = {n.removesuffix(".base_layer"): m.config for n, m in src.model.get_base_model().named_modules()
+                 if isinstance(m, QuantLinear)}
+    cfg = target_config(format, base_plan, target)
+    if layout == "bnb" and cfg.format == "int8" and cfg.symmetric and cfg.group_size == -1:
+        # bitsandbytes' 8-bit layer is LLM.int8(): the same per-row absmax weights, with the outlier
+        # decomposition at run time; the in-memory model must compute as the reloaded one will
+        cfg = LLMInt8Config(compute_dtype=cfg.compute_dtype)
+    check_layout(cfg, layout)
+    windows = None
+    if isinstance(cfg, GPTQConfig):
+        windows = _calibration(src, calibration, samples, seq_len, seed)
+    result = ExportResult(mode="quantized", out=out, dtype=dtype_name(target), format=cfg.format, layout=layout)
+
+    model = src.model
+    ids = probe_ids(src.tokenizer, model.get_base_model().config.vocab_size)
+    trained_logits = logits(model, ids)
+    held = _heldout(src, heldout, heldout_tokens, heldout_window)
+    if held is not None:
+        result.heldout["source"] = heldout
+        result.heldout["trained"], _ = held.measure(model, log, "trained (quantized base + adapter)")
+
+    merged, layers, plan = merge_to_float(model, dtype=torch.float32)
+    result.merged_layers = len(layers)
+    if not plan:
+        from ..calibration import plan_layers
+
+        plan = plan_layers(merged, cfg)
+    names = list(plan)
+    if not names:
+        raise ValueError("no linear layer to quantize in the merged model")
+    if layout == "gptq":
+        from ..calibration import check_group_sizes
+
+        check_group_sizes(merged, {n: cfg for n in names})
+    merged_logits = logits(merged, ids)
+    result.probe["merged fp32 vs trained"] = compare_logits(merged_logits, trained_logits)
+    held_merged = None
+    if held is not None:
+        result.heldout["merged fp32"], held_merged = held.measure(merged, log, "merged fp32")
+    log(f"qtune export: folded LoRA into {len(layers)} layers (fp32); quantizing {len(names)} layers to "
+        f"{cfg.to_json()}" + (f" with GPTQ on {windows.shape[0]} × {windows.shape[1]} calibration tokens"
+                              if windows is not None else ""))
+    errors = requantize_model(merged, names, cfg, calibration=windows,
+                              delta_norms={l.name: l.delta_norm for l in layers}, progress=progress)
+    cast_float_params(merged, target)
+    result.layers, result.total_rel_weight = errors, _total(errors)
+    log(format_layer_table(errors, result.total_rel_weight))
+    quant_logits = logits(merged, ids)
+    result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
+    result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)
+    if held is not None:
+        result.heldout["quantized"], held_q = held.measure(merged, log, f"re-quantized {cfg.format}")
+        result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
+
+    from ..integrations.checkpoints import save_quantized
+    from ..integrations.transformers import mark_quantized
+
+    mark_quantized(merged)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        check_free_space(tmp, _state_bytes(merged), what="the quantized checkpoint")
+        save_quantized(merged, tmp, layout=layout, tokenizer=src.tokenizer, overwrite=True)
+        if verify:
+            result.verify = verify_quantized(tmp, quant_logits, ids, dtype=target, tol=tolerance(target))
+        result.seconds = time.perf_counter() - start
+        write_extras(tmp, card.quantized_card(src, result), result)
+    if push_to_hub:
+        result.hub_url = hub.push_after_export(out, push_to_hub, private=private, overwrite=overwrite, token=token,
+                                               log=log)
+    result.seconds = time.perf_counter() - start
+    log(result.summary())
+    return result
+
+
+def _calibration(src: ExportSource, calibration: str | None, samples: int | None, seq_len: int | None,
+                 seed: int) -> torch.Tensor:
+    """Calibration windows for GPTQ: ``--calibration``, else the run recipe's GPTQ calibration text."""
+    from ..calibration import calibration_windows
+
+    rc = src.recipe.quantization.get("calibration") or {}
+    if src.tokenizer is None:
+        raise ValueError("GPTQ calibration needs a tokenizer, and neither the adapter nor the base folder has one")
+    samples = samples or rc.get("samples") or 128
+    seq_len = seq_len or rc.get("seq_len") or 512
+    if calibration is None:
+        calibration = rc.get("source")
+        if calibration is None:
+            raise ValueError("--format gptq needs calibration text: --calibration PATH (a .txt/.jsonl file, "
+                             "austen:emma, ...)")
+    if calibration.startswith("qtune:") or calibration is rc.get("source"):
+        from ..train.data import read_text  # recipe source syntax, read as training read it
+
+        texts: str | list[str] = [read_text(calibration)]
+    else:
+        p = Path(calibration).expanduser()
+        if not calibration.startswith("austen:") and (p.suffix or "/" in calibration) and not p.exists():
+            raise FileNotFoundError(f"calibration file {calibration} does not exist")
+        texts = calibration
+    return calibration_windows(texts, src.tokenizer, samples=samples, seq_len=seq_len, seed=seed)

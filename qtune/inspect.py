@@ -1,0 +1,155 @@
+"""Per-layer inspection of a (quantized) model: format, bits, bytes, bits/parameter, quantization error, plots.
+
+``bytes`` of a quantized layer are its packed weight and scales (buffers), without the bias;
+``bits/param = 8·bytes / (in_features·out_features)``. A float layer reports its weight's dtype. The
+relative quantization error of a layer is ``‖W − Ŵ‖_F / ‖W‖_F`` against the float weight ``W``, when one
+is known (a float model quantized for the inspection, or ``reference=``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .nn import QuantLinear, float_weight_of, linear_modules
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    name: str
+    format: str
+    bits: int
+    bytes: int
+    params: int
+    error: float | None = None
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.bytes / self.params if self.params else 0.0
+
+
+def layer_table(model: nn.Module, reference: dict[str, Tensor] | None = None) -> list[LayerInfo]:
+    """One :class:`LayerInfo` per linear layer (quantized or float), in module order.
+
+    Args:
+        model: the model.
+        reference: ``{layer name: float weight [out, in]}`` to compute each quantized layer's relative error.
+    """
+    reference = reference or {}
+    floats = {n for n, _ in linear_modules(model)}
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            err = None
+            if name in reference:
+                w = reference[name].float()
+                err = float(torch.linalg.norm(w - m.dequantize(torch.float32)) / torch.linalg.norm(w).clamp_min(1e-30))
+            out.append(LayerInfo(name, m.config.format, int(getattr(m.config, "bits", 8)), m.quantized_bytes(),
+                                 m.in_features * m.out_features, err))
+        elif name in floats:
+            w, _ = float_weight_of(m, name)
+            out.append(LayerInfo(name, str(w.dtype).removeprefix("torch."), w.element_size() * 8,
+                                 w.numel() * w.element_size(), w.numel(), 0.0 if name in reference else None))
+    return out
+
+
+def format_table(infos: list[LayerInfo]) -> str:
+    """A fixed-width text table with a total row (bits/param over all listed layers)."""
+    width = max([len(i.name) for i in infos] + [5])
+    has_err = any(i.error is not None for i in infos)
+    head = f"{'layer':<{width}}  {'format':<9} {'bits':>4} {'bytes':>11} {'params':>11} {'bits/param':>10}"
+    head += f" {'rel.err':>9}" if has_err else ""
+    lines = [head, "-" * len(head)]
+    for i in infos:
+        line = f"{i.name:<{width}}  {i.format:<9} {i.bits:>4} {i.bytes:>11,} {i.params:>11,} {i.bits_per_param:>10.3f}"
+        if has_err:
+            line += f" {i.error:>9.4f}" if i.error is not None else f" {'':>9}"
+        lines.append(line)
+    total_b, total_p = sum(i.bytes for i in infos), sum(i.params for i in infos)
+    lines.append("-" * len(head))
+    lines.append(f"{'total (' + str(len(infos)) + ' layers)':<{width}}  {'':<9} {'':>4} {total_b:>11,} {total_p:>11,} "
+                 f"{(8.0 * total_b / total_p if total_p else 0.0):>10.3f}")
+    return "\n".join(lines)
+
+
+def float_weights(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: weight [out, in]}`` of the float linear layers (views, no copies)."""
+    return {n: float_weight_of(m, n)[0] for n, m in linear_modules(model)}
+
+
+def quantized_copy(model: nn.Module, config: Any) -> nn.Module:
+    """A deep copy of a float model quantized with ``config`` (QTuneConfig, QuantConfig or format name), RTN only."""
+    from .integrations.checkpoints import _as_qtune_config
+    from .integrations.transformers import unquantizable_modules
+    from .nn import quantize_model
+
+    qc = _as_qtune_config(config)
+    q = copy.deepcopy(model)
+    skip = tuple(qc.skip_modules if qc.skip_modules is not None else ("lm_head",))
+    skip += unquantizable_modules(q, output_embeddings=qc.skip_modules is None)
+    quantize_model(q, qc.default_config(), skip_modules=skip, overrides=qc.override_configs())
+    return q
+
+
+def plot(model: nn.Module, out: str | Path, *, reference: dict[str, Tensor] | None = None, layer: str | None = None,
+         bins: int = 200) -> Path:
+    """Draw the weight histogram of one layer before/after quantization and the per-layer relative error.
+
+    Args:
+        model: the quantized model.
+        out: PNG path.
+        reference: float weights (``{name: [out, in]}``); without it only the dequantized histogram is drawn.
+        layer: the layer to histogram (default: the quantized layer with the largest relative error,
+            else the first quantized layer).
+    Raises:
+        ValueError: no quantized layer, or ``layer`` is not one.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    infos = [i for i in layer_table(model, reference) if i.name in dict(model.named_modules())
+             and isinstance(model.get_submodule(i.name), QuantLinear)]
+    if not infos:
+        raise ValueError("plot: the model has no quantized layers")
+    if layer is None:
+        with_err = [i for i in infos if i.error is not None]
+        layer = max(with_err, key=lambda i: i.error).name if with_err else infos[0].name
+    if layer not in {i.name for i in infos}:
+        raise ValueError(f"plot: {layer!r} is not a quantized layer (e.g. {infos[0].name})")
+    q = model.get_submodule(layer)
+    after = q.dequantize(torch.float32).reshape(-1).cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    if reference is not None and layer in reference:
+        before = reference[layer].float().reshape(-1).cpu().numpy()
+        lo, hi = float(min(before.min(), after.min())), float(max(before.max(), after.max()))
+        ax.hist(before, bins=bins, range=(lo, hi), alpha=0.6, label="before (float)", log=True)
+        ax.hist(after, bins=bins, range=(lo, hi), alpha=0.6, label=f"after ({q.config.format})", log=True)
+    else:
+        ax.hist(after, bins=bins, alpha=0.8, label=f"dequantized ({q.config.format})", log=True)
+    ax.set_title(f"{layer}: weight distribution")
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count (log)")
+    ax.legend()
+    ax = axes[1]
+    errs = [i.error if i.error is not None else 0.0 for i in infos]
+    ax.bar(range(len(infos)), errs, color=["C3" if i.name == layer else "C0" for i in infos])
+    ax.set_title("relative quantization error ‖W−Ŵ‖/‖W‖ per layer" if any(i.error is not None for i in infos)
+                 else "relative error unavailable (no float reference)")
+    ax.set_xlabel("layer index (module order)")
+    ax.set_ylabel("relative error")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["LayerInfo", "layer_table", "format_table", "float_weights", "quantized_copy", "plot"]

@@ -1,0 +1,549 @@
+"""peft integration: LoRA (and DoRA) adapters on qtune's quantized, frozen ``QuantLinear`` layers.
+
+peft builds a LoRA layer for ``nn.Linear``/``Conv1D`` and for the quantized layers of the libraries it
+knows (bitsandbytes, GPTQ, HQQ, ...). ``QuantLinear`` is none of them, so qtune plugs its layer in through
+peft's custom-module mapping, ``LoraConfig._register_custom_module({QuantLinear: QuantLoraLinear})``.
+That API is experimental and the mapping is *not* saved with an adapter, so :func:`register_lora_config` is
+the one place that calls it, and every way qtune builds or reloads a PEFT model goes through it:
+:func:`get_peft_model`, :func:`load_adapter`, :func:`add_adapter` (and ``QTuneSFTTrainer``, which calls
+:func:`prepare_lora_config`).
+
+The LoRA layer computes ``y = Q(x) + s · B A dropout(x)`` with ``Q`` the quantized base layer (frozen,
+its packed tensors untouched) and ``s = alpha / r`` (``alpha / √r`` with rsLoRA). Gradients reach ``A``,
+``B`` (and the input) through the base layer's ``qtune::linear_*`` autograd rule, which re-dequantizes
+the weight in backward instead of storing it.
+
+Merging (``merge()``/``merge_and_unload()``) dequantizes the base weight, adds the delta ``s·BA`` (or
+the DoRA-rescaled weight) and re-quantizes it into the same format, so the merged model stays
+quantized. Re-quantization rounds the delta to the format's grid; the error it leaves
+(``‖Q(W + ΔW) − (W + ΔW)‖``, also relative to ``‖ΔW‖``) is recorded per layer in
+``layer.merge_errors`` and summed up by :func:`merge_report`.
+
+- NF4/FP4, int8, LLM.int8: re-quantized from scratch with the layer's own config (new absmax/scales).
+- GPTQ (and RTN in GPTQ layout): re-rounded **on the layer's existing grid** (its scales, zeros and
+  ``g_idx`` are kept; only the codes change). GPTQ chose those codes with calibration data and error
+  compensation; re-running GPTQ would need the layer's Hessian (K×K fp32, larger than the 4-bit layer
+  itself), which is not kept after calibration. A fresh round-to-nearest would move *every* weight onto
+  a new grid and throw that compensation away, while re-rounding on the kept grid changes a code only
+  where the delta crosses half a step, so merging a zero delta is the identity and act-order ``g_idx``
+  survives. Weights the delta pushes outside the group's range are clamped; their count is reported.
+
+``unmerge()`` restores the packed tensors saved at merge time, so merge → unmerge is exact (cost: one
+extra copy of the quantized layer while merged; set ``layer.keep_unmerged = False`` to re-quantize
+``W − ΔW`` instead). :func:`merge_and_unload` never keeps those copies.
+
+``target_modules="all-linear"`` only matches ``nn.Linear``/``Conv1D`` subclasses inside peft; qtune
+expands it to the explicit names of every ``QuantLinear``, ``nn.Linear`` and ``Conv1D`` except the
+output head (:func:`all_linear_names`), as peft does for dense models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import Tensor, nn
+
+import peft
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.variants import DoraLinearVariant
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..formats import gptq as gptq_format
+from ..nn.base import QuantLinear, is_conv1d
+from ..nn.layers import LinearGPTQ
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+# heads peft leaves out of "all-linear" for sequence classification (peft.utils.constants.SEQ_CLS_HEAD_NAMES)
+_SEQ_CLS_HEADS = ("score", "classifier")
+
+__all__ = ["QuantLoraLinear", "RequantizationError", "MergeReport", "register_lora_config", "prepare_lora_config",
+           "all_linear_names", "get_peft_model", "load_adapter", "add_adapter", "merge_and_unload", "merge_report",
+           "requantize_"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-quantization (merge / unmerge)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RequantizationError:
+    """What re-quantizing ``W + ΔW`` lost, for one layer and one merge.
+
+    Attributes:
+        max_abs: ``max |Q(W') − W'|`` with ``W' = W + ΔW`` the exact merged weight.
+        rms: root mean square of ``Q(W') − W'``.
+        rel_weight: ``‖Q(W') − W'‖ / ‖W'‖`` (Frobenius).
+        rel_delta: ``‖Q(W') − W'‖ / ‖ΔW‖``: 0 means the delta survived exactly, ≈1 means it was
+            rounded away (``inf`` for a zero delta that still moved the weight, ``0`` if nothing moved).
+        clamped: weights outside the kept grid's range (GPTQ layers only; 0 otherwise).
+    """
+
+    max_abs: float
+    rms: float
+    rel_weight: float
+    rel_delta: float
+    clamped: int = 0
+
+    @classmethod
+    def measure(cls, quantized: Tensor, exact: Tensor, delta: Tensor, clamped: int = 0) -> "RequantizationError":
+        err = (quantized.float() - exact.float())
+        e = float(err.norm())
+        d = float(delta.float().norm())
+        return cls(max_abs=float(err.abs().max()) if err.numel() else 0.0,
+                   rms=e / math.sqrt(max(err.numel(), 1)),
+                   rel_weight=e / max(float(exact.float().norm()), 1e-30),
+                   rel_delta=(e / d) if d > 0 else (0.0 if e == 0 else math.inf),
+                   clamped=int(clamped))
+
+
+def _quantized_state(layer: QuantLinear) -> dict[str, Tensor | None]:
+    # the buffers themselves: re-quantization assigns new tensors, so no copy is needed to keep these
+    return dict(layer._buffers)
+
+
+def _restore_state(layer: QuantLinear, state: dict[str, Tensor | None]) -> None:
+    for name, buf in state.items():
+        layer._buffers[name] = buf
+
+
+def _requantize_gptq_on_grid(layer: LinearGPTQ, weight: Tensor) -> int:
+    """Re-round ``weight`` [N, K] to the layer's codes, keeping scales, zeros and ``g_idx``. Returns #clamped."""
+    bits, n = layer.bits, layer.out_features
+    maxq = 2**bits - 1
+    g = layer.g_idx.long()
+    scales = layer.scales.float()[g]                                    # [K, N]
+    zeros = gptq_format.unpack_zeros(layer.qzeros, bits, n)[g].float()  # [K, N]
+    codes = torch.round(weight.float().T / scales) + zeros
+    clamped = int(((codes < 0) | (codes > maxq)).sum())
+    codes = codes.clamp_(0, maxq).to(torch.int64)
+    layer.qweight = gptq_format.pack_rows(codes, bits).to(layer.qweight.device)
+    return clamped
+
+
+def requantize_(layer: QuantLinear, weight: Tensor, *, delta: Tensor | None = None,
+                name: str = "") -> RequantizationError:
+    """Replace the quantized weight of ``layer`` by the quantization of ``weight``, in place.
+
+    Args:
+        layer: any ``QuantLinear``.
+        weight (Tensor): the new dense weight [out_features, in_features], float.
+        delta (Tensor | None): the change this weight carries (for :attr:`RequantizationError.rel_delta`);
+            default ``weight − layer.dequantize()`` before the call.
+        name: the layer's name, for error messages.
+    Returns:
+        :class:`RequantizationError` of the new quantized weight against ``weight``.
+    Raises:
+        ValueError: ``weight`` has the wrong shape or holds NaN/Inf.
+    """
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"{name or type(layer).__name__}: new weight has shape {tuple(weight.shape)}, "
+                         f"expected {(layer.out_features, layer.in_features)}")
+    weight = weight.detach().float()
+    if delta is None:
+        delta = weight - layer.dequantize(torch.float32)
+    dtypes = {k: (None if v is None else v.dtype) for k, v in layer._buffers.items()}
+    clamped = 0
+    if isinstance(layer, LinearGPTQ):
+        clamped = _requantize_gptq_on_grid(layer, weight)
+    else:
+        layer._load_quantized(weight, layer.config, name=name or type(layer).__name__)
+    for k, dt in dtypes.items():  # same storage dtypes as before (e.g. fp16 scales)
+        b = layer._buffers.get(k)
+        if b is not None and dt is not None and b.dtype != dt:
+            layer._buffers[k] = b.to(dt)
+    return RequantizationError.measure(layer.dequantize(torch.float32), weight, delta, clamped)
+
+
+# --------------------------------------------------------------------------------------------------
+# DoRA on a quantized base
+# --------------------------------------------------------------------------------------------------
+class QuantDoraLinearLayer(DoraLinearLayer):
+    """DoRA magnitude for a ``QuantLinear`` base: peft's, with the base weight from ``dequantize()``.
+
+    peft's version reads ``base_layer.weight`` (packed bytes here, or absent for GPTQ).
+    ``m`` is the learned magnitude; the column norm ``‖W + s·BA‖`` is detached (DoRA §4.3)::
+
+        y = Q(x) + (m/‖W + s·BA‖ − 1)·Q(x)_nobias + (m/‖W + s·BA‖)·s·B A x
+    """
+
+    def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False) -> None:
+        weight = base_layer.dequantize(torch.float32).to(lora_A.device)
+        lora_weight = lora_B.float() @ lora_A.float()
+        weight_norm = self.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=scaling)
+        if place_on_cpu:
+            weight_norm = weight_norm.to("cpu")
+        self.weight = nn.Parameter(weight_norm.to(lora_A.dtype), requires_grad=True)
+
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+        lora_weight = self.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name).to(x.dtype)
+        weight = base_layer.dequantize(x.dtype)
+        weight_norm = self.get_weight_norm(weight=weight, lora_weight=lora_weight.detach(), scaling=scaling,
+                                           adapter_name=adapter_name).detach()
+        mag_norm_scale = (self.weight / weight_norm).view(1, -1)
+        lora_result = lora_B(lora_A(x))
+        if base_result is not None:
+            if base_layer.bias is not None:
+                base_result = base_result - base_layer.bias.to(base_result.dtype)
+        else:  # dropout was applied to x, so the base output must be recomputed on the dropped-out input
+            base_result = nn.functional.linear(x, weight)
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+    def __repr__(self) -> str:
+        return "qtune.lora.dora." + super(DoraLinearLayer, self).__repr__()
+
+
+class QuantDoraLinearVariant(DoraLinearVariant):
+    """peft's DoRA variant with :class:`QuantDoraLinearLayer` and merges on the dequantized weight."""
+
+    @staticmethod
+    def init(module: "QuantLoraLinear", adapter_name: str, **kwargs: Any) -> None:
+        if not module.lora_magnitude_vector:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        dora_layer = QuantDoraLinearLayer(fan_in_fan_out=False)
+        dora_layer.update_layer(base_layer=module.get_base_layer(), lora_A=module.lora_A[adapter_name].weight,
+                                lora_B=module.lora_B[adapter_name].weight, scaling=module.scaling[adapter_name])
+        module.lora_magnitude_vector[adapter_name] = dora_layer
+
+    @staticmethod
+    def merge_safe(module: "QuantLoraLinear", active_adapter: str, orig_weight: Tensor) -> Tensor:
+        # ``orig_weight`` is the dequantized base (fp32); the norm is cached for unmerge, as peft does
+        delta = module.get_delta_weight(active_adapter).float()
+        magnitude = module.lora_magnitude_vector[active_adapter]
+        weight_norm = magnitude.get_weight_norm(orig_weight, delta, scaling=1).detach()
+        module._cache_store(f"{active_adapter}-weight_norm", weight_norm)
+        return (magnitude.weight.float() / weight_norm).view(-1, 1) * (orig_weight + delta)
+
+    @staticmethod
+    def merge_unsafe(module: "QuantLoraLinear", active_adapter: str, orig_weight: Tensor) -> None:
+        raise NotImplementedError("QuantLoraLinear merges through merge_safe (the base weight is packed)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The LoRA layer
+# --------------------------------------------------------------------------------------------------
+class QuantLoraLinear(nn.Module, LoraLayer):
+    """LoRA around any qtune ``QuantLinear`` (NF4/FP4, int8, LLM.int8, GPTQ/RTN).
+
+    ``y = Q(x) + Σ_adapters s · B A dropout(x)``, with ``x`` (..., in_features) in any float dtype, the
+    LoRA branch computed in the adapter's dtype and the sum returned in the base output's dtype.
+
+    Attributes:
+        merge_errors (dict[str, RequantizationError]): re-quantization error of each merge, by adapter.
+        keep_unmerged (bool): keep the pre-merge packed tensors so ``unmerge()`` is exact (default True).
+    """
+
+    keep_unmerged: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        # peft's flags for bitsandbytes' layers; not ours
+        for key in ("loaded_in_8bit", "loaded_in_4bit", "device_map", "parameter_name"):
+            kwargs.pop(key, None)
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = False  # QuantLinear stores [out, in] even when it replaced a Conv1D
+        self.merge_errors: dict[str, RequantizationError] = {}
+        self._unmerged_state: dict[str, dict[str, Tensor | None]] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    @property
+    def lora_variants(self):
+        return {(): None, ("use_dora",): QuantDoraLinearVariant}
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.lora_A.keys():
+                continue
+            lora_A, lora_B = self.lora_A[active_adapter], self.lora_B[active_adapter]
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if active_adapter not in self.lora_variant:
+                dropout = self.lora_dropout[active_adapter]
+                result = result + lora_B(lora_A(dropout(xa))) * self.scaling[active_adapter]
+            else:
+                result = self.lora_variant[active_adapter].forward(self, active_adapter=active_adapter, x=xa,
+                                                                  result=result)
+        return result.to(result_dtype)
+
+    # -- merge -----------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """``s · B A`` [out_features, in_features] in fp32."""
+        return (self.lora_B[adapter].weight.float() @ self.lora_A[adapter].weight.float()) * self.scaling[adapter]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge adapters into the quantized base: dequantize, add the delta, re-quantize.
+
+        Args:
+            safe_merge: check the merged weight for NaN/Inf before writing it (it is always computed
+                out of place here, so this costs only the check).
+            adapter_names: adapters to merge (default: the active ones).
+        Raises:
+            ValueError: the merged weight is not finite (``safe_merge``), or ``lora_bias`` without a base bias.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lora_A.keys():
+                continue
+            weight = base.dequantize(torch.float32)
+            if name in self.lora_variant:
+                merged = self.lora_variant[name].merge_safe(self, name, weight)
+            else:
+                merged = weight + self.get_delta_weight(name)
+            if safe_merge and not bool(torch.isfinite(merged).all()):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if self.lora_bias[name] and base.bias is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+            if self.keep_unmerged:
+                self._unmerged_state[name] = _quantized_state(base)
+            err = requantize_(base, merged, delta=merged - weight, name=self._layer_name())
+            self.merge_errors[name] = err
+            logger.debug("%s: merged adapter %r, re-quantization error %s", self._layer_name(), name, err)
+            if self.lora_bias[name]:
+                base.bias.data += (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: restore the saved packed tensors (exact), or re-quantize ``W − ΔW``."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.lora_A.keys():
+                continue
+            state = self._unmerged_state.pop(name, None)
+            if state is not None:
+                _restore_state(base, state)
+                if name in self.lora_variant:
+                    self._caches.pop(f"{name}-weight_norm", None)
+            else:
+                weight = base.dequantize(torch.float32)
+                if name in self.lora_variant:
+                    unmerged = self.lora_variant[name].unmerge(self, name, weight).float()
+                else:
+                    unmerged = weight - self.get_delta_weight(name)
+                requantize_(base, unmerged, delta=unmerged - weight, name=self._layer_name())
+            if self.lora_bias[name]:
+                base.bias.data -= (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+
+    def _layer_name(self) -> str:
+        return self.kwargs.get("target_name") or type(self.get_base_layer()).__name__
+
+    def __repr__(self) -> str:
+        return "qtune.lora." + super().__repr__()
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs, building and reloading
+# --------------------------------------------------------------------------------------------------
+def register_lora_config(config: PeftConfig) -> LoraConfig:
+    """Map every ``QuantLinear`` to :class:`QuantLoraLinear` in ``config`` (in place) and return it.
+
+    This is the only call to peft's experimental ``LoraConfig._register_custom_module``. The mapping is
+    not saved with adapters, so it must be applied again to every config that builds or reloads LoRA
+    layers on a qtune model (the helpers in this module do so).
+
+    Raises:
+        TypeError: ``config`` is not a ``LoraConfig`` (qtune's layers support LoRA and DoRA only).
+        RuntimeError: the installed peft no longer offers the custom-module mapping.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"qtune supports LoRA/DoRA adapters (peft.LoraConfig) on quantized layers, got "
+                        f"{type(config).__name__}")
+    register = getattr(config, "_register_custom_module", None)
+    if register is None:
+        raise RuntimeError(f"peft {peft.__version__} has no LoraConfig._register_custom_module: qtune cannot attach "
+                           "LoRA to its quantized layers with this version (qtune was written against peft 0.21)")
+    register({QuantLinear: QuantLoraLinear})
+    return config
+
+
+def _head_modules(model: nn.Module, config: PeftConfig) -> set[int]:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    heads: set[int] = set()
+    get_out = getattr(base, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads.add(id(out))
+    elif str(getattr(config, "task_type", "")) in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+        for name in _SEQ_CLS_HEADS:
+            if isinstance(getattr(base, name, None), nn.Module):
+                heads.add(id(getattr(base, name)))
+                break
+    return heads
+
+
+def all_linear_names(model: nn.Module, config: PeftConfig | None = None) -> list[str]:
+    """Names of every ``QuantLinear``, ``nn.Linear`` and ``Conv1D`` LoRA should target for ``"all-linear"``.
+
+    Like peft: the output head (``get_output_embeddings()``, or the classifier head of a SEQ_CLS model)
+    is left out, and so are the modules inside existing adapter layers (their base layer is targeted).
+    """
+    heads = _head_modules(model, config) if config is not None else _head_modules(model, LoraConfig())
+    names: list[str] = []
+    inside_tuner: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_tuner):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside_tuner.append(name)
+            base = module.get_base_layer()
+        else:
+            base = module
+        if id(module) in heads or id(base) in heads:
+            continue
+        if isinstance(base, (QuantLinear, nn.Linear)) or is_conv1d(base):
+            names.append(name)
+    return names
+
+
+def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Make ``config`` ready for a qtune model, in place: expand ``"all-linear"`` and register the layers.
+
+    peft would expand ``"all-linear"`` to ``nn.Linear``/``Conv1D`` only and miss every quantized layer.
+    The expansion lists full module names, as peft's does.
+    """
+    register_lora_config(config)
+    tm = config.target_modules
+    if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+        names = all_linear_names(model, config)
+        if not names:
+            raise ValueError("target_modules='all-linear' matched no linear or quantized layer in the model")
+        config.target_modules = set(names)
+    return config
+
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
+    """``peft.get_peft_model`` for a model with qtune layers (and any other model).
+
+    Args:
+        model: the (quantized) base model.
+        config: a ``peft.LoraConfig``; r, lora_alpha, lora_dropout, use_rslora, use_dora,
+            modules_to_save, bias/lora_bias and ``target_modules="all-linear"`` all apply to qtune layers.
+        adapter_name: name of the adapter.
+        kwargs: passed to ``peft.get_peft_model``.
+    Returns:
+        ``peft.PeftModel`` whose targeted ``QuantLinear`` layers are wrapped in :class:`QuantLoraLinear`.
+    """
+    prepare_lora_config(model, config)
+    return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+
+
+def add_adapter(peft_model: PeftModel, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+    """``PeftModel.add_adapter`` with the qtune mapping registered on ``config``."""
+    prepare_lora_config(peft_model, config)
+    peft_model.add_adapter(adapter_name, config, **kwargs)
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, is_trainable: bool = False,
+                 **kwargs: Any) -> PeftModel:
+    """Load a saved PEFT LoRA adapter onto a qtune base (``PeftModel.from_pretrained`` after registration).
+
+    Args:
+        model: the quantized base model, or a ``PeftModel`` to add ``adapter_name`` to.
+        path: folder written by ``save_pretrained`` (adapter_config.json + adapter weights).
+        adapter_name: name to load it under.
+        is_trainable: load it for further training (otherwise frozen, inference mode).
+        kwargs: passed to ``PeftModel.from_pretrained`` / ``PeftModel.load_adapter``.
+    Returns:
+        the ``PeftModel``.
+    """
+    config = PeftConfig.from_pretrained(path)
+    register_lora_config(config)
+    config.inference_mode = not is_trainable
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        model.load_adapter(path, adapter_name, is_trainable=is_trainable, **kwargs)
+        return model
+    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MergeReport:
+    """Re-quantization errors of a merge, per layer (name → :class:`RequantizationError`)."""
+
+    layers: dict[str, RequantizationError] = dataclasses.field(default_factory=dict)
+
+    @property
+    def max_abs(self) -> float:
+        return max((e.max_abs for e in self.layers.values()), default=0.0)
+
+    @property
+    def mean_rel_delta(self) -> float:
+        vals = [e.rel_delta for e in self.layers.values() if math.isfinite(e.rel_delta)]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    @property
+    def clamped(self) -> int:
+        return sum(e.clamped for e in self.layers.values())
+
+    def summary(self) -> str:
+        return (f"merged {len(self.layers)} quantized layers: re-quantization error max |Δ| {self.max_abs:.3g}, "
+                f"mean ‖error‖/‖LoRA delta‖ {self.mean_rel_delta:.3f}"
+                + (f", {self.clamped} weights clamped to the GPTQ grid" if self.clamped else ""))
+
+
+def _quant_lora_layers(model: nn.Module) -> Iterable[tuple[str, QuantLoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLoraLinear):
+            yield name, module
+
+
+def merge_report(model: nn.Module, adapter_name: str | None = None) -> MergeReport:
+    """Collect the re-quantization errors recorded by the last merge of each :class:`QuantLoraLinear`."""
+    report = MergeReport()
+    for name, layer in _quant_lora_layers(model):
+        for adapter, err in layer.merge_errors.items():
+            if adapter_name is None or adapter == adapter_name:
+                report.layers[name if adapter_name else f"{name}[{adapter}]"] = err
+    return report
+
+
+def merge_and_unload(model: PeftModel, *, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                     progressbar: bool = False) -> tuple[nn.Module, MergeReport]:
+    """Merge the adapters into the quantized base (re-quantizing it) and drop the LoRA layers.
+
+    Unlike ``PeftModel.merge_and_unload`` this keeps no pre-merge copy of any layer and returns the
+    re-quantization errors.
+
+    Returns:
+        ``(base model, MergeReport)``; the base keeps its ``QuantLinear`` layers, now holding ``W + ΔW``.
+    """
+    layers = list(_quant_lora_layers(model))
+    for _, layer in layers:
+        layer.keep_unmerged = False
+    model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+    report = MergeReport({name: err for name, layer in layers for err in list(layer.merge_errors.values())[-1:]})
+    logger.info("%s", report.summary())
+    return model.unload(), report
+

@@ -1,0 +1,127 @@
+"""``qtune quantize`` / ``qtune eval`` / ``qtune inspect`` end to end on a tiny model with a tiny tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qtune.cli.main import main
+from qtune.integrations.checkpoints import load_model
+from qtune.nn import Linear4bit, LinearGPTQ, QuantLinear
+from tests.integrations.tiny_models import make_tiny, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from qtune.assets import austen_text
+
+    path = make_tiny("llama", tmp_path_factory.mktemp("cli") / "llama")
+    make_tokenizer(path, austen_text("emma")[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    from qtune.assets import austen_text
+
+    root = tmp_path_factory.mktemp("texts")
+    (root / "cal.txt").write_text(austen_text("emma")[:40_000])
+    (root / "eval.txt").write_text(austen_text("persuasion")[:20_000])
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_rtn_formats_and_layouts(model_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "quantize", model_dir, "--format", "nf4", "--double-quant", "--out", tmp_path / "nf4")
+    assert code == 0 and "layers quantized to nf4" in out
+    q = load_model(tmp_path / "nf4")
+    assert all(isinstance(m, Linear4bit) and m.nested_absmax is not None
+               for m in q.modules() if isinstance(m, QuantLinear))
+    assert (tmp_path / "nf4" / "tokenizer.json").exists()
+    code, _, _ = run(capsys, "quantize", model_dir, "--format", "llm_int8", "--layout", "bnb", "--out", tmp_path / "b")
+    assert code == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    code, _, _ = run(capsys, "quantize", model_dir, "--format", "rtn", "--bits", "8", "--group-size", "32",
+                     "--override", "down_proj=skip", "--layout", "gptq", "--out", tmp_path / "r")
+    assert code == 0
+    r = load_model(tmp_path / "r")
+    assert not isinstance(r.model.layers[0].mlp.down_proj, QuantLinear)
+    assert isinstance(r.model.layers[0].mlp.up_proj, LinearGPTQ) and r.model.layers[0].mlp.up_proj.bits == 8
+    # qtune's own layout takes a group size that does not divide in_features (a partial last group)
+    code, _, err = run(capsys, "quantize", model_dir, "--format", "rtn", "--group-size", "48", "--out", tmp_path / "p")
+    assert code == 0, err
+    assert load_model(tmp_path / "p").model.layers[0].self_attn.q_proj.scales.shape == (2, 64)
+
+
+def test_quantize_gptq_then_eval_and_inspect(model_dir, texts, tmp_path, capsys):
+    out_dir = tmp_path / "gptq"
+    code, out, err = run(capsys, "quantize", model_dir, "--format", "gptq", "--bits", "4", "--group-size", "32",
+                         "--act-order", "--no-sym", "--calibration", texts / "cal.txt", "--samples", "16",
+                         "--seq-len", "64", "--out", out_dir, "--layout", "gptq")
+    assert code == 0, err
+    assert "GPTQ" in err  # the per-block progress bar
+    qc = json.loads((out_dir / "quantize_config.json").read_text())
+    assert qc["desc_act"] is True and qc["sym"] is False and qc["group_size"] == 32
+    code, out, err = run(capsys, "eval", out_dir, "--text", texts / "eval.txt", "--tokens", "1024", "--seq-len", "128")
+    assert code == 0, err
+    assert "gptq 4-bit g32" in out and "perplexity on 1024 tokens" in out
+    code, out, _ = run(capsys, "inspect", out_dir, "--reference", model_dir, "--plot", tmp_path / "p.png")
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
+    assert "model.layers.0.self_attn.q_proj" in out and "gptq" in out and "rel.err" in out and "total (15 layers)" in out
+
+
+def test_eval_compares_formats_side_by_side(model_dir, texts, capsys):
+    code, out, err = run(capsys, "eval", model_dir, "--text", texts / "eval.txt", "--tokens", "1024", "--seq-len",
+                         "128", "--quant", "nf4", "nf4-dq", "llm_int8", "rtn:bits=4,group_size=32", "gptq:group_size=32",
+                         "--calibration", texts / "cal.txt", "--samples", "8", "--cal-seq-len", "64", "--no-progress")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"float32", "nf4", "nf4-dq", "llm_int8", "rtn:bits=4,group_size=32", "gptq:group_size=32"}
+    assert float(rows["float32"][1]) == 32.0
+    assert all(float(r[2]) > 1 for r in rows.values())  # perplexities
+
+
+def test_inspect_float_model_quantizes_in_memory(model_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "inspect", model_dir, "--format", "fp4", "--layer", "model.layers.1.mlp.up_proj",
+                       "--plot", tmp_path / "h.png")
+    assert code == 0 and "fp4" in out and (tmp_path / "h.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--format", "gptq", "--calibration", "{tmp}/missing.txt"], "calibration file .*missing.txt does not exist"),
+    (["--format", "gptq", "--group-size", "48", "--calibration", "{cal}", "--layout", "gptq"],
+     r"layer model\.layers\.0\.self_attn\.q_proj: group_size 48 does not divide in_features 64"),
+    (["--format", "rtn", "--group-size", "48", "--layout", "gptq"], "group_size 48 does not divide"),
+    (["--format", "gptq"], "needs --calibration"),
+    (["--format", "nf4", "--layout", "gptq"], "--layout gptq holds gptq/rtn layers"),
+])
+def test_bad_input_one_line_error_nothing_written(argv, message, model_dir, texts, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, cal=texts / "cal.txt") for a in argv]
+    code, out, err = run(capsys, "quantize", model_dir, *argv, "--out", tmp_path / "out")
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("qtune quantize: error:")]
+    assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folder left behind"
+
+
+def test_existing_output_and_corrupt_model(model_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")
+    code, _, err = run(capsys, "quantize", model_dir, "--format", "nf4", "--out", tmp_path / "taken")
+    assert code == 1 and "already exists" in err and (tmp_path / "taken" / "x").read_text() == "keep"
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "quantize", broken, "--format", "nf4", "--out", tmp_path / "o")
+    assert code == 1 and "model.safetensors: truncated safetensors file" in err and not (tmp_path / "o").exists()
+    code, _, err = run(capsys, "eval", model_dir, "--text", tmp_path / "none.txt")
+    assert code == 1 and "none.txt does not exist" in err

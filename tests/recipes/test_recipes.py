@@ -1,0 +1,50 @@
+"""Every YAML in recipes/ loads and validates; training recipes show their command and memory plan."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qtune.plan import plan_recipe
+from qtune.train.recipe import header_command, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TRAINING = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate")
+ACCELERATE = sorted((RECIPES / "accelerate").glob("*.yaml"))
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(RECIPES.parent))
+
+
+def test_recipes_exist():
+    names = {_rel(p) for p in TRAINING}
+    assert "recipes/smollm2-135m/qlora-nf4.yaml" in names
+    for model in ("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"):
+        assert {f"recipes/{model}/qlora-nf4.yaml", f"recipes/{model}/qlora-gptq4.yaml"} <= names
+    assert {p.name for p in ACCELERATE} == {"single_gpu.yaml", "multi_gpu_ddp.yaml", "fsdp.yaml"}
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=_rel)
+def test_training_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert header_command(path) == f"qtune train {_rel(path)}"
+    assert recipe.quantization["format"] in ("nf4", "pretrained")
+    plan = plan_recipe(recipe)
+    assert plan.quantized_params > 0 and plan.trainable_params > 0
+    if "smollm2" not in path.parts[-2]:
+        # consumer-GPU recipes: the header states the planned peak, and it fits a 24 GB card
+        text = path.read_text()
+        assert f"{plan.total_gpu() / 2**30:.1f} GiB" in text, "header's expected peak VRAM is out of date"
+        assert plan.fits(24)
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=_rel)
+def test_accelerate_config_loads(path):
+    data = yaml.safe_load(path.read_text())
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch --config_file " + _rel(path) + " -m qtune train ")
+    assert data["distributed_type"] in ("NO", "MULTI_GPU", "FSDP") and data["num_processes"] >= 1
+    if data["distributed_type"] == "FSDP":
+        assert data["fsdp_config"]["fsdp_use_orig_params"] is True
