@@ -77,11 +77,22 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an export is meant to be shared
+        _share(tmp)
         _replace(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _share(folder: Path) -> None:
+    """Permissions as a plain ``mkdir``/``open`` would give under the umask: ``mkdtemp`` (and writers that go
+    through their own temporary files) leave 0700/0600, and an export is meant to be read by others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _replace(tmp: Path, out: Path, *, overwrite: bool) -> None:

@@ -180,7 +180,8 @@ def quantized_card(source, result: ExportResult) -> str:
         f"- **Base quantization during training:** {_quant_text(q)}\n"
         f"- **Re-quantization error vs the merged full-precision model:** ‖Q(W)−W‖/‖W‖ = "
         f"{(result.total_rel_weight or 0.0):.4e} over {len(result.layers)} layers\n\n"
-        "## Export checks\n\n" + _export_numbers(result) + "\n"
+        + "".join(f"> **Warning:** {w.removeprefix('qtune export: WARNING: ')}\n\n" for w in result.warnings)
+        + "## Export checks\n\n" + _export_numbers(result) + "\n"
         "## Per-layer error\n\n```\n" + table + "\n```\n\n"
         "## Training metrics\n\n" + _metrics_table(source.metrics()) + "\n"
         + _recipe_block(source.recipe.to_dict()))

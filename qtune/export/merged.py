@@ -26,7 +26,7 @@ from ..nn import QuantLinear, is_conv1d
 from .atomic import atomic_output, check_free_space, check_output
 from .report import ExportResult, Heldout
 from .source import ExportSource, load_source
-from .verify import compare_logits, logits, probe_ids, tolerance, verify_merged
+from .verify import RELOAD_TOLERANCE, check_logits, compare_logits, logits, probe_ids, tolerance, verify_merged
 
 __all__ = ["export_merged", "merge_to_float", "MergedLayer", "strip_quantization", "cast_float_params", "resolve_dtype"]
 
@@ -39,6 +39,22 @@ class MergedLayer:
     config: Any            # the base layer's QuantConfig, or None for a float base layer
     weight_norm: float     # ‖W'‖_F of the merged weight
     delta_norm: float      # ‖W' − W‖_F: what the adapter changed
+    # how to recompute W' − W later without keeping a dense copy of W: the packed base layer (quantized
+    # bases), or the LoRA factors (A, B, s) of a float base layer (None: DoRA on a float base)
+    base: Any = dataclasses.field(default=None, repr=False, compare=False)
+    factors: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @torch.no_grad()
+    def delta(self, merged_weight: torch.Tensor) -> torch.Tensor | None:
+        """``ΔW = W' − W`` [out, in] fp32 (``None`` when it cannot be recomputed)."""
+        if self.base is not None:
+            return merged_weight.float() - self.base.dequantize(torch.float32).to(merged_weight.device)
+        if self.factors is None:
+            return None
+        out = torch.zeros_like(merged_weight, dtype=torch.float32)
+        for a, b, s in self.factors:
+            out += (b @ a) * s
+        return out
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, source: ExportSource) -> torch.dtype:
@@ -83,12 +99,14 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Merged fp32 weight [out, in], bias, and the base weight, for a peft LoRA ``Linear``-like layer."""
+def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple | None]:
+    """Merged fp32 weight [out, in], bias, the base weight, and the LoRA factors ``(A, B, s)`` (``None`` with
+    DoRA), for a peft LoRA ``Linear``-like layer."""
     base = layer.get_base_layer()
     weight = _dense_weight(base)
     merged = weight.clone()
     bias = None if base.bias is None else base.bias.detach().float().clone()
+    factors: list | None = []
     for name in adapters:
         if name not in layer.lora_A.keys():
             continue
@@ -105,13 +123,16 @@ def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None
             norm = magnitude.get_weight_norm(merged.t() if t else merged, delta.t() if t else delta,
                                              scaling=1).detach().float()
             merged = (magnitude.weight.float() / norm).view(-1, 1) * (merged + delta)
+            factors = None
         else:
             merged = merged + delta
+            if factors is not None:
+                factors.append((a, b, float(layer.scaling[name])))
         if layer.lora_bias.get(name, False):
             if bias is None:
                 raise ValueError(f"adapter {name!r} trains a LoRA bias, but the base layer has no bias")
             bias = bias + layer.lora_B[name].bias.float() * layer.scaling[name]
-    return merged, bias, weight
+    return merged, bias, weight, (tuple(factors) if factors is not None else None)
 
 
 @torch.no_grad()
@@ -142,7 +163,7 @@ def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
         if not (isinstance(inner, (QuantLinear, nn.Linear)) or is_conv1d(inner)):
             raise ValueError(f"layer {name}: LoRA on {type(inner).__name__} cannot be folded by qtune export "
                              "(linear layers only)")
-        w, bias, w0 = _fold(module, adapters)
+        w, bias, w0, factors = _fold(module, adapters)
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer {name}: the merged weight holds NaN/Inf (the adapter is broken)")
         conv1d = inner.from_conv1d if isinstance(inner, QuantLinear) else is_conv1d(inner)
@@ -150,7 +171,9 @@ def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
         clean = name.replace(".modules_to_save.default", "").replace(".original_module", "")
         if isinstance(inner, QuantLinear):
             plan[clean] = inner.config
-        merged.append(MergedLayer(clean, getattr(inner, "config", None), float(w.norm()), float((w - w0).norm())))
+        quantized = isinstance(inner, QuantLinear)
+        merged.append(MergedLayer(clean, getattr(inner, "config", None), float(w.norm()), float((w - w0).norm()),
+                                  base=inner if quantized else None, factors=None if quantized else factors))
         _set(base, name, _dense_module(w, bias, conv1d))
         del w0
     model = peft_model.unload()  # drops the (now empty) peft wrappers; modules_to_save copies replace originals
@@ -226,7 +249,8 @@ def export_merged(source: str | Path | ExportSource, out: str | Path, *, dtype: 
             (its model is consumed).
         out: the export folder (written atomically; must not exist unless ``overwrite``).
         dtype: ``bf16``/``fp16``/``fp32``, or ``auto`` (the base's float dtype).
-        verify: reload the folder with plain transformers and compare logits with the trained model.
+        verify: check the merged model's logits against the trained model (dtype tolerance), then reload the folder
+            with plain transformers and check it reproduces the merged model.
         max_shard_size: safetensors shard size (``save_pretrained``).
         heldout: held-out text (``austen:persuasion``, a .txt file...) to report perplexity before/after merging.
         heldout_tokens, heldout_window: tokens of it and window length (default: the recipe's, else 2048/512).
@@ -262,7 +286,10 @@ def export_merged(source: str | Path | ExportSource, out: str | Path, *, dtype: 
     tol = tolerance(target, src.compute_dtype)  # before merging: it reads the trained model's layers
     merged, layers, _ = merge_to_float(model, dtype=target)
     result.merged_layers = len(layers)
-    result.probe["merged vs trained"] = compare_logits(logits(merged, ids), trained_logits)
+    merged_logits = logits(merged, ids)
+    result.probe["merged vs trained"] = compare_logits(merged_logits, trained_logits)
+    if verify:  # the merge itself: the merged model must compute what the trained one did, up to dtype rounding
+        check_logits(result.probe["merged vs trained"], tol, "merged model vs the trained model")
     log(f"qtune export: folded LoRA into {len(layers)} layers (fp32), model in {dtype_name(target)}; logits vs the "
         f"trained model: {result.probe['merged vs trained']}")
     if held is not None:
@@ -275,7 +302,8 @@ def export_merged(source: str | Path | ExportSource, out: str | Path, *, dtype: 
         if src.tokenizer is not None:
             src.tokenizer.save_pretrained(tmp)
         if verify:
-            result.verify = verify_merged(tmp, trained_logits, ids, dtype=target, tol=tol)
+            # the files: a reload must reproduce the in-memory merged model (same weights, same dtype)
+            result.verify = verify_merged(tmp, merged_logits, ids, dtype=target, tol=RELOAD_TOLERANCE)
         result.seconds = time.perf_counter() - start
         write_extras(tmp, card.merged_card(src, result), result)
     if push_to_hub:

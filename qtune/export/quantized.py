@@ -15,7 +15,9 @@ format and no options (``--format nf4``), the base's settings are kept (block si
 bits/group size/act-order); ``nf4:double_quant=true`` or ``gptq:bits=4,group_size=64`` set them.
 
 Reported (printed and in ``qtune_export.json``): per layer and in total ``‖Q(W') − W'‖/‖W'‖`` against the
-merged full-precision weights, per layer also against the LoRA delta ``‖Q(W') − W'‖/‖ΔW‖``; logits of
+merged full-precision weights, per layer also against the LoRA delta ``‖Q(W') − W'‖/‖ΔW‖`` and the share
+of ``ΔW`` the quantized weight kept (a re-quantization that rounds ``W'`` back onto the base's grid keeps
+≈ 0% while its weight error looks tiny: that case is flagged with a warning); logits of
 the re-quantized model against the merged one on a probe sentence; and, with a held-out text, the
 perplexity of the trained model, the merged fp32 model and the re-quantized one.
 """
@@ -34,12 +36,12 @@ from ..formats import GPTQConfig, LLMInt8Config, QuantConfig, config_from_dict
 from ..formats.base import dtype_name
 from ..nn import QuantLinear, float_weight_of, layer_class_for
 from .atomic import atomic_output, check_free_space, check_output
-from .merged import _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
+from .merged import MergedLayer, _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
 from .report import ExportResult, LayerError, format_layer_table
 from .source import ExportSource, load_source
-from .verify import compare_logits, logits, probe_ids, tolerance, verify_quantized
+from .verify import check_logits, compare_logits, logits, probe_ids, tolerance, verify_quantized
 
-__all__ = ["export_quantized", "target_config", "requantize_model", "FORMATS", "LAYOUTS"]
+__all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning", "FORMATS", "LAYOUTS"]
 
 FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
 LAYOUTS = ("qtune", "bnb", "gptq")
@@ -93,18 +95,27 @@ def _clone_buffers(layer: QuantLinear) -> None:
             layer._buffers[name] = buf.clone()
 
 
-def _error(name: str, layer: QuantLinear, w: torch.Tensor, delta_norm: float | None) -> LayerError:
+def _error(name: str, layer: QuantLinear, w: torch.Tensor, merged: MergedLayer | None) -> LayerError:
     q = layer.dequantize(torch.float32)
-    e2 = float((q - w).pow(2).sum())
+    err = q - w
+    e2 = float(err.pow(2).sum())
     w2 = float(w.pow(2).sum())
-    rel_delta = None if not delta_norm else math.sqrt(e2) / delta_norm
+    rel_delta = kept = None
+    delta = merged.delta(w) if merged is not None else None
+    if delta is not None:
+        d2 = float(delta.pow(2).sum())
+        if d2 > 0:
+            rel_delta = math.sqrt(e2 / d2)
+            # Q(W') − W = ΔW + err: the share of ΔW along which the quantized weight still moved. Noise
+            # uncorrelated with ΔW leaves ≈ 1; rounding back onto the base's own grid (err ≈ −ΔW) gives ≈ 0
+            kept = 1.0 + float((err * delta).sum()) / d2
     return LayerError(name=name, format=layer.config.format, bits=layer.bits_per_parameter(),
-                      rel_weight=math.sqrt(e2 / max(w2, 1e-30)), rel_delta=rel_delta, err_sq=e2, w_sq=w2)
+                      rel_weight=math.sqrt(e2 / max(w2, 1e-30)), rel_delta=rel_delta, kept=kept, err_sq=e2, w_sq=w2)
 
 
 @torch.no_grad()
 def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, calibration: torch.Tensor | None = None,
-                     delta_norms: dict[str, float] | None = None, progress: bool = False) -> list[LayerError]:
+                     merged: dict[str, MergedLayer] | None = None, progress: bool = False) -> list[LayerError]:
     """Quantize the layers ``plan`` of a float model to ``cfg``, in place; return each layer's error.
 
     Args:
@@ -112,11 +123,12 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
         plan: names of the layers to quantize.
         cfg: the target config.
         calibration: int64 ``[samples, seq_len]`` token ids; required for ``GPTQConfig``.
-        delta_norms: ``{layer: ‖ΔW‖}`` of the folded adapter, for ``rel_delta``.
+        merged: ``{layer: MergedLayer}`` from :func:`qtune.export.merge_to_float`, for the error against the
+            LoRA delta (``rel_delta``, ``kept``).
     Raises:
         ValueError: GPTQ without calibration.
     """
-    delta_norms = delta_norms or {}
+    merged = merged or {}
     errors: list[LayerError] = []
     if isinstance(cfg, GPTQConfig):
         if calibration is None:
@@ -130,17 +142,36 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
             layer = model.get_submodule(n)
             if not isinstance(layer, QuantLinear):
                 raise ValueError(f"layer {n}: GPTQ left it unquantized (tied or kept in fp32 by the model)")
-            errors.append(_error(n, layer, weights.pop(n), delta_norms.get(n)))
+            errors.append(_error(n, layer, weights.pop(n), merged.get(n)))
         return errors
     for n in plan:
         module = model.get_submodule(n)
         w = float_weight_of(module, n)[0].float()
         layer = layer_class_for(cfg).from_float(module, cfg, name=n)
         _clone_buffers(layer)
-        errors.append(_error(n, layer, w, delta_norms.get(n)))
+        errors.append(_error(n, layer, w, merged.get(n)))
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return errors
+
+
+def erased_warning(errors: list[LayerError], cfg: QuantConfig, threshold: float = 0.5) -> str | None:
+    """A warning when re-quantization rounds the merged weights back onto the base's grid.
+
+    Then ``Q(W') ≈ W``: the weight error relative to ``W'`` looks tiny, yet the fine-tune is gone. Measured
+    per layer as the share of ``ΔW`` the quantized weight kept (:class:`LayerError` ``kept``); warns when the
+    median is below ``threshold``.
+    """
+    kept = sorted(e.kept for e in errors if e.kept is not None and math.isfinite(e.kept))
+    if not kept:
+        return None
+    median = kept[len(kept) // 2]
+    if median >= threshold:
+        return None
+    return (f"qtune export: WARNING: the {cfg.format} re-quantization keeps only {100 * median:.0f}% of the LoRA "
+            "change (median over layers): the merged weights were rounded back onto the base's grid, so most of "
+            "what training changed is gone. Compare the held-out perplexities (--heldout); ship --mode merged or "
+            "--mode adapter, or a finer format (int8), instead.")
 
 
 def _total(errors: list[LayerError]) -> float:
@@ -174,7 +205,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
         calibration: GPTQ calibration text (file, ``austen:emma``...; default: the run recipe's).
         samples, seq_len, seed: calibration windows (default: the recipe's, else 128 × 512).
-        verify: reload the written folder with qtune's loader and compare logits with the in-memory model.
+        verify: check the merged model against the trained model (dtype tolerance), and the reloaded folder (qtune's
+            loader) against the in-memory re-quantized model.
         heldout, heldout_tokens, heldout_window: held-out text for perplexity/logits comparisons.
         push_to_hub, private, token: upload afterwards (:func:`qtune.export.hub.push_folder`).
         base, base_format: see :func:`qtune.export.load_source`.
@@ -217,6 +249,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         result.heldout["source"] = heldout
         result.heldout["trained"], _ = held.measure(model, log, "trained (quantized base + adapter)")
 
+    merge_tol = tolerance(torch.float32, src.compute_dtype)  # before merging: it reads the trained model's layers
     merged, layers, plan = merge_to_float(model, dtype=torch.float32)
     result.merged_layers = len(layers)
     if not plan:
@@ -232,6 +265,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         check_group_sizes(merged, {n: cfg for n in names})
     merged_logits = logits(merged, ids)
     result.probe["merged fp32 vs trained"] = compare_logits(merged_logits, trained_logits)
+    if verify:
+        check_logits(result.probe["merged fp32 vs trained"], merge_tol, "merged model vs the trained model")
     held_merged = None
     if held is not None:
         result.heldout["merged fp32"], held_merged = held.measure(merged, log, "merged fp32")
@@ -239,10 +274,14 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         f"{cfg.to_json()}" + (f" with GPTQ on {windows.shape[0]} × {windows.shape[1]} calibration tokens"
                               if windows is not None else ""))
     errors = requantize_model(merged, names, cfg, calibration=windows,
-                              delta_norms={l.name: l.delta_norm for l in layers}, progress=progress)
+                              merged={l.name: l for l in layers}, progress=progress)
     cast_float_params(merged, target)
     result.layers, result.total_rel_weight = errors, _total(errors)
     log(format_layer_table(errors, result.total_rel_weight))
+    warning = erased_warning(errors, cfg)
+    if warning:
+        log(warning)
+        result.warnings.append(warning)
     quant_logits = logits(merged, ids)
     result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
     result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)

@@ -25,7 +25,9 @@ class LayerError:
         bits: stored bits per weight (packed weight plus scales).
         rel_weight: ``‖Q(W) − W‖_F / ‖W‖_F``.
         rel_delta: ``‖Q(W) − W‖_F / ‖ΔW‖_F`` with ``ΔW`` the LoRA delta folded into this layer (``None``
-            for a layer without adapter): above 1 the quantization noise is larger than what training changed.
+            for a layer without adapter).
+        kept: share of the LoRA change the quantized weight kept, ``1 + ⟨Q(W') − W', ΔW⟩/‖ΔW‖²``: ≈ 1 when the
+            quantization noise is unrelated to ``ΔW``, ≈ 0 when ``W'`` was rounded back to the base weights.: above 1 the quantization noise is larger than what training changed.
     """
 
     name: str
@@ -33,6 +35,7 @@ class LayerError:
     bits: float
     rel_weight: float
     rel_delta: float | None = None
+    kept: float | None = None
     err_sq: float = 0.0   # ‖Q(W) − W‖², for the total
     w_sq: float = 0.0     # ‖W‖²
 
@@ -41,10 +44,11 @@ def format_layer_table(layers: list[LayerError], total: float) -> str:
     """Per-layer error table (one line per layer) and the total line."""
     width = max([len(l.name) for l in layers] + [5])
     fw = max([len(l.format) for l in layers] + [6])
-    lines = [f"{'layer':<{width}}  {'format':<{fw}}  bits   ‖Q(W)−W‖/‖W‖  ‖Q(W)−W‖/‖ΔW‖"]
+    lines = [f"{'layer':<{width}}  {'format':<{fw}}  bits   ‖Q(W)−W‖/‖W‖  ‖Q(W)−W‖/‖ΔW‖  ΔW kept"]
     for l in layers:
         rd = "-" if l.rel_delta is None else f"{l.rel_delta:.3f}"
-        lines.append(f"{l.name:<{width}}  {l.format:<{fw}}  {l.bits:4.2f}   {l.rel_weight:12.4e}  {rd:>13}")
+        kept = "-" if l.kept is None else f"{100 * l.kept:.0f}%"
+        lines.append(f"{l.name:<{width}}  {l.format:<{fw}}  {l.bits:4.2f}   {l.rel_weight:12.4e}  {rd:>13}  {kept:>7}")
     lines.append(f"{'total':<{width}}  {'':<{fw}}  {'':4}   {total:12.4e}")
     return "\n".join(lines)
 
@@ -65,6 +69,7 @@ class ExportResult:
         layers: per-layer re-quantization errors (quantized mode).
         total_rel_weight: ``sqrt(Σ‖Q(W)−W‖² / Σ‖W‖²)`` over those layers.
         hub_url: where ``--push-to-hub`` uploaded it.
+        warnings: e.g. a re-quantization that rounds the adapter away.
     """
 
     mode: str
@@ -81,6 +86,7 @@ class ExportResult:
     merged_layers: int = 0
     hub_url: str | None = None
     seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"mode": self.mode, "out": str(self.out), "files": list(self.files), "dtype": self.dtype,
@@ -92,7 +98,7 @@ class ExportResult:
              "total_rel_weight": self.total_rel_weight,
              "layers": [{k: v for k, v in dataclasses.asdict(l).items() if k not in ("err_sq", "w_sq")}
                         for l in self.layers],
-             "hub_url": self.hub_url, "seconds": round(self.seconds, 2)}
+             "warnings": list(self.warnings), "hub_url": self.hub_url, "seconds": round(self.seconds, 2)}
         return json.loads(json.dumps(d, default=_json_default))
 
     def summary(self) -> str:
@@ -104,6 +110,7 @@ class ExportResult:
         if self.total_rel_weight is not None:
             lines.append(f"  re-quantization error vs the merged full-precision model: ‖Q(W)−W‖/‖W‖ "
                          f"{self.total_rel_weight:.4e} over {len(self.layers)} layers")
+        lines.extend("  " + w.removeprefix("qtune export: ") for w in self.warnings)
         for k, v in self.probe.items():
             lines.append(f"  logits {k} (probe input): {v}")
         for k, v in self.heldout.items():

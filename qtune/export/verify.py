@@ -1,6 +1,9 @@
 """Reload an export and compare its logits with the model it was made from.
 
-The comparison is on a short input (a fixed English sentence through the tokenizer, or fixed token ids
+Merged exports are checked twice: the in-memory merged model against the trained model (tolerance by
+dtype, ``TOLERANCE``), and the reloaded folder against the in-memory merged model (``RELOAD_TOLERANCE``).
+Quantized exports: the reloaded folder against the in-memory re-quantized model (tolerance by dtype: qtune's
+loader may hold some float buffers in the model dtype). The comparison is on a short input (a fixed English sentence through the tokenizer, or fixed token ids
 when there is none): ``rel = ‖a − b‖_F / ‖b‖_F`` over the logits, plus the largest absolute difference
 and the share of positions whose top-1 token agrees. The tolerance follows the coarser dtype of the two
 sides (``TOLERANCE``): an fp32 export must match to ~1e-6 and gets 1e-3; bf16 (8 mantissa bits, errors
@@ -18,9 +21,11 @@ from torch import Tensor, nn
 PROBE_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
               "must be in want of a wife.")
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# a reloaded export against the in-memory model it was saved from: the same tensors, so only op-order noise
+RELOAD_TOLERANCE = 1e-3
 
-__all__ = ["LogitsDiff", "probe_ids", "logits", "compare_logits", "tolerance", "verify_merged",
-           "verify_quantized", "VerificationError"]
+__all__ = ["LogitsDiff", "probe_ids", "logits", "compare_logits", "check_logits", "tolerance", "verify_merged",
+           "verify_quantized", "VerificationError", "TOLERANCE", "RELOAD_TOLERANCE"]
 
 
 class VerificationError(ValueError):
@@ -81,10 +86,11 @@ def tolerance(*dtypes: torch.dtype) -> float:
     return max(TOLERANCE.get(d, 1e-3) for d in dtypes)
 
 
-def _check(diff: LogitsDiff, tol: float, what: str) -> LogitsDiff:
+def check_logits(diff: LogitsDiff, tol: float, what: str) -> LogitsDiff:
+    """Raise :class:`VerificationError` when ``diff.rel`` exceeds ``tol`` (or is NaN)."""
     if not diff.rel <= tol:  # also catches NaN
-        raise VerificationError(f"{what}: the reloaded export's logits differ from the expected ones ({diff}; "
-                                f"tolerance rel {tol:.0e}); nothing was written")
+        raise VerificationError(f"{what}: the logits differ from the expected ones ({diff}; tolerance rel "
+                                f"{tol:.0e}); nothing was written")
     return diff
 
 
@@ -100,7 +106,7 @@ def verify_merged(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     if getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None):
         raise VerificationError(f"{folder}: the merged export still declares a quantization_config")
-    return _check(compare_logits(logits(model, ids), reference), tol, str(folder))
+    return check_logits(compare_logits(logits(model, ids), reference), tol, f"{folder} (reloaded)")
 
 
 def verify_quantized(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.dtype, tol: float) -> LogitsDiff:
@@ -112,4 +118,4 @@ def verify_quantized(folder: Path, reference: Tensor, ids: Tensor, *, dtype: tor
     from ..integrations.checkpoints import load_model
 
     model = load_model(folder, dtype=dtype)
-    return _check(compare_logits(logits(model, ids), reference), tol, str(folder))
+    return check_logits(compare_logits(logits(model, ids), reference), tol, f"{folder} (reloaded)")

@@ -58,7 +58,7 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -
 
 
 def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dora: bool = False,
-             seed: int = 0, model: Path | None = None) -> Path:
+             seed: int = 0, model: Path | None = None, lora_scale: float = 0.05) -> Path:
     """A run folder as ``qtune train`` leaves it, with a random adapter on the recipe's base."""
     from peft import LoraConfig
 
@@ -76,7 +76,7 @@ def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dor
     base, _ = load_model(recipe, model, tok)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                                  use_dora=use_dora, task_type="CAUSAL_LM"))
-    randomize_lora(peft_model, seed)
+    randomize_lora(peft_model, seed, lora_scale)
     peft_model.save_pretrained(run / "adapter")
     tok.save_pretrained(run / "adapter")
     summary = {"recipe": str(recipe_file), "overrides": [], "model": str(model), "format": quant["format"],

@@ -201,9 +201,16 @@ def test_not_enough_free_space_is_refused_up_front(run_for, tmp_path, monkeypatc
 
 
 def test_failed_verification_leaves_nothing(run_for, tmp_path, monkeypatch):
+    import qtune.export.merged as merged_mod
+
     out = tmp_path / "out"
-    monkeypatch.setitem(TOLERANCE, torch.float32, -1.0)  # no reload can pass
-    with pytest.raises(VerificationError, match="differ from the expected ones .*nothing was written"):
+    with monkeypatch.context() as m:
+        m.setitem(TOLERANCE, torch.float32, -1.0)  # the merge check cannot pass
+        with pytest.raises(VerificationError, match="merged model vs the trained model: .*nothing was written"):
+            export_merged(run_for("nf4"), out, dtype="fp32", log=quiet)
+    _nothing_at(out)
+    monkeypatch.setattr(merged_mod, "RELOAD_TOLERANCE", -1.0)  # the reload check cannot pass
+    with pytest.raises(VerificationError, match=r"\(reloaded\): the logits differ .*nothing was written"):
         export_merged(run_for("nf4"), out, dtype="fp32", log=quiet)
     _nothing_at(out)
 

@@ -156,7 +156,7 @@ def test_quantized_export_reloads_and_reports(fmt, layout, layer_format, bounds,
     text = "\n".join(lines)
     assert "‖Q(W)−W‖/‖W‖" in text and "\ntotal " in text and "model.layers.1.mlp.down_proj" in text
     assert len(res.layers) == 14 and bounds[0] < res.total_rel_weight < bounds[1]
-    assert all(l.rel_delta is not None and l.rel_delta > 0 for l in res.layers)
+    assert all(l.rel_delta is not None and l.rel_delta > 0 and l.kept is not None for l in res.layers)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == {"qtune": "qtune", "bnb": "bitsandbytes", "gptq": "gptq"}[layout]
     model = load_model(out)
@@ -197,3 +197,36 @@ def test_gptq_base_merged_then_gptq_again(run_for, export_root, text_file, lines
     rtn = export_quantized(load_source(adapter), export_root / "gptq-roundtrip-rtn", format="rtn:bits=4,group_size=32",
                            layout="gptq", heldout=str(text_file), heldout_tokens=256, heldout_window=64, log=quiet)
     assert held["quantized vs merged fp32"].rel < rtn.heldout["quantized vs merged fp32"].rel
+
+
+def test_requantization_that_erases_the_adapter_is_flagged(export_root, tmp_path, lines):
+    """A LoRA delta far below the NF4 step is rounded back onto the base's grid: the export says so."""
+    from qtune import Int8Config as int8_config
+    from qtune.export.quantized import erased_warning
+    from tests.export.helpers import QUANT, make_run
+
+    run = make_run(export_root, "run-nf4-small-delta", QUANT["nf4"], lora_scale=0.01)
+    res = export_quantized(run, tmp_path / "q", format="nf4", log=lines.append)
+    assert res.warnings and "rounded back onto the base's grid" in res.warnings[0]
+    assert any("WARNING" in s for s in lines)
+    assert sorted(l.kept for l in res.layers)[7] < 0.5
+    assert "> **Warning:**" in (tmp_path / "q" / "README.md").read_text()
+    assert json.loads((tmp_path / "q" / "qtune_export.json").read_text())["warnings"] == res.warnings
+    # the same layers re-quantized to int8 keep the delta: no warning
+    int8 = export_quantized(run, tmp_path / "i", format="int8", log=quiet)
+    assert not int8.warnings and erased_warning(int8.layers, int8_config()) is None
+    assert all(0.5 < l.kept < 1.5 for l in int8.layers)
+
+
+def test_export_files_are_readable_by_others(run_for, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        export_merged(run_for("nf4"), tmp_path / "m", log=quiet)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    for p in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name
