@@ -25,65 +25,77 @@ from ..nn import layer_class_for
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in milliseconds."""
+    return timeit_interleaved([fn], repeat, warmup)[0]
+
+
+def timeit_interleaved(fns: list[Callable[[], object]], repeat: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall times (ms) of several functions, called in turn within each repetition.
+
+    Interleaving puts qtune and bitsandbytes under the same conditions (other load on the machine,
+    the allocator's state), so their ratio is steadier than that of two separate timing loops.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(ts) for ts in times]
 
 
-def _layer_times(layer: nn.Module, x: torch.Tensor, repeat: int) -> tuple[float, float]:
-    with torch.no_grad():
-        fwd = timeit(lambda: layer(x), repeat)
+METRICS = ("quantize", "dequantize", "forward", "fwd+bwd")
+
+
+def _layer_fns(layer: nn.Module, x: torch.Tensor) -> tuple[Callable, Callable]:
+    def fwd():
+        with torch.no_grad():
+            layer(x)
 
     def fwd_bwd():
         xi = x.detach().requires_grad_(True)
         layer(xi).sum().backward()
 
-    return fwd, timeit(fwd_bwd, repeat)
+    return fwd, fwd_bwd
 
 
-def _qtune_row(cfg, linear: nn.Linear, x: torch.Tensor, repeat: int, **kw) -> dict:
+def _qtune_fns(cfg, linear: nn.Linear, x: torch.Tensor, **kw) -> dict[str, Callable]:
     cls = layer_class_for(cfg)
-    q = timeit(lambda: cls.from_float(linear, cfg, **kw), repeat=max(1, repeat // 2))
     layer = cls.from_float(linear, cfg, **kw)
-    deq = timeit(lambda: layer.dequantize(x.dtype), repeat)
-    fwd, fb = _layer_times(layer, x, repeat)
-    return {"quantize": q, "dequantize": deq, "forward": fwd, "fwd+bwd": fb}
+    fwd, fb = _layer_fns(layer, x)
+    return {"quantize": lambda: cls.from_float(linear, cfg, **kw), "dequantize": lambda: layer.dequantize(x.dtype),
+            "forward": fwd, "fwd+bwd": fb}
 
 
-def _bnb_rows(linear: nn.Linear, x: torch.Tensor, repeat: int) -> dict[str, dict]:
+def _bnb_fns(name: str, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callable] | None:
+    """bitsandbytes' callables for the format ``name``; None where it has no such format or is absent."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as BF
-    except Exception as e:  # not installed: print qtune's figures alone
-        print(f"(bitsandbytes unavailable: {e})")
-        return {}
-    rows: dict[str, dict] = {}
+    except Exception:
+        return None
     w = linear.weight.detach()
     n, k = w.shape
-    for name, qt, dq in (("nf4", "nf4", False), ("nf4-dq", "nf4", True), ("fp4", "fp4", False)):
-        q = timeit(lambda: BF.quantize_4bit(w, quant_type=qt, compress_statistics=dq), repeat=max(1, repeat // 2))
+    if name in ("nf4", "nf4-dq", "fp4"):
+        qt, dq = ("fp4" if name == "fp4" else "nf4"), name == "nf4-dq"
         packed, state = BF.quantize_4bit(w, quant_type=qt, compress_statistics=dq)
-        deq = timeit(lambda: BF.dequantize_4bit(packed, state), repeat)
         layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=x.dtype, quant_type=qt, compress_statistics=dq)
         layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qt, compress_statistics=dq).to("cpu")
         layer.train()  # eval() on CPU repacks the weight and drops the input gradient
-        fwd, fb = _layer_times(layer, x, repeat)
-        rows[name] = {"quantize": q, "dequantize": deq, "forward": fwd, "fwd+bwd": fb}
-    for name, threshold in (("int8", 0.0), ("llm_int8", 6.0)):
-        q = timeit(lambda: BF.int8_vectorwise_quant(w.half()), repeat=max(1, repeat // 2))
+        fwd, fb = _layer_fns(layer, x)
+        return {"quantize": lambda: BF.quantize_4bit(w, quant_type=qt, compress_statistics=dq),
+                "dequantize": lambda: BF.dequantize_4bit(packed, state), "forward": fwd, "fwd+bwd": fb}
+    if name in ("int8", "llm_int8"):
         cb, scb, _ = BF.int8_vectorwise_quant(w.half())
-        deq = timeit(lambda: BF.int8_vectorwise_dequant(cb, scb).to(x.dtype), repeat)
-        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=threshold)
+        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=0.0 if name == "int8" else 6.0)
         layer.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
         layer = layer.to("cpu").eval()  # eval: the int8 matmul path (train() on CPU dequantizes instead)
-        fwd, fb = _layer_times(layer, x, repeat)
-        rows[name] = {"quantize": q, "dequantize": deq, "forward": fwd, "fwd+bwd": fb}
-    return rows
+        fwd, fb = _layer_fns(layer, x)
+        return {"quantize": lambda: BF.int8_vectorwise_quant(w.half()),
+                "dequantize": lambda: BF.int8_vectorwise_dequant(cb, scb).to(x.dtype), "forward": fwd, "fwd+bwd": fb}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-features", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=8 * 128)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--skip-gptq", action="store_true", help="GPTQ quantization of a 4096² weight takes a while on CPU")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")  # bitsandbytes, once per call
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weight {args.out_features}x{args.in_features} {args.dtype}, x {args.tokens} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
-    dense_fwd, dense_fb = _layer_times(linear.requires_grad_(False), x, args.repeat)
+    dense_fwd, dense_fb = (timeit(f, args.repeat) for f in _layer_fns(linear.requires_grad_(False), x))
     print(f"dense {args.dtype}: forward {dense_fwd:.1f} ms, fwd+bwd {dense_fb:.1f} ms\n")
 
     formats = {
@@ -117,22 +129,31 @@ def main(argv: list[str] | None = None) -> int:
         h.add_batch(torch.randn(2048, args.in_features))
         formats["gptq4-g128"] = GPTQConfig(bits=4, group_size=128)
         kwargs["gptq4-g128"] = {"hessian": h}
-    bnb_rows = _bnb_rows(linear, x, args.repeat)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # not installed: print qtune's figures alone
+        print(f"(bitsandbytes unavailable: {e})")
 
-    cols = ("quantize", "dequantize", "forward", "fwd+bwd")
-    print(f"{'format':<14}" + "".join(f"{c + ' ms':>14}{'vs bnb':>8}" for c in cols) + f"{'fb/dense':>10}")
+    print(f"{'format':<14}" + "".join(f"{c + ' ms':>14}{'vs bnb':>8}" for c in METRICS) + f"{'fb/dense':>10}")
+    bnb_rows: dict[str, dict[str, float]] = {}
     for name, cfg in formats.items():
-        row = _qtune_row(cfg, linear, x, args.repeat, **kwargs.get(name, {}))
-        ref = bnb_rows.get(name)
-        cells = ""
-        for c in cols:
-            ratio = f"{row[c] / ref[c]:.2f}x" if ref else "-"
-            cells += f"{row[c]:>14.1f}{ratio:>8}"
-        print(f"{name:<14}{cells}{row['fwd+bwd'] / dense_fb:>9.2f}x")
+        ours = _qtune_fns(cfg, linear, x, **kwargs.get(name, {}))
+        theirs = _bnb_fns(name, linear, x)
+        row, ref = {}, {}
+        for c in METRICS:
+            reps = max(1, args.repeat // 2) if c == "quantize" else args.repeat
+            if theirs is None:
+                row[c] = timeit(ours[c], reps)
+            else:
+                row[c], ref[c] = timeit_interleaved([ours[c], theirs[c]], reps)
+        if ref:
+            bnb_rows[name] = ref
+        cells = "".join(f"{row[c]:>14.1f}{(f'{row[c] / ref[c]:.2f}x' if ref else '-'):>8}" for c in METRICS)
+        print(f"{name:<14}{cells}{row['fwd+bwd'] / dense_fb:>9.2f}x", flush=True)
     if bnb_rows:
-        print("\nbitsandbytes (same run):")
-        for name, row in bnb_rows.items():
-            print(f"{name:<14}" + "".join(f"{row[c]:>14.1f}{'':>8}" for c in cols) + f"{row['fwd+bwd'] / dense_fb:>9.2f}x")
+        print("\nbitsandbytes (same run, timed alternately with qtune):")
+        for name, ref in bnb_rows.items():
+            print(f"{name:<14}" + "".join(f"{ref[c]:>14.1f}{'':>8}" for c in METRICS) + f"{ref['fwd+bwd'] / dense_fb:>9.2f}x")
     print("\nratio = qtune / bitsandbytes; < 1 means qtune is faster.")
     return 0
 

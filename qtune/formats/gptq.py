@@ -333,6 +333,29 @@ class GPTQTensors:
                                self.in_features, dtype=dtype)
 
 
+def check_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, in_features: int) -> None:
+    """Check that v1 GPTQ tensors agree with each other (see :func:`dequantize_gptq`); ``ValueError`` if not."""
+    _check_bits(bits)
+    if scales.dim() != 2 or not scales.dtype.is_floating_point:
+        raise ValueError(f"dequantize_gptq: scales must be a float [G, N] tensor, "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    n_groups, out_features = scales.shape
+    packed_cols = -(-out_features // 32) * bits
+    if qzeros.dim() != 2 or tuple(qzeros.shape) != (n_groups, packed_cols):
+        raise ValueError(f"dequantize_gptq: qzeros shape {tuple(qzeros.shape)} does not match "
+                         f"scales {tuple(scales.shape)} "
+                         f"at {bits} bits (expected [{n_groups}, {packed_cols}])")
+    if g_idx.dim() != 1 or g_idx.shape[0] != in_features:
+        raise ValueError(f"dequantize_gptq: g_idx shape {tuple(g_idx.shape)} does not match in_features={in_features}")
+    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise ValueError(f"dequantize_gptq: g_idx values must lie in [0, {n_groups}), "
+                         f"got range [{int(g_idx.min())}, {int(g_idx.max())}]")
+    if qweight.dim() != 2 or qweight.shape[1] != out_features:
+        raise ValueError(f"dequantize_gptq: qweight shape {tuple(qweight.shape)} does not match "
+                         f"out_features={out_features}")
+
+
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                     bits: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization of v1 GPTQ tensors; the specification of the Triton kernels.
@@ -355,24 +378,8 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     Raises:
         ValueError: shapes that disagree with each other, or ``g_idx`` out of range.
     """
-    _check_bits(bits)
-    if scales.dim() != 2 or not scales.dtype.is_floating_point:
-        raise ValueError(f"dequantize_gptq: scales must be a float [G, N] tensor, "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    n_groups, out_features = scales.shape
-    packed_cols = -(-out_features // 32) * bits
-    if qzeros.dim() != 2 or tuple(qzeros.shape) != (n_groups, packed_cols):
-        raise ValueError(f"dequantize_gptq: qzeros shape {tuple(qzeros.shape)} does not match "
-                         f"scales {tuple(scales.shape)} "
-                         f"at {bits} bits (expected [{n_groups}, {packed_cols}])")
-    if g_idx.dim() != 1 or g_idx.shape[0] != in_features:
-        raise ValueError(f"dequantize_gptq: g_idx shape {tuple(g_idx.shape)} does not match in_features={in_features}")
-    if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-        raise ValueError(f"dequantize_gptq: g_idx values must lie in [0, {n_groups}), "
-                         f"got range [{int(g_idx.min())}, {int(g_idx.max())}]")
-    if qweight.dim() != 2 or qweight.shape[1] != out_features:
-        raise ValueError(f"dequantize_gptq: qweight shape {tuple(qweight.shape)} does not match "
-                         f"out_features={out_features}")
+    check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
+    out_features = scales.shape[1]
     q = unpack_rows(qweight, bits, in_features)  # [K, N]
     z = unpack_zeros(qzeros, bits, out_features)  # [G, N]
     g = g_idx.long()

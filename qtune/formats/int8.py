@@ -86,12 +86,33 @@ def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return w.view(n, -1, g), pad
 
 
-def quantize_int8(weight: torch.Tensor, config: Int8Config | LLMInt8Config, *, name: str = "weight") -> Int8Tensors:
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 with bitsandbytes' ``int8_vectorwise_quant`` arithmetic, byte for byte.
+
+    ``a_r = max_k |w[r, k]|``, ``q[r, k] = round_half_even(w[r, k] · (127 / max(a_r, 1e-12)))`` in fp32.
+    The spec of the native CPU kernel (``torch.ops.qtune.quantize_int8_rows``).
+
+    Args:
+        weight: finite float [N, K].
+    Returns:
+        (int8 [N, K] codes, fp32 [N] absmax).
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    q = torch.round(w * (127.0 / absmax.clamp(min=_TINY)).unsqueeze(-1)).to(torch.int8)
+    return q, absmax
+
+
+def quantize_int8(weight: torch.Tensor, config: Int8Config | LLMInt8Config, *, name: str = "weight",
+                  rows_fn=quantize_int8_rows) -> Int8Tensors:
     """Reference 8-bit quantization.
 
     Args:
         weight: [N, K] float (any float dtype; arithmetic in fp32).
         config: :class:`Int8Config` or :class:`LLMInt8Config` (symmetric per row).
+        name: the layer's name, used in error messages.
+        rows_fn: the symmetric per-row kernel, :func:`quantize_int8_rows` or an op with the same contract
+            (``torch.ops.qtune.quantize_int8_rows`` dispatches to the native CPU kernel).
     Returns:
         :class:`Int8Tensors`.
     """
@@ -99,12 +120,10 @@ def quantize_int8(weight: torch.Tensor, config: Int8Config | LLMInt8Config, *, n
     symmetric = getattr(config, "symmetric", True)
     group_size = getattr(config, "group_size", -1)
     n, k = weight.shape
-    w = weight.detach().float()
     if symmetric and group_size == -1:
-        # bitsandbytes' int8_vectorwise_quant arithmetic, byte for byte
-        absmax = w.abs().amax(dim=1)
-        q = torch.round(w * (127.0 / absmax.clamp(min=_TINY)).unsqueeze(-1)).to(torch.int8)
+        q, absmax = rows_fn(weight)
         return Int8Tensors(q, absmax.unsqueeze(1), None, -1)
+    w = weight.detach().float()
     wg, pad = _groups(w, group_size)
     if symmetric:
         absmax = wg.abs().amax(dim=-1, keepdim=True)
@@ -158,13 +177,37 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.double(), b.double().t()).to(torch.int32)
 
 
+def int8_mm_dequant(acc: torch.Tensor, sx: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Scale an int8×int8 product back to floats (bitsandbytes' ``int8_mm_dequant`` arithmetic).
+
+    ``y[m, n] = (acc[m, n] · (sx[m] · scb[n])) · (1/127²) [+ bias[n]]`` in fp32, then cast to ``dtype``.
+    The spec of the native CPU kernel (``torch.ops.qtune.int8_mm_dequant``).
+
+    Args:
+        acc: int32 [M, N]. sx: fp32 [M] row absmax of the input. scb: [N] row absmax of the weight.
+        bias: [N] or None. dtype: output dtype.
+    Returns:
+        [M, N] ``dtype``.
+    """
+    y = acc.float() * (sx.float().unsqueeze(-1) * scb.float().unsqueeze(0)) * (1.0 / (127.0 * 127.0))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
 def llm_int8_linear(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, *, mm_dequant=int8_mm_dequant) -> torch.Tensor:
     """Reference LLM.int8() forward ``y = x Ŵᵀ + b`` with mixed-precision decomposition.
+
+    Input columns holding any ``|x| ≥ threshold`` are outlier columns: they are zeroed in the int8
+    part (and excluded from the row scales ``sx``) and go through a 16-bit matmul with the matching
+    dequantized weight columns instead.
 
     Args:
         x: (..., K) fp16/bf16/fp32. weight: int8 [N, K]. scb: fp32 [N] per-row absmax.
         threshold: outlier threshold on |x| (0 disables). bias: [N] or None.
+        mm_dequant: the epilogue, :func:`int8_mm_dequant` or an op with the same contract.
     Returns:
         (..., N) in ``x.dtype``.
     """
@@ -173,21 +216,17 @@ def llm_int8_linear(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, th
     cols = None
     x_in = x2
     if threshold > 0.0:
-        outliers = x2.abs() >= threshold
-        cols = outliers.any(dim=0).nonzero().view(-1)
+        lo, hi = torch.aminmax(x2, dim=0)  # one pass; cheaper than materializing |x| >= t
+        cols = ((hi >= threshold) | (lo <= -threshold)).nonzero().view(-1)
         if cols.numel():
-            x_in = x2.masked_fill(outliers, 0)
+            x_in = x2.masked_fill(x2.abs() >= threshold, 0)
         else:
             cols = None
     sx = x_in.abs().amax(dim=1).float()
     xq = torch.round(x_in.float() * (127.0 / sx.clamp(min=_TINY)).unsqueeze(-1)).to(torch.int8)
     if cols is not None:
         xq[:, cols] = 0
-    acc = int8_matmul(xq, weight)
-    y = acc.float() * (sx.unsqueeze(-1) * scb.float().unsqueeze(0)) * (1.0 / (127.0 * 127.0))
-    if bias is not None:
-        y = y + bias.float()
-    y = y.to(x.dtype)
+    y = mm_dequant(int8_matmul(xq, weight), sx, scb, bias, x.dtype)
     if cols is not None:
         sub_w = (weight[:, cols].float() * (scb.float() / 127.0).unsqueeze(-1)).to(x.dtype)
         y = y.addmm(x2[:, cols], sub_w.t())

@@ -77,7 +77,7 @@ class LinearInt8(QuantLinear):
 
     def _load_quantized(self, weight: Tensor, config: Int8Config, *, name: str, **kwargs: Any) -> None:
         _no_extras(kwargs, name)
-        t = int8.quantize_int8(weight, config, name=name)
+        t = int8.quantize_int8(weight, config, name=name, rows_fn=torch.ops.qtune.quantize_int8_rows)
         self.weight, self.scale, self.zero = t.weight, t.scale, t.zero
 
     def weight_args(self) -> tuple:
@@ -99,7 +99,7 @@ class LinearLLMInt8(QuantLinear):
 
     def _load_quantized(self, weight: Tensor, config: LLMInt8Config, *, name: str, **kwargs: Any) -> None:
         _no_extras(kwargs, name)
-        t = int8.quantize_int8(weight, config, name=name)
+        t = int8.quantize_int8(weight, config, name=name, rows_fn=torch.ops.qtune.quantize_int8_rows)
         self.weight, self.SCB = t.weight, t.scale[:, 0].contiguous()
 
     def weight_args(self) -> tuple:

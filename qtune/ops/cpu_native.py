@@ -1,6 +1,6 @@
 """Native CPU kernels (``qtune/csrc/qtune_cpu.c``) registered as the ``cpu`` kernels of the qtune ops.
 
-The C file is compiled on first use with the system C compiler (``cc -O3 -march=native -fopenmp``,
+The C file is compiled on first use with the system C compiler (``cc -O3 -march=native -ffp-contract=off -fopenmp``,
 about a second) into ``$QTUNE_CACHE`` (default ``~/.cache/qtune``) and loaded with ctypes; no
 PyTorch headers are needed. The kernels reproduce the pure-PyTorch reference bit for bit (tested).
 
@@ -24,11 +24,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..formats import gptq as gptq_fmt
 from ..formats import int8 as int8_fmt
 from ..formats import nf4
 from .library import register_device_kernel
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "qtune_cpu.c"
+# -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as torch's reference does
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -53,7 +56,7 @@ def _cpu_key() -> str:
 
 def _build() -> ctypes.CDLL:
     src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + _cpu_key().encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     lib_path = cache_dir() / f"libqtune_cpu_{tag}.so"
     if not lib_path.exists():
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -62,16 +65,19 @@ def _build() -> ctypes.CDLL:
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
             tmp_lib = Path(tmp) / lib_path.name
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp_lib)]
+            cmd = [cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
             os.replace(tmp_lib, lib_path)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(str(lib_path))
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.qt_dequant_4bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr, c_int, c_int]
+    lib.qt_dequant_4bit.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, ptr, c_int, c_int]
     lib.qt_quant_4bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
-    lib.qt_dequant_int8_sym.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, c_int, c_int]
+    lib.qt_dequant_int8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int, c_int]
+    lib.qt_quant_int8_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
+    lib.qt_int8_mm_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, c_int, c_int]
+    lib.qt_dequant_gptq.argtypes = [ptr, ptr, ptr, ptr, i64, i64, c_int, ptr, c_int, c_int]
     return lib
 
 
@@ -105,12 +111,26 @@ def dequantize_4bit_cpu(packed: Tensor, absmax: Tensor, code: Tensor, nested_abs
     if lib is None or dtype not in _KIND:
         return nf4.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax=nested_absmax,
                                    nested_code=nested_code, nested_offset=nested_offset)
-    scale = nf4.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset).contiguous()
-    packed = packed.contiguous()
-    code = code.float().contiguous()
+    n = shape[0] * shape[1]
+    nblocks = -(-n // blocksize)
+    if packed.numel() * 2 < n or absmax.numel() != nblocks:
+        return nf4.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, nested_absmax=nested_absmax,
+                                   nested_code=nested_code, nested_offset=nested_offset)  # raises its error
+    packed, code = packed.contiguous(), code.float().contiguous()
     out = torch.empty(shape, dtype=dtype)
-    lib.qt_dequant_4bit(_p(packed), _p(scale), _p(code), shape[0] * shape[1], blocksize, _p(out), _KIND[dtype],
-                        torch.get_num_threads())
+    if absmax.dtype == torch.uint8:  # double quant: the C kernel undoes it per block
+        if nested_absmax is None or nested_code is None or nested_offset is None:
+            nf4.dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)  # raises its error
+        qabs, ncode, nabs = absmax.contiguous(), nested_code.float().contiguous(), nested_absmax.float().contiguous()
+        if ncode.numel() != 256 or nabs.numel() != -(-nblocks // nf4.NESTED_BLOCKSIZE):
+            raise ValueError(f"double-quantized absmax: nested_code has {ncode.numel()} entries (expected 256) and "
+                             f"nested_absmax {nabs.numel()} (expected {-(-nblocks // nf4.NESTED_BLOCKSIZE)})")
+        lib.qt_dequant_4bit(_p(packed), None, _p(qabs), _p(ncode), _p(nabs), float(nested_offset), _p(code), n,
+                            blocksize, _p(out), _KIND[dtype], torch.get_num_threads())
+    else:
+        scale = absmax.float().contiguous()
+        lib.qt_dequant_4bit(_p(packed), _p(scale), None, None, None, 0.0, _p(code), n, blocksize, _p(out),
+                            _KIND[dtype], torch.get_num_threads())
     return out
 
 
@@ -134,14 +154,62 @@ def quantize_blocks_4bit_cpu(flat: Tensor, blocksize: int, code: Tensor) -> tupl
 def dequantize_int8_cpu(weight: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int,
                         dtype: torch.dtype) -> Tensor:
     lib = library()
-    if lib is None or zero is not None or weight.dtype != torch.int8 or dtype not in _KIND:
+    expected = torch.int8 if zero is None else torch.uint8
+    if lib is None or weight.dtype != expected or dtype not in _KIND or weight.dim() != 2:
         return int8_fmt.dequantize_int8(weight, scale, zero, group_size, dtype)
     rows, cols = weight.shape
-    weight, scale = weight.contiguous(), scale.float().contiguous()
-    out = torch.empty(rows, cols, dtype=dtype)
     g = cols if group_size == -1 else group_size
-    lib.qt_dequant_int8_sym(_p(weight), _p(scale), rows, cols, g, scale.shape[1], _p(out), _KIND[dtype],
-                            torch.get_num_threads())
+    ngroups = -(-cols // g)
+    if tuple(scale.shape) != (rows, ngroups) or (zero is not None and tuple(zero.shape) != (rows, ngroups)):
+        return int8_fmt.dequantize_int8(weight, scale, zero, group_size, dtype)  # raises its shape error
+    weight, scale = weight.contiguous(), scale.float().contiguous()
+    zero = zero.contiguous() if zero is not None else None
+    out = torch.empty(rows, cols, dtype=dtype)
+    lib.qt_dequant_int8(_p(weight), _p(scale), None if zero is None else _p(zero), rows, cols, g, ngroups,
+                        _p(out), _KIND[dtype], torch.get_num_threads())
+    return out
+
+
+def quantize_int8_rows_cpu(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 [N, K] codes and fp32 [N] absmax of a float [N, K] weight (see ``int8.quantize_int8_rows``)."""
+    lib = library()
+    if lib is None or weight.dtype not in _KIND or weight.dim() != 2:
+        return int8_fmt.quantize_int8_rows(weight)
+    weight = weight.detach().contiguous()
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    absmax = torch.empty(rows, dtype=torch.float32)
+    lib.qt_quant_int8_rows(_p(weight), _KIND[weight.dtype], rows, cols, _p(q), _p(absmax), torch.get_num_threads())
+    return q, absmax
+
+
+def dequantize_gptq_cpu(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                        in_features: int, dtype: torch.dtype) -> Tensor:
+    lib = library()
+    if lib is None or dtype not in _KIND or qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        return gptq_fmt.dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, dtype)
+    gptq_fmt.check_gptq_tensors(qweight, qzeros, scales, g_idx, bits, in_features)
+    out_features = scales.shape[1]
+    z = gptq_fmt.unpack_zeros(qzeros, bits, out_features).contiguous()
+    qweight, s = qweight.contiguous(), scales.float().contiguous()
+    g = g_idx.to(torch.int32).contiguous()
+    out = torch.empty(out_features, in_features, dtype=dtype)
+    lib.qt_dequant_gptq(_p(qweight), _p(z), _p(s), _p(g), in_features, out_features, bits, _p(out), _KIND[dtype],
+                        torch.get_num_threads())
+    return out
+
+
+def int8_mm_dequant_cpu(acc: Tensor, sx: Tensor, scb: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    lib = library()
+    m, n = acc.shape if acc.dim() == 2 else (0, 0)
+    if (lib is None or dtype not in _KIND or acc.dtype != torch.int32 or acc.dim() != 2 or sx.numel() != m
+            or scb.numel() != n or (bias is not None and bias.numel() != n)):
+        return int8_fmt.int8_mm_dequant(acc, sx, scb, bias, dtype)
+    acc, sx, scb = acc.contiguous(), sx.float().contiguous(), scb.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    out = torch.empty(m, n, dtype=dtype)
+    lib.qt_int8_mm_dequant(_p(acc), _p(sx), _p(scb), None if bias is None else _p(bias), m, n, _p(out), _KIND[dtype],
+                           torch.get_num_threads())
     return out
 
 
@@ -149,3 +217,6 @@ def register() -> None:
     register_device_kernel("dequantize_4bit", "cpu", dequantize_4bit_cpu)
     register_device_kernel("dequantize_int8", "cpu", dequantize_int8_cpu)
     register_device_kernel("quantize_blocks_4bit", "cpu", quantize_blocks_4bit_cpu)
+    register_device_kernel("quantize_int8_rows", "cpu", quantize_int8_rows_cpu)
+    register_device_kernel("dequantize_gptq", "cpu", dequantize_gptq_cpu)
+    register_device_kernel("int8_mm_dequant", "cpu", int8_mm_dequant_cpu)

@@ -71,3 +71,19 @@ def _quantize_blocks_4bit_fake(flat, blocksize, code):
 
 quantize_blocks_4bit = define("quantize_blocks_4bit(Tensor flat, int blocksize, Tensor code) -> (Tensor, Tensor)",
                               nf4.quantize_blocks_4bit, _quantize_blocks_4bit_fake)
+
+
+def _quantize_int8_rows_fake(weight):
+    return weight.new_empty(weight.shape, dtype=torch.int8), weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+
+quantize_int8_rows = define("quantize_int8_rows(Tensor weight) -> (Tensor, Tensor)",
+                            int8.quantize_int8_rows, _quantize_int8_rows_fake)
+
+
+def _int8_mm_dequant_fake(acc, sx, scb, bias, dtype):
+    return acc.new_empty(acc.shape, dtype=dtype)
+
+
+int8_mm_dequant = define("int8_mm_dequant(Tensor acc, Tensor sx, Tensor scb, Tensor? bias, ScalarType dtype) -> Tensor",
+                         int8.int8_mm_dequant, _int8_mm_dequant_fake)

@@ -63,7 +63,7 @@ def _reference_linear(fmt: str) -> Callable:
         *w, bias = args
         if fmt == "llm_int8":
             weight, scb, threshold = w
-            return llm_int8_linear(x, weight, scb, threshold, bias)
+            return llm_int8_linear(x, weight, scb, threshold, bias, mm_dequant=dq.int8_mm_dequant)
         return F.linear(x, dequantize(fmt, tuple(w), x.dtype), None if bias is None else bias.to(x.dtype))
     return linear
 

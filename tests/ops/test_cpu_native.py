@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qtune  # noqa: F401
-from qtune.formats import int8, nf4
+from qtune.formats import gptq, int8, nf4
 from qtune.ops import cpu_native
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler: native CPU kernels not built")
@@ -44,6 +44,71 @@ def test_dequantize_int8_bit_exact(group_size, dtype):
     t = int8.quantize_int8(torch.randn(40, 100), int8.Int8Config(group_size=group_size))
     ref = int8.dequantize_int8(t.weight, t.scale, None, group_size, dtype)
     assert torch.equal(cpu_native.dequantize_int8_cpu(t.weight, t.scale, None, group_size, dtype), ref)
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_int8_zero_point_bit_exact(group_size, dtype):
+    t = int8.quantize_int8(torch.randn(40, 100) + 0.3, int8.Int8Config(symmetric=False, group_size=group_size))
+    ref = int8.dequantize_int8(t.weight, t.scale, t.zero, group_size, dtype)
+    assert torch.equal(cpu_native.dequantize_int8_cpu(t.weight, t.scale, t.zero, group_size, dtype), ref)
+    assert torch.equal(torch.ops.qtune.dequantize_int8(t.weight, t.scale, t.zero, group_size, dtype), ref)
+
+
+@pytest.mark.parametrize("shape", [(40, 100), (1, 1), (7, 4096), (129, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_int8_rows_bit_exact(shape, dtype):
+    w = (torch.randn(shape) * 3).to(dtype)
+    w[0] = 0.0  # an all-zero row: absmax 0, codes 0
+    # exact .5 ties after scaling: round half to even, as torch.round
+    if shape[1] >= 4:
+        w[-1, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5]).to(dtype)
+    q_ref, a_ref = int8.quantize_int8_rows(w)
+    q, a = cpu_native.quantize_int8_rows_cpu(w)
+    assert torch.equal(q, q_ref) and torch.equal(a, a_ref)
+    q_op, a_op = torch.ops.qtune.quantize_int8_rows(w)
+    assert torch.equal(q_op, q_ref) and torch.equal(a_op, a_ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,group_size", [((48, 256), 128), ((37, 100), -1), ((70, 64), 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_gptq_bit_exact(bits, shape, group_size, dtype):
+    n, k = shape
+    t = gptq.quantize_rtn(torch.randn(shape), gptq.RTNConfig(bits=bits, group_size=group_size, sym=False))
+    g_idx = t.g_idx[torch.randperm(k)].contiguous()  # act-order style: groups out of column order
+    args = (t.qweight, t.qzeros, t.scales, g_idx, bits, k, dtype)
+    ref = gptq.dequantize_gptq(*args)
+    assert torch.equal(cpu_native.dequantize_gptq_cpu(*args), ref)
+    assert torch.equal(torch.ops.qtune.dequantize_gptq(*args), ref)
+
+
+def test_dequantize_gptq_native_rejects_mismatched_tensors():
+    t = gptq.quantize_rtn(torch.randn(48, 256), gptq.RTNConfig(bits=4, group_size=128))
+    with pytest.raises(ValueError, match="g_idx values must lie"):
+        cpu_native.dequantize_gptq_cpu(t.qweight, t.qzeros, t.scales, t.g_idx + 5, 4, 256, torch.float32)
+    with pytest.raises(ValueError, match="qzeros shape"):
+        cpu_native.dequantize_gptq_cpu(t.qweight, t.qzeros[:, :1], t.scales, t.g_idx, 4, 256, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_mm_dequant_bit_exact(dtype, with_bias):
+    acc = torch.randint(-2**20, 2**20, (33, 70), dtype=torch.int32)
+    sx, scb = torch.rand(33) * 5, torch.rand(70) * 2
+    bias = torch.randn(70) if with_bias else None
+    ref = int8.int8_mm_dequant(acc, sx, scb, bias, dtype)
+    assert torch.equal(cpu_native.int8_mm_dequant_cpu(acc, sx, scb, bias, dtype), ref)
+    assert torch.equal(torch.ops.qtune.int8_mm_dequant(acc, sx, scb, bias, dtype), ref)
+
+
+def test_llm_int8_linear_native_epilogue_matches_reference():
+    x = torch.randn(40, 96, dtype=torch.bfloat16)
+    x[:, 5] *= 20  # an outlier column
+    q, a = int8.quantize_int8_rows(torch.randn(64, 96))
+    ref = int8.llm_int8_linear(x, q, a, 6.0)
+    out = int8.llm_int8_linear(x, q, a, 6.0, mm_dequant=torch.ops.qtune.int8_mm_dequant)
+    assert torch.equal(out, ref)
 
 
 def test_without_compiler_the_reference_serves(tmp_path):
