@@ -37,9 +37,9 @@ class Linear4bit(QuantLinear):
         self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if config.double_quant else torch.float32, device=device))
         self.register_buffer("quant_map", nf4.code_table(config.quant_type, device or "cpu"))
         if config.double_quant:
-            self.register_buffer("nested_absmax", torch.zeros(math.ceil(nb / nf4.NESTED_BLOCKSIZE), device=device))
+            self.register_buffer("nested_absmax", torch.zeros(math.ceil(nb / nf4.NESTED_BLOCKSIZE), dtype=torch.float32, device=device))
             self.register_buffer("nested_quant_map", nf4.dynamic_map(device or "cpu"))
-            self.register_buffer("nested_offset", torch.zeros((), device=device))
+            self.register_buffer("nested_offset", torch.zeros((), dtype=torch.float32, device=device))
         else:
             for name in ("nested_absmax", "nested_quant_map", "nested_offset"):
                 self.register_buffer(name, None)
@@ -69,7 +69,7 @@ class LinearInt8(QuantLinear):
         groups = 1 if config.group_size == -1 else math.ceil(self.in_features / config.group_size)
         code_dtype = torch.int8 if config.symmetric else torch.uint8
         self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=code_dtype, device=device))
-        self.register_buffer("scale", torch.ones(self.out_features, groups, device=device))
+        self.register_buffer("scale", torch.ones(self.out_features, groups, dtype=torch.float32, device=device))
         if config.symmetric:
             self.register_buffer("zero", None)
         else:
@@ -95,7 +95,7 @@ class LinearLLMInt8(QuantLinear):
         device = kw.get("device")
         self.threshold = float(config.threshold)
         self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=device))
-        self.register_buffer("SCB", torch.ones(self.out_features, device=device))
+        self.register_buffer("SCB", torch.ones(self.out_features, dtype=torch.float32, device=device))
 
     def _load_quantized(self, weight: Tensor, config: LLMInt8Config, *, name: str, **kwargs: Any) -> None:
         _no_extras(kwargs, name)

@@ -81,6 +81,24 @@ def test_formats_reload_identical_and_flags(key, tiny_path, tmp_path):
     assert torch.equal(logits(r), logits(q))
 
 
+@pytest.mark.parametrize("key", ["int8", "llm_int8", "nf4-dq-bf16", "rtn3-g32"])
+def test_bf16_load_keeps_float_buffers_in_their_own_dtype(key, tiny_path, tmp_path):
+    """Loading in bf16 casts the model's float weights, never the layers' fp32 scales/absmax (nor on reload)."""
+    opts, _ = FORMATS[key]
+    q = AutoModelForCausalLM.from_pretrained(tiny_path("llama"), dtype=torch.bfloat16, quantization_config=QTuneConfig(**opts))
+    layers = quant_layers(q)
+    expected = {f"{n}.{b}": t.dtype for n, m in layers.items() for b, t in m.named_buffers(recurse=False)}
+    assert any(d == torch.float32 for d in expected.values()) or key == "rtn3-g32"
+    q.save_pretrained(tmp_path / "q")
+    r = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    got = {f"{n}.{b}": t.dtype for n, m in quant_layers(r).items() for b, t in m.named_buffers(recurse=False)}
+    assert got == expected
+    for name, dtype in expected.items():
+        if name.endswith((".scale", ".SCB", ".absmax", ".nested_absmax", ".nested_offset")) and dtype.is_floating_point:
+            assert dtype == torch.float32, name
+    assert torch.equal(logits(r), logits(q))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_memory_footprint_matches_tensor_bytes(arch, tiny_path, tmp_path):
     q = AutoModelForCausalLM.from_pretrained(tiny_path(arch), quantization_config=QTuneConfig("nf4", double_quant=True))

@@ -1,0 +1,164 @@
+"""Perplexity table of every qtune format on a real model, next to transformers+bitsandbytes in the same run.
+
+``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 128]``
+
+Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 g128 (with and
+without act-order), GPTQ-3 g128, GPTQ-8 g128; and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
+transformers from the same float checkpoint. Each row has bits/parameter (linear layers, lm_head
+excluded), the time to load and quantize (for GPTQ: calibration included) and perplexity on the first ``--tokens``
+tokens of the held-out text in disjoint ``--seq-len`` windows. GPTQ calibrates on ``--samples`` random
+``--cal-seq-len`` windows of the calibration text (default: Emma, the demo's training novel; the
+evaluation text defaults to Persuasion, held out).
+
+bitsandbytes' 4-bit layers run in train mode here: on CPU its eval mode repacks the weights for a fused
+kernel with different rounding (SmolLM2 has no dropout, so both modes compute the same function). Its
+LLM.int8 runs in eval mode (the int8 matmul path, as in inference).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .formats import quiet_bitsandbytes
+
+
+def _bnb_config(name: str):
+    from transformers import BitsAndBytesConfig
+
+    if name == "llm_int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    qt = "fp4" if name == "fp4" else "nf4"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=name == "nf4-dq",
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def _bnb_bits_per_param(model) -> float:
+    """Bits per weight of bitsandbytes' linear layers (packed weight, absmax/nested stats or SCB), lm_head excluded."""
+    import bitsandbytes as bnb
+
+    out_emb = model.get_output_embeddings()
+    bits, params = 0.0, 0
+    for m in model.modules():
+        if m is out_emb:
+            continue
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            nbytes = m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested:
+                nbytes += qs.state2.absmax.numel() * 4 + 4
+            bits += 8 * nbytes
+            params += m.in_features * m.out_features
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            bits += 8 * (m.weight.numel() + m.weight.SCB.numel() * 4)
+            params += m.weight.numel()
+        elif isinstance(m, torch.nn.Linear):
+            bits += 8 * m.weight.numel() * m.weight.element_size()
+            params += m.weight.numel()
+    return bits / params
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="float model folder, or 'smollm2' (the bundled SmolLM2-135M)")
+    p.add_argument("--text", default="austen:persuasion", help="evaluation text (file, or austen:NAME)")
+    p.add_argument("--calibration", default="austen:emma", help="GPTQ calibration text (file, or austen:NAME)")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--samples", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--cal-seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--only", nargs="*", metavar="ROW", help="run only these rows (names as printed)")
+    p.add_argument("--skip-bnb", action="store_true")
+    args = p.parse_args(argv)
+    quiet_bitsandbytes()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from ..calibration import calibration_windows, gptq_quantize_model
+    from ..cli.evaluate import load_text
+    from ..cli.quantize import parse_format_spec, resolve_model
+    from ..evaluate import model_bits_per_param, perplexity, tokenize_text
+    from ..integrations.checkpoints import load_model
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenize_text(load_text(args.text), tokenizer, tokens=args.tokens)
+    cal = None
+
+    def float_model():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+
+    def rtn(spec: str) -> Callable:
+        return lambda: load_model(path, parse_format_spec(spec), dtype=torch.float32)
+
+    def gptq(spec: str) -> Callable:
+        def build():
+            nonlocal cal
+            if cal is None:
+                cal = calibration_windows([load_text(args.calibration)], tokenizer, samples=args.samples,
+                                          seq_len=args.cal_seq_len)
+            model = float_model()
+            qc = parse_format_spec(spec)
+            gptq_quantize_model(model, cal, qc.default_config(), skip_modules=qc.skip_modules,
+                                overrides=qc.override_configs(), progress=False)
+            return model
+        return build
+
+    rows: list[tuple[str, Callable, Callable, bool]] = [
+        ("fp32", float_model, model_bits_per_param, True),
+        ("qtune nf4", rtn("nf4"), model_bits_per_param, True),
+        ("qtune nf4+dq", rtn("nf4-dq"), model_bits_per_param, True),
+        ("qtune fp4", rtn("fp4"), model_bits_per_param, True),
+        ("qtune int8", rtn("int8"), model_bits_per_param, True),
+        ("qtune llm_int8", rtn("llm_int8"), model_bits_per_param, True),
+        ("qtune rtn-4 g128", rtn("rtn:bits=4,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-4 g128", gptq("gptq:bits=4,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-4 g128 act-order", gptq("gptq:bits=4,group_size=128,desc_act=true"), model_bits_per_param, True),
+        ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
+    ]
+    if not args.skip_bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:
+            print(f"(bitsandbytes unavailable: {e})", file=sys.stderr)
+        else:
+            for name in ("nf4", "nf4-dq", "fp4", "llm_int8"):
+                build = (lambda name=name: AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch.float32, use_safetensors=True, quantization_config=_bnb_config(name)))
+                rows.append((f"bnb {name.replace('-dq', '+dq')}", build, _bnb_bits_per_param, name == "llm_int8"))
+    if args.only:
+        unknown = set(args.only) - {r[0] for r in rows}
+        if unknown:
+            raise SystemExit(f"--only: unknown rows {sorted(unknown)}; choose from {[r[0] for r in rows]}")
+        rows = [r for r in rows if r[0] in args.only or r[0] == "fp32"]
+
+    print(f"{path.name}: perplexity on the first {ids.numel()} tokens of {args.text} ({args.seq_len}-token windows); "
+          f"GPTQ calibrated on {args.samples}x{args.cal_seq_len} tokens of {args.calibration}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"{'model':<30} {'bits/param':>10} {'load+quant s':>12} {'perplexity':>11} {'vs fp32':>8} {'tokens/s':>9}", flush=True)
+    ref = None
+    for label, build, bpp, eval_mode in rows:
+        t0 = time.perf_counter()
+        model = build()
+        prep = time.perf_counter() - t0
+        bits = bpp(model)  # before the forward: bitsandbytes moves SCB off the weight in its first int8 forward
+        res = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, eval_mode=eval_mode)
+        ref = res.perplexity if ref is None else ref
+        print(f"{label:<30} {bits:>10.3f} {prep:>12.1f} {res.perplexity:>11.4f} "
+              f"{100 * (res.perplexity / ref - 1):>+7.2f}% {res.tokens_per_s:>9.0f}", flush=True)
+        del model
+        gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
