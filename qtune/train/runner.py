@@ -348,6 +348,23 @@ def format_summary(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
+def write_resolved_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the recipe as this run uses it (file + overrides + defaults) as YAML, atomically.
+
+    ``qtune export`` rebuilds the run's base from it, so a run folder stays self-describing even when
+    the original recipe file is edited or gone.
+    """
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# the resolved recipe of this run: {recipe.path or '(built in Python)'}"
+              + (f" with {' '.join(recipe.overrides)}" if recipe.overrides else "") + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=str)), sort_keys=False),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     has_checkpoints = out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir())
     if resume and not has_checkpoints:
@@ -378,6 +395,8 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
     state = PartialState()
     set_seed(args.seed)
 
+    if state.is_main_process:
+        write_resolved_recipe(recipe, out / "recipe.yaml")
     model_path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
     tokenizer = load_tokenizer(recipe, model_path)
     with state.main_process_first():

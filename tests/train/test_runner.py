@@ -36,6 +36,10 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     assert "re-quantization error" in s["merge"]
+    # the run folder records the recipe as resolved (file + overrides + defaults)
+    resolved = load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert resolved.to_dict() == load_recipe(recipe, ["training.max_steps=3"]).to_dict()
+    assert resolved.training["max_steps"] == 3
     # the merged checkpoint reloads as a quantized model
     from qtune.integrations.checkpoints import load_model
     from qtune.nn import QuantLinear
