@@ -2,7 +2,7 @@
 
 Maths (the spec is :func:`qtune.formats.gptq.dequantize_gptq`, checkpoint format v1)::
 
-    W[n, k] = scales[g, n] · (q[k, n] − z[g, n]),   g = g_idx[k],   z = stored zero + 1
+    W[n, k] = scales[g, n] · (q[k, n] − z[g, n]),   g = g_idx[k],   z = (stored field + 1) mod 2^BITS
 
 in fp32, then cast (bit-identical to the reference). ``q`` is packed along the input dimension: every
 32 rows form a little-endian ``32·b``-bit stream over ``b`` int32 words, row ``i`` at stream bits
@@ -109,14 +109,14 @@ def gptq_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, k0, offs_n, N, K, 
     if GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0:
         g = k0 // GROUP_SIZE
         s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z = unpack_bits(qzeros_ptr + g * stride_z, offs_n, 0, 1, mask_n, BITS) + 1
+        z = (unpack_bits(qzeros_ptr + g * stride_z, offs_n, 0, 1, mask_n, BITS) + 1) & ((1 << BITS) - 1)
         return s[None, :] * (q - z[None, :]).to(tl.float32)
     elif GROUP_SIZE > 0 and BLOCK_K % GROUP_SIZE == 0:
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE
         g = k0 // GROUP_SIZE + tl.arange(0, NG)
         mask = (g[:, None] < tl.cdiv(K, GROUP_SIZE)) & mask_n[None, :]
         s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-        z = unpack_bits(qzeros_ptr + g[:, None] * stride_z, offs_n[None, :], 0, 1, mask, BITS) + 1
+        z = (unpack_bits(qzeros_ptr + g[:, None] * stride_z, offs_n[None, :], 0, 1, mask, BITS) + 1) & ((1 << BITS) - 1)
         w = s[:, None, :] * (tl.reshape(q, (NG, GROUP_SIZE, BN)) - z[:, None, :]).to(tl.float32)
         return tl.reshape(w, (BLOCK_K, BN))
     else:
@@ -128,7 +128,7 @@ def gptq_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, k0, offs_n, N, K, 
             g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
         mask = mask_k[:, None] & mask_n[None, :]
         s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-        z = unpack_bits(qzeros_ptr + g[:, None] * stride_z, offs_n[None, :], 0, 1, mask, BITS) + 1
+        z = (unpack_bits(qzeros_ptr + g[:, None] * stride_z, offs_n[None, :], 0, 1, mask, BITS) + 1) & ((1 << BITS) - 1)
         return s * (q - z).to(tl.float32)
 
 

@@ -13,14 +13,16 @@ with ``N = out_features``, ``K = in_features``, ``b = bits``, group size ``g`` a
   "row ``r·(32/b) + j`` sits in word ``r`` at bits ``[b·j, b·j + b)``"; for b = 3 codes 10 and 21
   straddle word boundaries. ``K`` that is not a multiple of 32 is padded with zero codes.
 * ``qzeros``: int32 ``[G, ceil(N/32)·b]``, the zero points packed the same way along the output
-  dimension. v1 stores ``zero − 1`` (so symmetric 4-bit gives ``0x77777777``).
+  dimension. v1 stores ``zero − 1`` (so symmetric 4-bit gives ``0x77777777``); in memory each field
+  holds ``(zero − 1) mod 2^b``, in checkpoints a zero of 0 follows GPTQModel's whole-word encoding
+  (see :func:`qzeros_from_checkpoint`).
 * ``scales``: ``[G, N]``, fp16 in checkpoints.
 * ``g_idx``: int32 ``[K]``, the group of each input column: ``k // g`` unless act-order without static
   groups reorders them.
 
 Dequantization (v1)::
 
-    W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n]),   z = stored zero + 1
+    W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n]),   z = (stored field + 1) mod 2^b
 
 Group parameters (GPTQ's ``Quantizer.find_params``), per output row over the group's columns, with
 ``maxq = 2^b − 1``::
@@ -33,7 +35,8 @@ Group parameters (GPTQ's ``Quantizer.find_params``), per output row over the gro
 
 Two departures from the reference keep ``|w − ŵ| ≤ scale/2`` for every weight: the scale is rounded
 *up* to the storage dtype before the codes are chosen (so dequantization reproduces exactly what the
-quantizer assumed), and an asymmetric group whose zero rounds to 0, which v1 cannot store, gets zero 1
+quantizer assumed), and an asymmetric group whose zero rounds to 0, which per-field v1 readers cannot
+read, gets zero 1
 with the scale widened to ``xmax / (maxq − 1)``. The reference's symmetric rule also differs for an
 all-non-negative group (it keeps ``xmin = 0`` and clips the group's top weights); here it is absmax.
 
@@ -70,6 +73,8 @@ __all__ = [
     "unpack_rows",
     "pack_zeros",
     "unpack_zeros",
+    "qzeros_from_checkpoint",
+    "qzeros_to_checkpoint",
     "dequantize_gptq",
     "quantize_rtn",
     "gptq_quantize",
@@ -261,10 +266,15 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack zero points into v1 ``qzeros``: ``zero − 1`` packed along the output dimension.
+    """Pack zero points into v1 ``qzeros``: ``(zero − 1) mod 2^bits`` per field, along the output dimension.
+
+    This is qtune's in-memory encoding. A zero of 0 is stored as all ones in its field (modular), which
+    per-field readers (AutoGPTQ, exllama) would read as ``2^bits``; qtune's quantizers never produce it,
+    and checkpoints are converted to and from GPTQModel's whole-word encoding by :func:`qzeros_from_checkpoint`
+    and :func:`qzeros_to_checkpoint`.
 
     Args:
-        zeros (Tensor): ``[G, N]`` integer zero points in ``[1, 2**bits]``.
+        zeros (Tensor): ``[G, N]`` integer zero points in ``[0, 2**bits)``.
         bits (int): 2, 3, 4 or 8.
 
     Returns:
@@ -272,21 +282,21 @@ def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
 
     Raises:
         TypeError: ``zeros`` is not an integer tensor.
-        ValueError: a zero outside ``[1, 2**bits]`` (v1 cannot store a zero of 0).
+        ValueError: a zero outside ``[0, 2**bits)``.
     """
     _check_bits(bits)
     if not isinstance(zeros, torch.Tensor) or zeros.dtype.is_floating_point or zeros.dtype == torch.bool:
         raise TypeError(f"pack_zeros: expected an integer tensor, got {getattr(zeros, 'dtype', type(zeros).__name__)}")
     if zeros.dim() != 2:
         raise ValueError(f"pack_zeros: expected a 2-D tensor [G, N], got shape {tuple(zeros.shape)}")
-    if zeros.numel() and (int(zeros.min()) < 1 or int(zeros.max()) > 2**bits):
-        raise ValueError(f"pack_zeros: zero points must lie in [1, {2**bits}] for bits={bits} (v1 stores zero-1), "
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= 2**bits):
+        raise ValueError(f"pack_zeros: zero points must lie in [0, {2**bits - 1}] for bits={bits}, "
                          f"got range [{int(zeros.min())}, {int(zeros.max())}]")
-    return pack_rows((zeros.to(torch.int64) - 1).T, bits).T.contiguous()
+    return pack_rows(((zeros.to(torch.int64) - 1) % 2**bits).T, bits).T.contiguous()
 
 
 def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_zeros` (adds the v1 +1 back).
+    """Inverse of :func:`pack_zeros`: ``zero = (field + 1) mod 2^bits``.
 
     Args:
         qzeros (Tensor): ``[G, ceil(out_features/32)·bits]`` int32.
@@ -294,9 +304,44 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Te
         out_features (int): ``N``.
 
     Returns:
-        Tensor: ``[G, N]`` int32 zero points in ``[1, 2**bits]``.
+        Tensor: ``[G, N]`` int32 zero points in ``[0, 2**bits)``.
     """
-    return (unpack_rows(qzeros.T.contiguous(), bits, out_features).T + 1).contiguous()
+    return ((unpack_rows(qzeros.T.contiguous(), bits, out_features).T + 1) % 2**bits).to(torch.int32).contiguous()
+
+
+# 1 in every field of a 32-bit word (2-, 4- and 8-bit fields never straddle words)
+_FIELD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
+
+
+def qzeros_from_checkpoint(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v1 ``qzeros`` as written by GPTQ tools → qtune's per-field encoding (:func:`pack_zeros`).
+
+    GPTQModel converts its zero points to v1 by subtracting 1 from every field of a whole 32-bit word,
+    so a zero of 0 borrows from the next field, and reads them back by adding ``0x11111111``
+    (2/4/8-bit; 3-bit fields are shifted one by one, modulo 8). Decoding the same way reads its
+    asymmetric checkpoints right; for every other v1 file (zero points ≥ 1, as AutoGPTQ writes) the
+    two decodings agree, and this returns the stored words unchanged.
+    """
+    _check_bits(bits)
+    if bits == 3:
+        return qzeros.contiguous()
+    words = ((qzeros.to(torch.int64) & _MASK32) + _FIELD_ONES[bits]) & _MASK32
+    zeros = unpack_rows(_to_int32_bits(words).T.contiguous(), bits, out_features).T
+    return pack_zeros(zeros, bits)
+
+
+def qzeros_to_checkpoint(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """qtune's per-field ``qzeros`` → the v1 words GPTQ tools read (inverse of :func:`qzeros_from_checkpoint`).
+
+    Identical to the input unless a zero point is 0, which is written as GPTQModel writes it (whole-word
+    subtraction with borrow).
+    """
+    _check_bits(bits)
+    if bits == 3:
+        return qzeros.contiguous()
+    zeros = unpack_zeros(qzeros, bits, out_features)
+    words = pack_rows(zeros.T, bits).T.to(torch.int64) & _MASK32
+    return _to_int32_bits((words - _FIELD_ONES[bits]) & _MASK32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,7 +405,7 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
                     bits: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization of v1 GPTQ tensors; the specification of the Triton kernels.
 
-    ``W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n])`` with ``z`` = stored zero + 1,
+    ``W[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n])`` with ``z`` = (stored field + 1) mod 2^b,
     computed in fp32 and cast to ``dtype`` once at the end.
 
     Args:
@@ -410,7 +455,7 @@ def _group_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, 
     """Scale and zero of each group from its min and max (fp32 tensors of any shape).
 
     Returns ``(scale, zero)``, both fp32 of the input's shape; scale is representable in ``scale_dtype``
-    and positive, zero holds integers in ``[1, 2**bits]``.
+    and positive, zero holds integers in ``[1, 2**bits − 1]``.
     """
     maxq = 2**bits - 1
     # Like the reference, 0 is always inside the range: an all-positive group still starts at 0.
@@ -431,8 +476,9 @@ def _group_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, 
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
         zero = torch.round(-xmin / scale)
-        # v1 stores zero − 1 in `bits` bits, so a zero of 0 has no encoding (AutoGPTQ's packer wraps it
-        # to all ones and corrupts the neighbouring zeros; GPTQModel's v2 format exists for this). Such
+        # v1 stores zero − 1 in `bits` bits, so a zero of 0 has no per-field encoding (AutoGPTQ's packer
+        # wraps it to all ones and corrupts the neighbouring zeros; AutoGPTQ/exllama readers take all ones
+        # for 2^b; only GPTQModel's whole-word encoding holds it). To stay readable everywhere, such
         # a group (min ≈ 0) gets zero 1 and a scale widened to xmax/(maxq−1), so that the shifted grid
         # [−scale, (maxq−1)·scale] still covers [xmin, xmax] and the error stays within half a step.
         low = zero < 1

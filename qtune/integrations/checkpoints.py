@@ -28,7 +28,7 @@ CPU, fp32, and asserted by ``tests/integrations/test_checkpoints.py``):
 * bitsandbytes 8-bit: identical int8 weights and ``SCB``; with threshold 0 (qtune ``int8``) logits agree
   to < 1e-5; LLM.int8 (threshold 6) agrees to ~1e-2 relative, because bitsandbytes casts activations to
   fp16 before quantizing them and computes the outlier columns in fp16, while qtune keeps fp32.
-* GPTQ v1: ``W = scales[g_idx]·(q − (qzeros + 1))`` exactly (dequantized weights bit-identical to the
+* GPTQ v1: ``W = scales[g_idx]·(q − (qzeros + 1))`` exactly (zero points decoded as GPTQModel does) (dequantized weights bit-identical to the
   AutoGPTQ formula; logits within 1e-5).
 
 Writers (:func:`save_quantized`) produce ``layout="qtune"`` (``save_pretrained`` + ``quant_method:
@@ -295,11 +295,8 @@ def _bnb_state_dict(headers, skeleton: nn.Module, qc: dict[str, Any]) -> tuple[d
 # ------------------------------------------------------------------------------------------------
 # GPTQ -> qtune
 # ------------------------------------------------------------------------------------------------
-def _repack_v2_zeros(qzeros: torch.Tensor, bits: int, n: int, where: str) -> torch.Tensor:
-    z = gptq.unpack_rows(qzeros.T.contiguous(), bits, n).T  # v2 stores the zero itself
-    if int(z.min()) < 1:
-        raise ValueError(f"{where}: a gptq_v2 zero point of 0 has no v1 encoding")
-    return gptq.pack_zeros(z, bits)
+def _repack_v2_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return gptq.pack_zeros(gptq.unpack_rows(qzeros.T.contiguous(), bits, n).T, bits)  # v2 stores the zero itself
 
 
 def _gptq_state_dict(headers, skeleton: nn.Module, qc: dict[str, Any], compute: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -345,9 +342,9 @@ def _gptq_state_dict(headers, skeleton: nn.Module, qc: dict[str, Any], compute: 
         state[qkey] = reader.lazy(qkey)
         zkey = f"{name}.qzeros"
         if fmt == "gptq_v2":
-            state[zkey] = reader.lazy(zkey, lambda t, nm=name, n=n: _repack_v2_zeros(t, bits, n, f"layer {nm}"))
+            state[zkey] = reader.lazy(zkey, lambda t, n=n: _repack_v2_zeros(t, bits, n))
         else:
-            state[zkey] = reader.lazy(zkey)
+            state[zkey] = reader.lazy(zkey, lambda t, n=n: gptq.qzeros_from_checkpoint(t, bits, n))
         state[f"{name}.scales"] = reader.lazy(f"{name}.scales", lambda t: t.to(torch.float16), dtype="F16")
         gkey = f"{name}.g_idx"
         if gkey in headers:
@@ -658,7 +655,7 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     tensors = _float_state_dict(model)
     for name, m in layers.items():
         tensors[f"{name}.qweight"] = m.qweight.detach()
-        tensors[f"{name}.qzeros"] = m.qzeros.detach()
+        tensors[f"{name}.qzeros"] = gptq.qzeros_to_checkpoint(m.qzeros.detach(), m.bits, m.out_features)
         tensors[f"{name}.scales"] = m.scales.detach().to(torch.float16)
         tensors[f"{name}.g_idx"] = m.g_idx.detach().to(torch.int32)
         if m.bias is not None:

@@ -18,6 +18,8 @@ from qtune.formats.gptq import (
     gptq_quantize_from_inputs,
     pack_rows,
     pack_zeros,
+    qzeros_from_checkpoint,
+    qzeros_to_checkpoint,
     quantize_rtn,
     unpack_rows,
     unpack_zeros,
@@ -129,14 +131,32 @@ def test_pack_zeros_symmetric_4bit_is_0x77777777():
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n", [64, 40])
 def test_pack_zeros_round_trip_and_layout(bits, n):
-    zeros = torch.randint(1, 2**bits + 1, (3, n), generator=_gen(n + bits), dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (3, n), generator=_gen(n + bits), dtype=torch.int32)
     qzeros = pack_zeros(zeros, bits)
     assert qzeros.shape == (3, -(-n // 32) * bits)
     assert torch.equal(unpack_zeros(qzeros, bits, n), zeros)
-    if n % 32 == 0:  # packed along the output dimension, with zero - 1 stored
-        expected = _pack_loop((zeros - 1).T.tolist(), bits)
+    if n % 32 == 0:  # packed along the output dimension, with (zero - 1) mod 2^bits stored
+        expected = _pack_loop(((zeros - 1) % 2**bits).T.tolist(), bits)
         got = [[_as_u32(v) for v in row] for row in qzeros.T.tolist()]
         assert got == expected
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_checkpoint_qzeros_follow_gptqmodel_whole_word_encoding(bits):
+    """A zero of 0 is written as GPTQModel writes v1 (subtract 1 from the whole word, borrowing), and read back."""
+    n = 64
+    zeros = torch.randint(0, 2**bits, (3, n), generator=_gen(bits), dtype=torch.int32)
+    zeros[:, :5] = 0
+    mem = pack_zeros(zeros, bits)
+    file = qzeros_to_checkpoint(mem, bits, n)
+    assert torch.equal(qzeros_from_checkpoint(file, bits, n), mem)
+    if bits != 3:  # GPTQModel: v1 word = v2 word - 0x11..1 (mod 2^32), v2 packs the zeros themselves
+        ones = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}[bits]
+        v2 = pack_rows(zeros.T, bits).T.to(torch.int64) & 0xFFFFFFFF
+        assert [_as_u32(v) for v in file.flatten().tolist()] == ((v2 - ones) % 2**32).flatten().tolist()
+    # zero points >= 1 (AutoGPTQ, qtune's quantizers): the file holds the in-memory words unchanged
+    ge1 = zeros.clamp(min=1)
+    assert torch.equal(qzeros_to_checkpoint(pack_zeros(ge1, bits), bits, n), pack_zeros(ge1, bits))
 
 
 def test_pack_validation():
@@ -146,8 +166,8 @@ def test_pack_validation():
         pack_rows(torch.full((32, 1), 16), 4)
     with pytest.raises(TypeError):
         pack_rows(torch.zeros(32, 1), 4)
-    with pytest.raises(ValueError, match="zero-1"):
-        pack_zeros(torch.zeros(1, 32, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match=r"zero points must lie in \[0, 15\]"):
+        pack_zeros(torch.full((1, 32), 16, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="does not hold"):
         unpack_rows(torch.zeros(4, 1, dtype=torch.int32), 4, 40)
 

@@ -192,8 +192,8 @@ def write_gptq_fixture(float_dir: Path, out: Path, *, bits: int, group_size: int
         g = k if group_size == -1 else group_size
         groups = -(-k // g)  # a partial last group when g does not divide k
         q = rng.integers(0, 2**bits, size=(k, n))
-        top = 2**bits + (1 if fmt == "gptq" else 0)  # v1 holds zeros 1..2^b, v2 holds 0..2^b-1
-        zeros = np.full((groups, n), 2 ** (bits - 1)) if sym else rng.integers(1, top, size=(groups, n))
+        low = 1 if fmt == "gptq" else 0  # AutoGPTQ's v1 packer can only hold zeros >= 1; v2 holds 0..2^b-1
+        zeros = np.full((groups, n), 2 ** (bits - 1)) if sym else rng.integers(low, 2**bits, size=(groups, n))
         scales = torch.tensor(rng.uniform(0.002, 0.02, size=(groups, n)), dtype=torch.float16)
         g_idx = np.arange(k) // g
         if desc_act:
