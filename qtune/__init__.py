@@ -13,7 +13,7 @@ from . import ops  # noqa: F401  (registers the qtune:: operators)
 from .formats import (CONFIGS, FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, QuantConfig, RTNConfig,
                       config_from_dict)
 from .nn import (Linear4bit, LinearGPTQ, LinearInt8, LinearLLMInt8, QuantizationReport, QuantLinear,
-                 quantize_model)
+                 quantize_model, set_storage_dtype)
 
 __version__ = "0.1.0"
 
@@ -58,5 +58,5 @@ def __dir__() -> list[str]:
 
 __all__ = ["NF4Config", "FP4Config", "Int8Config", "LLMInt8Config", "GPTQConfig", "RTNConfig", "QuantConfig",
            "CONFIGS", "config_from_dict", "QuantLinear", "Linear4bit", "LinearInt8", "LinearLLMInt8", "LinearGPTQ",
-           "quantize_model", "QuantizationReport", "QTuneConfig", "load_model", "save_quantized", "dequantize_model",
+           "quantize_model", "QuantizationReport", "set_storage_dtype", "QTuneConfig", "load_model", "save_quantized", "dequantize_model",
            *_LAZY, "__version__"]

@@ -30,7 +30,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from ..formats.base import parse_dtype
-from ..nn.base import QuantLinear
+from ..nn.base import QuantLinear, packed_storage_parameters
 from .peft import prepare_lora_config
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """``{"trainable", "float", "quantized"}``: trainable parameters, all float parameters, and the weights
     held (packed) by ``QuantLinear`` layers (``in_features × out_features`` each)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    floats = sum(p.numel() for p in model.parameters())
+    packed = {id(p) for p in packed_storage_parameters(model)}  # quantized bytes stored as float parameters
+    floats = sum(p.numel() for p in model.parameters() if id(p) not in packed)
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return {"trainable": trainable, "float": floats, "quantized": quantized}
 

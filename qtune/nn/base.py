@@ -1,7 +1,9 @@
 """``QuantLinear``: the frozen quantized replacement of ``nn.Linear`` and GPT-2's ``Conv1D``.
 
 Every format subclass keeps its packed tensors as buffers (``requires_grad=False``, moved by
-``.to()`` but never re-quantized by it) and static metadata as plain attributes. The forward pass calls
+``.to()`` but never re-quantized by it) and static metadata as plain attributes. For FSDP, which
+shards parameters only, :meth:`QuantLinear.set_storage_dtype` turns the main packed tensor into a frozen
+float ``Parameter`` viewing the same bytes (bitsandbytes' ``quant_storage``). The forward pass calls
 the format's ``qtune::linear_*`` op, whose autograd rule sends gradients to the input (and the bias
 when it requires grad) and re-dequantizes the weight in backward.
 """
@@ -12,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..formats.base import QuantConfig, dtype_name
+from ..formats.base import QuantConfig, dtype_name, parse_dtype
 from ..ops.linear import dequantize as _dequantize
 from ..ops.linear import quant_linear
 
@@ -69,10 +71,12 @@ class QuantLinear(nn.Module):
 
     Attributes:
         op_format: key of the ``qtune::linear_<op_format>`` op.
+        packed_name: the main packed tensor (``weight``, GPTQ's ``qweight``), the one FSDP storage applies to.
         from_conv1d: the layer replaced a GPT-2 ``Conv1D`` (the export writes the weight back transposed).
     """
 
     op_format: ClassVar[str] = ""
+    packed_name: ClassVar[str] = "weight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig, *,
                  compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -111,6 +115,68 @@ class QuantLinear(nn.Module):
     def _load_quantized(self, weight: Tensor, config: QuantConfig, *, name: str, **kwargs: Any) -> None:
         raise NotImplementedError
 
+    # -- storage (FSDP) -------------------------------------------------------------------------
+    def packed(self) -> Tensor:
+        """The main packed tensor in its integer dtype, whatever its storage."""
+        t = getattr(self, self.packed_name)
+        int_dtype = getattr(self, "_packed_int_dtype", None)
+        if int_dtype is None:
+            return t
+        if t.dtype != self._packed_float_dtype:
+            raise RuntimeError(f"{type(self).__name__}: the packed weight stored as {self._packed_float_dtype} was cast "
+                               f"to {t.dtype} (e.g. by FSDP mixed precision): its bytes are lost; use the same "
+                               "dtype for the storage as FSDP's parameter dtype")
+        return t.view(int_dtype)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """dtype the main packed tensor is stored in (its integer dtype unless :meth:`set_storage_dtype` changed it)."""
+        return getattr(self, self.packed_name).dtype
+
+    def set_storage_dtype(self, dtype: torch.dtype | str | None) -> None:
+        """Store the main packed tensor as a frozen float ``Parameter`` of ``dtype`` (``None``: back to a buffer).
+
+        The bytes are reinterpreted, never converted: ``packed()`` views them back as integers, so results
+        are unchanged. FSDP shards parameters only; with float storage it shards the quantized base too
+        (use the same dtype as FSDP's parameter dtype so its mixed precision never casts it).
+
+        Raises:
+            ValueError: the packed row size (bytes) is not a multiple of the dtype's size.
+        """
+        name = self.packed_name
+        current = self.packed()
+        if dtype is None or not (dtype := parse_dtype(dtype, what="storage dtype")).is_floating_point:
+            if getattr(self, "_packed_int_dtype", None) is not None:
+                del self._parameters[name]
+                self.register_buffer(name, current.detach())
+                self._packed_int_dtype = None
+            return
+        row_bytes = current.shape[-1] * current.element_size()
+        if row_bytes % dtype.itemsize:
+            raise ValueError(f"{type(self).__name__}: packed tensor {name} {tuple(current.shape)} {current.dtype} has "
+                             f"{row_bytes} bytes per row, not a multiple of {dtype} ({dtype.itemsize} bytes); "
+                             "keep the integer storage for this layer")
+        if name in self._buffers:
+            del self._buffers[name]
+        else:
+            del self._parameters[name]
+        self.register_parameter(name, nn.Parameter(current.detach().view(dtype), requires_grad=False))
+        self._packed_int_dtype, self._packed_float_dtype = current.dtype, dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)`/`.half()` convert floating tensors: float-stored packed bytes must only move, never be
+        # cast, so they pass through as their integer view (which those conversions leave alone)
+        storage = getattr(self, "_packed_int_dtype", None)
+        if storage is None:
+            return super()._apply(fn, recurse)
+        name = self.packed_name
+        float_dtype = self._parameters[name].dtype
+        self._parameters[name] = nn.Parameter(self._parameters[name].detach().view(storage), requires_grad=False)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters[name] = nn.Parameter(self._parameters[name].detach().view(float_dtype), requires_grad=False)
+
     # -- compute --------------------------------------------------------------------------------
     def weight_args(self) -> tuple:
         """The positional weight arguments of ``qtune::linear_<op_format>``."""
@@ -131,7 +197,10 @@ class QuantLinear(nn.Module):
     # -- reporting ------------------------------------------------------------------------------
     def quantized_bytes(self) -> int:
         """Bytes of the packed weight and its scales (buffers), excluding the bias."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        tensors = list(self.buffers(recurse=False))
+        if getattr(self, "_packed_int_dtype", None) is not None:
+            tensors.append(getattr(self, self.packed_name))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def bits_per_parameter(self) -> float:
         return 8.0 * self.quantized_bytes() / (self.in_features * self.out_features)
@@ -140,3 +209,21 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.config.format}, bits={getattr(self.config, 'bits', '?')}, "
                 f"compute_dtype={dtype_name(self.compute_dtype)}")
+
+
+def set_storage_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> int:
+    """:meth:`QuantLinear.set_storage_dtype` on every qtune layer of ``model``; returns how many layers.
+
+    Call it on the model FSDP will wrap (after adding adapters, before ``fully_shard``/``accelerate``
+    prepares it); ``None`` restores integer buffers (e.g. before saving the base).
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.set_storage_dtype(dtype)
+    return len(layers)
+
+
+def packed_storage_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The packed tensors that :func:`set_storage_dtype` turned into (frozen) parameters."""
+    return [getattr(m, m.packed_name) for m in model.modules()
+            if isinstance(m, QuantLinear) and getattr(m, "_packed_int_dtype", None) is not None]

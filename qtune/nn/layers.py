@@ -52,7 +52,7 @@ class Linear4bit(QuantLinear):
             self.nested_absmax, self.nested_quant_map, self.nested_offset = t.nested_absmax, t.nested_code, t.nested_offset
 
     def weight_args(self) -> tuple:
-        return (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
+        return (self.packed(), self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
                 self.nested_offset, self.blocksize, [self.out_features, self.in_features])
 
 
@@ -81,7 +81,7 @@ class LinearInt8(QuantLinear):
         self.weight, self.scale, self.zero = t.weight, t.scale, t.zero
 
     def weight_args(self) -> tuple:
-        return (self.weight, self.scale, self.zero, self.group_size)
+        return (self.packed(), self.scale, self.zero, self.group_size)
 
 
 @register_layer(LLMInt8Config)
@@ -103,7 +103,7 @@ class LinearLLMInt8(QuantLinear):
         self.weight, self.SCB = t.weight, t.scale[:, 0].contiguous()
 
     def weight_args(self) -> tuple:
-        return (self.weight, self.SCB, self.threshold)
+        return (self.packed(), self.SCB, self.threshold)
 
 
 @register_layer(GPTQConfig, RTNConfig)
@@ -111,6 +111,7 @@ class LinearGPTQ(QuantLinear):
     """GPTQ-layout int-N layer (GPTQ with calibration, or round-to-nearest), see :mod:`qtune.formats.gptq`."""
 
     op_format = "gptq"
+    packed_name = "qweight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: GPTQConfig | RTNConfig, **kw: Any) -> None:
         super().__init__(in_features, out_features, bias, config, **kw)
@@ -138,7 +139,7 @@ class LinearGPTQ(QuantLinear):
         self.qweight, self.qzeros, self.scales, self.g_idx = t.qweight, t.qzeros, t.scales, t.g_idx
 
     def weight_args(self) -> tuple:
-        return (self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+        return (self.packed(), self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
 
 
 def _no_extras(kwargs: dict, name: str) -> None:

@@ -94,6 +94,10 @@ QUANTIZATION = {
     "skip_modules": Opt((list, NONE), None, check=_str_list, doc="name patterns kept in full precision"),
     "overrides": Opt((dict,), {}, doc="{name pattern: format name, {format: ..., fields}, or null}"),
     "calibration": Opt((dict, NONE), None, doc="gptq only: {source, samples, seq_len}"),
+    "storage_dtype": Opt((str, NONE), None, (None,) + DTYPES,
+                         doc="store the packed weights as frozen float parameters of this dtype (same bytes) so that "
+                             "FSDP shards the quantized base too; use FSDP's parameter dtype (bitsandbytes' "
+                             "bnb_4bit_quant_storage)"),
     "backend": Opt((str,), "qtune", ("qtune", "bitsandbytes"),
                    doc="bitsandbytes: load the same format with transformers+bitsandbytes and peft's own k-bit "
                        "preparation instead (nf4, fp4, llm_int8; for comparisons)"),

@@ -429,6 +429,11 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
     trainer = QTuneSFTTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                               peft_config=lora_config(recipe), adapter_dtype=adapter_dtype(recipe),
                               callbacks=[interrupt, *(callbacks or [])])
+    if recipe.quantization["storage_dtype"]:
+        # before accelerate wraps the model (in train()): FSDP then shards the packed weights as well
+        from ..nn import set_storage_dtype
+        n = set_storage_dtype(trainer.model, recipe.quantization["storage_dtype"])
+        say(f"qtune train: packed weights of {n} layers stored as {recipe.quantization['storage_dtype']} parameters")
     counts = count_parameters(trainer.model)
     summary["parameters"] = {"trainable": counts["trainable"], "quantized": counts["quantized"],
                              "total": counts["float"] + counts["quantized"]}
@@ -489,11 +494,16 @@ def _gather_checksums(model) -> list[str]:
     """A SHA-256 of this rank's trainable weights, gathered from every rank (DDP keeps them identical)."""
     import hashlib
 
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
+            t = p.detach()
+            if isinstance(t, DTensor):  # FSDP2 shards: every rank gathers the full tensor (same order on all)
+                t = t.full_tensor()
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(t.float().cpu().numpy().tobytes())
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, h.hexdigest())
     return gathered
