@@ -47,4 +47,10 @@ def test_accelerate_config_loads(path):
     assert first.startswith("# accelerate launch --config_file " + _rel(path) + " -m qtune train ")
     assert data["distributed_type"] in ("NO", "MULTI_GPU", "FSDP") and data["num_processes"] >= 1
     if data["distributed_type"] == "FSDP":
-        assert data["fsdp_config"]["fsdp_use_orig_params"] is True
+        # FSDP2 (per-parameter sharding: bf16 packed storage and fp32 adapters may share a unit), and the
+        # command stores the packed weights in FSDP's parameter dtype so they are sharded and never cast
+        assert data["fsdp_config"]["fsdp_version"] == 2 and data["mixed_precision"] == "bf16"
+        assert "quantization.storage_dtype=bfloat16" in first
+    from accelerate.commands.config.config_args import load_config_from_file
+    cfg = load_config_from_file(str(path))  # accelerate itself accepts every key
+    assert cfg.num_processes == data["num_processes"]
