@@ -28,8 +28,11 @@ CPU, fp32, and asserted by ``tests/integrations/test_checkpoints.py``):
 * bitsandbytes 8-bit: identical int8 weights and ``SCB``; with threshold 0 (qtune ``int8``) logits agree
   to < 1e-5; LLM.int8 (threshold 6) agrees to ~1e-2 relative, because bitsandbytes casts activations to
   fp16 before quantizing them and computes the outlier columns in fp16, while qtune keeps fp32.
-* GPTQ v1: ``W = scales[g_idx]·(q − (qzeros + 1))`` exactly (zero points decoded as GPTQModel does) (dequantized weights bit-identical to the
-  AutoGPTQ formula; logits within 1e-5).
+* GPTQ v1: ``W = scales[g_idx]·(q − z)`` with ``z`` decoded as GPTQModel decodes ``qzeros`` (``+1`` per
+  field; a zero of 0, which GPTQModel writes with a whole-word borrow, reads right). Dequantized weights
+  are bit-identical to GPTQModel 7.7's (its own checkpoints and qtune's, asserted in
+  ``tests/integrations/test_gptqmodel_interop.py``), logits equal in fp32 (difference 0.0; the test allows
+  1e-5) and within 3e-3 of the logits' scale against GPTQModel's own fp16 forward.
 
 Writers (:func:`save_quantized`) produce ``layout="qtune"`` (``save_pretrained`` + ``quant_method:
 "qtune"``), ``"bnb"`` (what transformers+bitsandbytes loads) and ``"gptq"`` (v1 tensors,
