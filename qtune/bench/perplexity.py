@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune llm_int8", rtn("llm_int8"), model_bits_per_param, True),
         ("qtune rtn-4 g128", rtn("rtn:bits=4,group_size=128"), model_bits_per_param, True),
         ("qtune gptq-4 g128", gptq("gptq:bits=4,group_size=128"), model_bits_per_param, True),
+        # asymmetric grids (a zero point per group), the kind SmolLM2's own Q4_1 weights come from
+        ("qtune rtn-4 g128 asym", rtn("rtn:bits=4,group_size=128,sym=false"), model_bits_per_param, True),
+        ("qtune gptq-4 g128 asym", gptq("gptq:bits=4,group_size=128,sym=false"), model_bits_per_param, True),
+        ("qtune gptq-4 g128 asym act-order", gptq("gptq:bits=4,group_size=128,sym=false,desc_act=true"),
+         model_bits_per_param, True),
         ("qtune gptq-4 g128 act-order", gptq("gptq:bits=4,group_size=128,desc_act=true"), model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),

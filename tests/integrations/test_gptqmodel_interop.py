@@ -32,8 +32,8 @@ and writes such zeros back in the same encoding.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +49,15 @@ from qtune.integrations.transformers import mark_quantized
 from qtune.nn import LinearGPTQ
 from tests.integrations.tiny_models import make_tiny, make_tokenizer, tokens
 
-# find_spec, not importorskip: importing gptqmodel here would patch this process (see module docstring)
+# GPTQModel lives in its own folder (QTUNE_GPTQMODEL_PATH, default <repo>/.deps/gptqmodel, where .ci/run
+# installs it) that only the worker process puts on sys.path: importing gptqmodel patches a process (see the
+# worker's docstring), and installed in site-packages it makes peft demand optimum for every LoRA layer.
+GPTQMODEL_PATH = Path(os.environ.get("QTUNE_GPTQMODEL_PATH", Path(__file__).resolve().parents[2] / ".deps" / "gptqmodel"))
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gptqmodel") is None,
-    reason="GPTQModel not installed: pip install --no-deps gptqmodel==7.7.0 logbar==0.4.15 tokenicer==0.0.14 "
-           "device-smi==0.5.7 pypcre==0.6.4 defuser==0.0.28 threadpoolctl==3.8.0 (CI installs it)")
+    not (GPTQMODEL_PATH / "gptqmodel").is_dir(),
+    reason=f"GPTQModel not found in {GPTQMODEL_PATH}: pip install --no-deps --target .deps/gptqmodel gptqmodel==7.7.0 "
+           "logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7 pypcre==0.6.4 defuser==0.0.28 threadpoolctl==3.8.0 "
+           "(CI installs it)")
 
 WORKER = Path(__file__).with_name("gptqmodel_worker.py")
 FP32_ATOL = 1e-5
@@ -77,7 +81,8 @@ def run_gptqmodel(jobs: list[dict], workdir: Path) -> dict:
     """Run ``gptqmodel_worker.py`` on ``jobs`` in a child process; returns its results by job name."""
     jobs_path, results_path = workdir / "jobs.pt", workdir / "results.pt"
     torch.save({"ids": tokens(), "jobs": jobs}, jobs_path)
-    proc = subprocess.run([sys.executable, str(WORKER), str(jobs_path), str(results_path)],
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(GPTQMODEL_PATH), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(WORKER), str(jobs_path), str(results_path)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=workdir)  # GPTQModel writes logs/ to cwd
     if proc.returncode != 0:
         pytest.fail(f"GPTQModel worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
