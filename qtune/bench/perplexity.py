@@ -141,15 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                     path, dtype=torch.float32, use_safetensors=True, quantization_config=_bnb_config(name)))
                 rows.append((f"bnb {name.replace('-dq', '+dq')}", build, _bnb_bits_per_param, name == "llm_int8"))
 
-            def qtune_on_bnb_int8():
-                # bitsandbytes quantizes 8-bit from the fp16-cast weight; reading its checkpoint gives qtune the
-                # very same bytes, so this row differs from "bnb llm_int8" only by the activation precision
-                import tempfile
-                with tempfile.TemporaryDirectory() as tmp:
-                    AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                         quantization_config=_bnb_config("llm_int8")).save_pretrained(tmp)
-                    return load_model(tmp, dtype=torch.float32)
-            rows.append(("qtune llm_int8 on bnb bytes", qtune_on_bnb_int8, model_bits_per_param, True))
+            def on_bnb_bytes(name: str) -> Callable:
+                # qtune reading the checkpoint bitsandbytes wrote: the very same bytes. bitsandbytes quantizes
+                # 8-bit from the fp16-cast weight, and its native CPU double quantization breaks ties in the
+                # nested absmax codes differently from its reference kernel (which qtune's quantizer equals)
+                def build():
+                    import tempfile
+                    with tempfile.TemporaryDirectory() as tmp:
+                        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                             quantization_config=_bnb_config(name)).save_pretrained(tmp)
+                        return load_model(tmp, dtype=torch.float32)
+                return build
+            rows.append(("qtune llm_int8 on bnb bytes", on_bnb_bytes("llm_int8"), model_bits_per_param, True))
+            rows.append(("qtune nf4+dq on bnb bytes", on_bnb_bytes("nf4-dq"), model_bits_per_param, True))
     if args.only:
         unknown = set(args.only) - {r[0] for r in rows}
         if unknown:
