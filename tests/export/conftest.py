@@ -9,14 +9,8 @@ from tests.export.helpers import QUANT, make_adapter_dir, make_base, make_gptq_b
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the models here are tiny: with the CPU shared, a second intra-op thread costs far more than it gives
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every export test module runs its tiny models on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

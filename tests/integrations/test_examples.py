@@ -18,13 +18,7 @@ NAMES = ("quantize_and_evaluate", "gptq_with_calibration", "qlora_python_api", "
 SMALL_EVAL = ["--tokens", "256", "--seq-len", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models on a shared CPU: a second intra-op thread costs more than it gives
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_example(name: str):
