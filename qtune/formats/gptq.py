@@ -116,6 +116,11 @@ class GPTQConfig(QuantConfig):
         sym: symmetric grid (zero fixed at 2^(bits-1)) instead of a per-group min/max zero.
         static_groups: with act-order, compute all group parameters up front on the original column
             groups, so ``g_idx`` stays ``k // group_size`` (kernels need no gather).
+        act_group_aware: group-aware reordering (GAR, Gafni et al. 2025; GPTQModel's
+            ``act_group_aware``): whole groups are quantized in descending order of their largest
+            Hessian diagonal, and the columns inside each group by descending diagonal. Groups stay
+            contiguous, so ``g_idx`` stays ``k // group_size`` and the group parameters are still fitted
+            on the error-compensated columns. Ignored with ``desc_act`` (which orders all columns).
         damp_percent: fraction of mean(diag H) added to the diagonal before inverting, in (0, 1).
         true_sequential: quantize the sub-layers of a block one after another, each calibrated on the
             outputs of the already-quantized ones (read by the model-level driver, not here).
@@ -128,6 +133,7 @@ class GPTQConfig(QuantConfig):
     desc_act: bool = False
     sym: bool = True
     static_groups: bool = False
+    act_group_aware: bool = False
     damp_percent: float = 0.01
     true_sequential: bool = True
     block_size: int = 128
@@ -137,7 +143,7 @@ class GPTQConfig(QuantConfig):
         cls = type(self).__name__
         _check_bits(self.bits, what=f"{cls}.bits")
         _check_group_size(self.group_size, what=f"{cls}.group_size")
-        for field in ("desc_act", "sym", "static_groups", "true_sequential"):
+        for field in ("desc_act", "sym", "static_groups", "act_group_aware", "true_sequential"):
             _check_bool(getattr(self, field), what=f"{cls}.{field}")
         dp = self.damp_percent
         if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not (0.0 < dp < 1.0):
@@ -621,6 +627,36 @@ def _cholesky(h: torch.Tensor, name: str, damp_percent: float, upper: bool = Fal
     return factor
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Column order of group-aware reordering (GAR): contiguous groups, most important first.
+
+    Full groups are sorted by their largest Hessian diagonal (descending) and the columns inside each
+    group by their own diagonal (descending); a partial last group (``K % group_size`` columns) stays
+    last, sorted inside. Sorts are stable, so ties keep the natural order.
+
+    Args:
+        diag (Tensor): ``[K]`` diagonal of the Hessian.
+        group_size (int): columns per group (> 0).
+
+    Returns:
+        Tensor: ``[K]`` int64 permutation ``perm``; position ``i`` quantizes original column ``perm[i]``,
+        and positions ``[j·g, (j+1)·g)`` hold exactly one original group.
+    """
+    k = diag.numel()
+    full = k // group_size
+    base = torch.arange(k, device=diag.device)
+    if full == 0:
+        return torch.argsort(diag, descending=True, stable=True)
+    blocks = diag[: full * group_size].reshape(full, group_size)
+    local = torch.argsort(blocks, dim=1, descending=True, stable=True)
+    order = torch.argsort(blocks.amax(1), descending=True, stable=True)
+    perm = (local[order] + (order * group_size).unsqueeze(1)).reshape(-1)
+    if full * group_size < k:
+        tail = base[full * group_size:]
+        perm = torch.cat([perm, tail[torch.argsort(diag[tail], descending=True, stable=True)]])
+    return perm
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg: GPTQConfig, name: str = "weight",
                   *, scale_dtype: torch.dtype = torch.float16) -> GPTQTensors:
     """Quantize one linear weight with GPTQ.
@@ -684,9 +720,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
             scales[g], zeros[g] = _group_params(cols.amin(1), cols.amax(1), bits, cfg.sym, scale_dtype, name)
 
     perm = None
+    group_aware = cfg.act_group_aware and not cfg.desc_act and cfg.group_size != -1
     if cfg.desc_act:
         # stable: equal diagonals keep their order, so the result does not depend on the sort backend.
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    elif group_aware:
+        perm = group_aware_order(torch.diagonal(H), gs)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
 
@@ -696,8 +736,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
     Hinv = _cholesky(torch.cholesky_inverse(L), name, cfg.damp_percent, upper=True)
     del H, L
 
-    # Group of each (permuted) column: static groups follow the original column, dynamic ones the order.
-    if cfg.static_groups:
+    # Group of each (permuted) column: static groups (and group-aware order, whose groups stay whole)
+    # follow the original column, dynamic act-order groups follow the order.
+    if cfg.static_groups or group_aware:
         col_group = (perm if perm is not None else torch.arange(k, device=device)) // gs
     else:
         col_group = torch.arange(k, device=device) // gs
@@ -720,7 +761,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
                 if end > i2:
                     rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
                     cur = torch.cat([cur, rest], dim=1)
-                g = col // gs
+                g = col_group[col]
                 scales[g], zeros[g] = _group_params(cur.amin(1), cur.amax(1), bits, cfg.sym, scale_dtype, name)
             s, z = scales[col_group[col]], zeros[col_group[col]]
             w = W1[:, i]
@@ -735,7 +776,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
     if perm is not None:
         inverse = torch.argsort(perm)
         codes = codes[:, inverse]
-        if not cfg.static_groups:
+        if not (cfg.static_groups or group_aware):
             # Column perm[i] was quantized i-th, with the parameters of group i // gs.
             g_idx = torch.empty_like(g_idx)
             g_idx[perm] = torch.arange(k, device=device) // gs
