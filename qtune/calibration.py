@@ -315,6 +315,48 @@ def _hessians_from(module_root: nn.Module, names: list[str], run: Callable[[], A
     return hessians
 
 
+def _shared_hessians(block: nn.Module, group: list[str], inputs: list[tuple[Tensor, dict]],
+                     device: torch.device) -> dict[str, GPTQHessian]:
+    """Hessians of a group of layers that read the same input tensor (q/k/v, gate/up), in one pass.
+
+    The group's layers see one tensor, so ``2/n·XᵀX`` is accumulated once and shared (every consumer
+    copies it before damping). Each block forward stops as soon as the group's last layer has been
+    reached: the rest of the block cannot change these inputs. The Hessian is bit-identical to one
+    accumulated per layer over a full forward.
+    """
+    first = block.get_submodule(group[0])
+    w, _ = float_weight_of(first, group[0])
+    hessian = GPTQHessian(w.shape[1], device=device)
+    seen: set[str] = set()
+
+    def accumulate(module, args):
+        hessian.add_batch(args[0].detach())
+
+    def stop_when_all_seen(name: str):
+        def hook(module, args):
+            seen.add(name)
+            if seen.issuperset(group):
+                raise _StopForward
+        return hook
+
+    handles = [first.register_forward_pre_hook(accumulate)]
+    # registered after `accumulate`, so the first layer's input is taken before a stop
+    handles += [block.get_submodule(n).register_forward_pre_hook(stop_when_all_seen(n)) for n in group]
+    try:
+        for hidden, kwargs in inputs:
+            seen.clear()
+            try:
+                _call(block, hidden, kwargs, device)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if hessian.nsamples == 0:
+        raise ValueError(f"layer {group[0]}: the block forward never reached it, so it has no calibration inputs")
+    return {n: hessian for n in group}
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConfig, *,
                         skip_modules=None, overrides: Mapping[str, QuantConfig | None] | None = None,
@@ -368,10 +410,15 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
             if n not in calibrated:
                 _quantize_layer(model, prefix + n, plan[prefix + n], None, report)
         if calibrated:
-            groups = _groups_in_order(block, calibrated, inputs[0], device) if true_sequential else [calibrated]
-            for group in groups:
-                hessians = _hessians_from(block, group, lambda: _run_block(block, inputs, device), device)
-                for n in group:
+            if true_sequential:  # each group calibrated on the outputs of the already-quantized ones
+                # groups of layers that read one tensor, in execution order
+                for group in _groups_in_order(block, calibrated, inputs[0], device):
+                    hessians = _shared_hessians(block, group, inputs, device)
+                    for n in group:
+                        _quantize_layer(model, prefix + n, plan[prefix + n], hessians.pop(n), report)
+            else:
+                hessians = _hessians_from(block, calibrated, lambda: _run_block(block, inputs, device), device)
+                for n in calibrated:
                     _quantize_layer(model, prefix + n, plan[prefix + n], hessians.pop(n), report)
         outputs = _run_block(block, inputs, device)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
