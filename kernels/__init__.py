@@ -1,6 +1,6 @@
 """Triton kernels for qtune's operators on CUDA (installed as ``qtune.kernels``).
 
-One file per kernel, each registered for ``"cuda"`` against its ``qtune::`` op by :func:`register`:
+One file per kernel; :func:`register` registers them for ``"cuda"`` against the ``qtune::`` ops:
 
 ==========================  ==========================================================================
 file                        ops it implements on CUDA
@@ -17,8 +17,10 @@ file                        ops it implements on CUDA
 ==========================  ==========================================================================
 
 The fused linear kernels never write the dequantized weight to global memory: tiles are dequantized
-in registers and fed to ``tl.dot``. The autograd rule of ``qtune::linear_<fmt>`` calls
-``linear_<fmt>_grad_input`` in backward, so registering both gives a fused forward and backward.
+in registers and fed to ``tl.dot``. What is registered for the linear ops is ``routing.py``: per call it
+runs the fused kernel or dequantize + cuBLAS, as :mod:`qtune.ops.dispatch` decides from the problem
+size. The autograd rule of ``qtune::linear_<fmt>`` calls ``linear_<fmt>_grad_input`` in backward, so
+both directions go through the device kernels.
 
 Importing this package is always safe: without Triton, or without a CUDA device, :func:`register`
 registers nothing and qtune keeps its reference (pure PyTorch) kernels. Nothing here imports Triton
@@ -46,13 +48,15 @@ _WRAPPERS = {
     "linear_llm_int8": "matmul_llm_int8",
 }
 
-# qtune op name -> public wrapper registered for it on CUDA
-OPS = {name: name for name in _WRAPPERS}
+# qtune op name -> function registered for it: the dequantize wrappers, and routing.py's dispatching
+# wrappers for the linear ops
+OPS = {name: ("routing" if name.startswith("linear_") else _WRAPPERS[name]) for name in _WRAPPERS}
 
 KERNEL_MODULES = ("dequant_4bit", "dequant_int8", "dequant_gptq", "matmul_4bit", "matmul_gptq", "matmul_int8",
-                  "matmul_llm_int8")
+                  "matmul_llm_int8", "routing")
 
 _registered: list[str] = []
+_registered_devices: list[str] = []
 
 
 @functools.cache
@@ -71,28 +75,57 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def register(force: bool = False) -> list[str]:
+def register(force: bool = False, *, device: str = "cuda", _testing: bool = False) -> list[str]:
     """Register the Triton kernels for ``"cuda"`` against the ``qtune::`` ops (idempotent).
 
     Nothing is registered without Triton, or without a CUDA device unless ``force`` (registering is
-    harmless there: a CUDA kernel only ever runs on CUDA tensors).
+    harmless there: a CUDA kernel only ever runs on CUDA tensors). Every kernel module is imported
+    before the first op is registered, so a Triton too old for them (an ``ImportError`` or
+    ``AttributeError`` at import) leaves every op on its reference, never half the ops on each.
+
+    Args:
+        force: register without a CUDA device.
+        device: ``"cuda"``; ``"cpu"`` only with ``_testing=True``.
+        _testing: **test-only hook**: with ``device="cpu"`` and ``TRITON_INTERPRET=1`` (set before Triton
+            was imported) the Triton wrappers are registered for CPU tensors, so that a test runs the
+            real chain ``torch.ops.qtune.*`` → dispatch → Triton kernel on CPU. The CPU reference (and
+            the native CPU kernels) are overridden for the rest of the process: never in user code.
 
     Returns:
         The op names registered by this process (empty when the reference kernels stay in use).
+
+    Raises:
+        ValueError: ``device="cpu"`` without ``_testing``, or without the interpreter.
     """
+    if device != "cuda":
+        if device != "cpu" or not _testing:
+            raise ValueError(f"register(device={device!r}): only 'cuda' (or 'cpu' with _testing=True, for tests)")
+        if device in _registered_devices:
+            return list(_registered)
+        if not triton_available():
+            raise ValueError("register(device='cpu', _testing=True) needs Triton")
+        from ._common import INTERPRET
+        if not INTERPRET:
+            raise ValueError("register(device='cpu', _testing=True) needs TRITON_INTERPRET=1 set before Triton "
+                             "was imported")
     # CUDA first: on a CPU-only machine `import qtune` then never pays for importing Triton
-    if _registered or not (force or cuda_available()) or not triton_available():
+    elif "cuda" in _registered_devices or not (force or cuda_available()) or not triton_available():
         return list(_registered)
     from qtune.ops.library import register_device_kernel
 
-    for op_name, wrapper in OPS.items():
-        register_device_kernel(op_name, "cuda", __getattr__(wrapper))
-        _registered.append(op_name)
+    modules = {name: importlib.import_module(f"{__name__}.{name}") for name in KERNEL_MODULES}
+    fns = {op: getattr(modules[mod], "ROUTED")[op] if mod == "routing" else getattr(modules[mod], op)
+           for op, mod in OPS.items()}
+    for op_name, fn in fns.items():
+        register_device_kernel(op_name, device, fn)
+        if op_name not in _registered:
+            _registered.append(op_name)
+    _registered_devices.append(device)
     return list(_registered)
 
 
 def registered() -> list[str]:
-    """The op names this process registered CUDA kernels for."""
+    """The op names this process registered device kernels for."""
     return list(_registered)
 
 

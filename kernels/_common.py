@@ -12,15 +12,27 @@ a kernel module is imported; :data:`INTERPRET` records what the kernels of this 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import os
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+
+def _interpret_setting() -> bool:
+    """Triton's own reading of ``TRITON_INTERPRET``: ``triton.knobs`` from Triton 3.4 on, the environment
+    variable before (Triton 3.2/3.3 read ``os.environ["TRITON_INTERPRET"] in ("1", "true", "on", ...)``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 # How the @triton.jit functions below were built (Triton reads TRITON_INTERPRET at decoration time).
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+INTERPRET: bool = _interpret_setting()
 
 # Launch options of a triton.Config that are not kernel arguments.
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -52,10 +64,23 @@ def meta_of(cfg: triton.Config | dict) -> dict[str, Any]:
     return {k: v for k, v in config_kwargs(cfg).items() if k not in _LAUNCH_OPTIONS}
 
 
+def device_guard(t: torch.Tensor) -> ContextManager:
+    """Make ``t``'s device the current CUDA device for a launch (a no-op for CPU tensors).
+
+    Triton launches on the current device's current stream; without the guard a layer on ``cuda:1``
+    (e.g. ``device_map="auto"``) would launch from ``cuda:0``. Inside the guard the current stream is
+    ``t``'s device's current stream, the one PyTorch queues that device's work on.
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def launch(jit_fn: Any, autotuned: Any, grid: Callable[[dict], tuple], args: Sequence[Any],
            kwargs: dict[str, Any], cfg: triton.Config | dict | None,
            interpreter_cfg: Callable[[], dict] | None = None) -> None:
-    """Launch ``jit_fn`` with a fixed config, or ``autotuned`` (its ``@triton.autotune`` wrapper).
+    """Launch ``jit_fn`` with a fixed config, or ``autotuned`` (its ``@triton.autotune`` wrapper), on the
+    device (and its current stream) of the first tensor in ``args`` (:func:`device_guard`).
 
     A fixed config is used when the caller gives one, and always under the interpreter (which cannot
     time configs); ``interpreter_cfg()`` supplies large tiles there, since the interpreter's cost grows
@@ -65,12 +90,16 @@ def launch(jit_fn: Any, autotuned: Any, grid: Callable[[dict], tuple], args: Seq
         if interpreter_cfg is None:
             raise ValueError(f"{jit_fn.__name__}: the interpreter needs a fixed launch config")
         cfg = interpreter_cfg()
-    if cfg is None:
-        autotuned[grid](*args, **kwargs)
-        return
-    kw = config_kwargs(cfg)
-    meta = meta_of(kw)
-    jit_fn[lambda _: grid(meta)](*args, **kwargs, **kw)
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        raise ValueError(f"{jit_fn.__name__}: a launch needs at least one tensor argument")
+    with device_guard(first):
+        if cfg is None:
+            autotuned[grid](*args, **kwargs)
+            return
+        kw = config_kwargs(cfg)
+        meta = meta_of(kw)
+        jit_fn[lambda _: grid(meta)](*args, **kwargs, **kw)
 
 
 def dot_in_fp32(dtype: torch.dtype, kernel: Any) -> bool:
@@ -96,6 +125,21 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                  what: str) -> torch.Tensor:
+    """``out`` after checking it can hold the result (a dequantize workspace), or a new tensor.
+
+    Raises:
+        ValueError: ``out`` of another shape, dtype or device, or not contiguous.
+    """
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"{what}: out is {out.dtype} {tuple(out.shape)} on {out.device} "
+                         f"(contiguous={out.is_contiguous()}), expected a contiguous {dtype} {tuple(shape)} on {device}")
+    return out
 
 
 def check_device(*tensors: torch.Tensor | None, kernel: Any = None) -> None:
@@ -154,11 +198,27 @@ def fixed_config(cfg: dict | None, split_name: str, m: int, n: int, k: int) -> d
     return None
 
 
+def deterministic() -> bool:
+    """``torch.use_deterministic_algorithms(True)`` is in force: no launch may ``atomic_add`` partial sums
+    (their order, hence the last bits of the result, would vary from run to run)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def split_of(cfg: dict | None, name: str, m: int, decode_max_m: int) -> int:
-    """Split factor of a fixed config, or (autotuned) 2 for decode shapes whose configs may split."""
+    """Split factor of a fixed config, or (autotuned) 2 for decode shapes whose configs may split
+    (1 in deterministic mode, whose decode configs never split).
+
+    Raises:
+        RuntimeError: a fixed config that splits (atomics) while deterministic algorithms are enforced.
+    """
     if cfg is not None:
-        return int(cfg.get(name, 1))
-    return 2 if m <= decode_max_m else 1
+        split = int(cfg.get(name, 1))
+        if split > 1 and deterministic():
+            raise RuntimeError(f"{name}={split} accumulates partial sums with atomic_add, which is not deterministic, "
+                               "and torch.use_deterministic_algorithms(True) is set: use a config with "
+                               f"{name}=1")
+        return split
+    return 2 if m <= decode_max_m and not deterministic() else 1
 
 
 def interpreter_config(m: int, n: int, k: int, split_name: str) -> dict:
@@ -168,13 +228,15 @@ def interpreter_config(m: int, n: int, k: int, split_name: str) -> dict:
 
 
 def config_set(direction: str, m: int, dtype: torch.dtype, decode_max_m: int, odd_k: bool = False) -> str:
-    """Name of the autotune config list for a launch: ``<direction>[_decode|_odd_k|_fp32]``.
+    """Name of the autotune config list for a launch: ``<direction>[_decode[_det]|_odd_k|_fp32]``.
 
-    Decode shapes (M ≤ ``decode_max_m``) use split-K/N configs; fp32 activations (3×TF32 MMAs, about
-    three times the operand registers) and odd-K 4-bit rows use smaller tiles so that no config spills.
+    Decode shapes (M ≤ ``decode_max_m``) use split-K/N configs, or in deterministic mode
+    (:func:`deterministic`) ``_decode_det`` configs that never split (one program per output tile: no
+    atomics, no zero fill, no cast launch); fp32 activations (3×TF32 MMAs, about three times the operand
+    registers) and odd-K 4-bit rows use smaller tiles so that no config spills.
     """
     if m <= decode_max_m:
-        return f"{direction}_decode"
+        return f"{direction}_decode_det" if deterministic() else f"{direction}_decode"
     if odd_k:
         return f"{direction}_odd_k"
     if dtype == torch.float32:
@@ -182,9 +244,14 @@ def config_set(direction: str, m: int, dtype: torch.dtype, decode_max_m: int, od
     return direction
 
 
+def deterministic_decode(split_name: str) -> list[triton.Config]:
+    """The ``_decode_det`` list: the decode tile shape with one program per output tile (no split)."""
+    return [config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3, **{split_name: 1})]
+
+
 def autotuners(configs: dict[str, list], fwd: Any, bwd: Any, key: list[str], fwd_out: str, bwd_out: str) -> dict:
-    """One ``@triton.autotune`` wrapper per config list; decode lists accumulate with atomics, so their
-    output is zeroed before every timing run (``reset_to_zero``)."""
+    """One ``@triton.autotune`` wrapper per config list; split decode lists accumulate with atomics, so
+    their output is zeroed before every timing run (``reset_to_zero``)."""
     tuners = {}
     for name, cfgs in configs.items():
         fn, out = (fwd, fwd_out) if name.startswith("fwd") else (bwd, bwd_out)

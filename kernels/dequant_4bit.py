@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, config, launch
+from ._common import check_device, config, launch, output_buffer
 
 CONFIGS = [  # BLOCK bytes per program: 16 per thread = one 128-bit load
     config(BLOCK=2048, num_warps=4, num_stages=1),
@@ -109,7 +109,8 @@ def _grid(n_elements: int):
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                     nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
                     nested_offset: Optional[torch.Tensor], blocksize: int, shape: Sequence[int],
-                    dtype: torch.dtype, *, config: Optional[dict] = None) -> torch.Tensor:
+                    dtype: torch.dtype, *, config: Optional[dict] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense NF4/FP4 weight; the CUDA kernel of ``qtune::dequantize_4bit`` (same arguments).
 
     Args:
@@ -117,10 +118,11 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         absmax: fp32 [n_blocks], or uint8 [n_blocks] with the three ``nested_*`` tensors.
         code: fp32 [16]. blocksize: elements per block. shape: (N, K). dtype: output dtype.
         config: fixed launch config (meta-parameters + num_warps/num_stages); default: autotuned.
+        out: contiguous [N, K] ``dtype`` tensor to write into (e.g. a dispatch workspace); default: new.
     Returns:
-        [N, K] ``dtype``.
+        [N, K] ``dtype`` (``out`` when given).
     Raises:
-        ValueError: missing nested tensors for a uint8 absmax, too few bytes, wrong device.
+        ValueError: missing nested tensors for a uint8 absmax, too few bytes, wrong device, unfit ``out``.
     """
     n_out, k_in = int(shape[0]), int(shape[1])
     n = n_out * k_in
@@ -137,7 +139,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if blocksize % 2:
         raise ValueError(f"dequantize_4bit: blocksize={blocksize} must be even")
     check_device(flat, absmax, code, kernel=_dequant_4bit_kernel)
-    out = torch.empty((n_out, k_in), dtype=dtype, device=packed.device)
+    out = output_buffer(out, (n_out, k_in), dtype, packed.device, "dequantize_4bit")
     if n == 0:
         return out
     code = code.float().contiguous()

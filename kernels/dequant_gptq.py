@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, config, launch, next_pow2
+from ._common import check_device, config, launch, next_pow2, output_buffer
 
 CONFIGS = [  # BLOCK_K: a multiple of 32 (whole packed words)
     config(BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=1),
@@ -218,21 +218,22 @@ def check_gptq_args(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                     bits: int, in_features: int, dtype: torch.dtype, *,
-                    config: Optional[dict] = None) -> torch.Tensor:
+                    config: Optional[dict] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense GPTQ weight; the CUDA kernel of ``qtune::dequantize_gptq`` (same arguments).
 
     Args:
         qweight: int32 [ceil(K/32)·bits, N]. qzeros: int32 [G, ceil(N/32)·bits]. scales: float [G, N].
         g_idx: int [K]. bits: 2, 3, 4 or 8. in_features: K. dtype: output dtype.
         config: fixed launch config; default: autotuned.
+        out: contiguous [N, K] ``dtype`` tensor to write into (e.g. a dispatch workspace); default: new.
     Returns:
-        [N, K] ``dtype``.
+        [N, K] ``dtype`` (``out`` when given).
     Raises:
-        ValueError: shapes that disagree, wrong device.
+        ValueError: shapes that disagree, wrong device, unfit ``out``.
     """
     n, k = check_gptq_args(qweight, qzeros, scales, g_idx, bits, in_features, "dequantize_gptq")
     check_device(qweight, qzeros, scales, g_idx, kernel=_dequant_gptq_kernel)
-    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    out = output_buffer(out, (n, k), dtype, qweight.device, "dequantize_gptq")
     if out.numel() == 0:
         return out
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, config, launch
+from ._common import check_device, config, launch, output_buffer
 
 CONFIGS = [
     config(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1),
@@ -115,17 +115,19 @@ def _grid(n: int, k: int):
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
-                    dtype: torch.dtype, *, config: Optional[dict] = None) -> torch.Tensor:
+                    dtype: torch.dtype, *, config: Optional[dict] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense 8-bit weight; the CUDA kernel of ``qtune::dequantize_int8`` (same arguments).
 
     Args:
         weight: int8 (symmetric) or uint8 (zero-point) [N, K]. scale: fp32 [N, G].
         zero: uint8 [N, G] or None. group_size: -1 (per row) or the group width. dtype: output dtype.
         config: fixed launch config; default: autotuned.
+        out: contiguous [N, K] ``dtype`` tensor to write into (e.g. a dispatch workspace); default: new.
     Returns:
-        [N, K] ``dtype``.
+        [N, K] ``dtype`` (``out`` when given).
     Raises:
-        ValueError: shapes that disagree, wrong device.
+        ValueError: shapes that disagree, wrong device, unfit ``out``.
     """
     if weight.dim() != 2:
         raise ValueError(f"dequantize_int8: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -138,7 +140,7 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zero: Optional[to
     if zero is not None and zero.numel() != n * g:
         raise ValueError(f"dequantize_int8: zero has {zero.numel()} elements, expected {n * g}")
     check_device(weight, scale, kernel=_dequant_int8_kernel)
-    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    out = output_buffer(out, (n, k), dtype, weight.device, "dequantize_int8")
     if out.numel() == 0:
         return out
     if weight.stride(-1) != 1:

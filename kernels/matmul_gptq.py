@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (autotuners, check_device, config, config_set, dot_in_fp32, dot_precision, fixed_config,
-                      launch, next_pow2, reduction_buffer, split_of, swizzle)
+from ._common import (autotuners, check_device, config, config_set, deterministic_decode, dot_in_fp32,
+                      dot_precision, fixed_config, launch, next_pow2, reduction_buffer, split_of, swizzle)
 from .dequant_gptq import check_gptq_args, dequantize_gptq, gptq_tile, trivial_group_size
 
 # Autotune config lists, picked per launch by ``config_set`` (see ``matmul_4bit.py``); BLOCK_K is a
@@ -70,6 +70,9 @@ CONFIGS = {
         config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, SPLIT_N=4, num_warps=4, num_stages=3),
     ],
 }
+# torch.use_deterministic_algorithms(True): decode shapes without split (no atomics)
+CONFIGS["fwd_decode_det"] = deterministic_decode("SPLIT_K")
+CONFIGS["bwd_decode_det"] = deterministic_decode("SPLIT_N")
 DECODE_MAX_M = 16
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

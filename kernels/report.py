@@ -178,6 +178,8 @@ def _jobs(level: str) -> list[Job]:
         "bwd_odd_k": [v4("bwd", "*fp16", even=False)],
         "bwd_decode": [v4("bwd", "*fp16", dq=True, decode=True), v4("bwd", f32, decode=True),
                        v4("bwd", "*fp16", even=False, decode=True)],
+        "fwd_decode_det": [v4("fwd", "*fp16", dq=True, bias=True), v4("fwd", "*bf16", even=False)],
+        "bwd_decode_det": [v4("bwd", "*bf16", dq=True), v4("bwd", f32)],
     }
     for set_name, variants in variants4.items():
         kernel = "_linear_4bit_fwd_kernel" if set_name.startswith("fwd") else "_linear_4bit_bwd_kernel"
@@ -210,6 +212,8 @@ def _jobs(level: str) -> list[Job]:
         "bwd_fp32": [vg("bwd", f32)],
         "bwd_decode": [vg("bwd", "*fp16", decode=True), vg("bwd", "*fp16", group=0, decode=True),
                        vg("bwd", f32, decode=True)],
+        "fwd_decode_det": [vg("fwd", "*fp16", bias=True), vg("fwd", "*bf16", bits=3, group=0)],
+        "bwd_decode_det": [vg("bwd", "*bf16"), vg("bwd", f32, group=0)],
     }
     for set_name, variants in variantsg.items():
         kernel = "_linear_gptq_fwd_kernel" if set_name.startswith("fwd") else "_linear_gptq_bwd_kernel"
@@ -241,6 +245,8 @@ def _jobs(level: str) -> list[Job]:
         "bwd": [v8("bwd", "*fp16"), v8("bwd", "*bf16", zero=True, group=INT8_G)],
         "bwd_fp32": [v8("bwd", f32)],
         "bwd_decode": [v8("bwd", "*fp16", decode=True), v8("bwd", f32, zero=True, group=INT8_G, decode=True)],
+        "fwd_decode_det": [v8("fwd", "*fp16", bias=True), v8("fwd", "*bf16", zero=True, group=INT8_G)],
+        "bwd_decode_det": [v8("bwd", "*bf16"), v8("bwd", f32, zero=True, group=INT8_G)],
     }
     for set_name, variants in variants8.items():
         kernel = "_linear_int8_fwd_kernel" if set_name.startswith("fwd") else "_linear_int8_bwd_kernel"

@@ -19,12 +19,26 @@ __version__ = "0.1.0"
 
 
 def _register_device_kernels() -> None:
-    # Triton kernels for CUDA tensors; a machine without triton keeps the reference kernels.
+    """Register the Triton kernels for CUDA tensors; never let a failure escape ``import qtune``.
+
+    Without Triton or CUDA nothing is registered (no warning: CPU use is normal). Any exception while
+    importing or registering the kernels (e.g. a Triton too old for them: no ``tl.gather``) is reported
+    in one warning naming its cause, and the reference kernels stay in use; a CUDA tensor that then
+    reaches them warns again, once, with the fix (``qtune.ops.library.slow_path_reason``).
+    """
+    import warnings
+
+    from .ops.library import note_registration_failure
+
     try:
         from . import kernels
-    except ImportError:
-        return
-    kernels.register()
+
+        kernels.register()
+    except Exception as e:  # noqa: BLE001  (any failure here must leave `import qtune` working)
+        cause = f"{type(e).__name__}: {e}".splitlines()[0]
+        note_registration_failure(cause)
+        warnings.warn(f"qtune: registering the Triton kernels failed ({cause}); qtune's quantized layers use the "
+                      "pure-PyTorch reference kernels (correct, much slower on GPUs)", RuntimeWarning, stacklevel=2)
 
 
 _register_device_kernels()

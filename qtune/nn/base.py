@@ -187,12 +187,26 @@ class QuantLinear(nn.Module):
         return _dequantize(self.op_format, self.weight_args(), dtype or self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``y = x Ŵᵀ + b``.
+
+        Outside autocast the matmul runs in ``compute_dtype`` and ``y`` is cast back to ``x.dtype``. Under
+        ``torch.autocast(device_type, dtype)`` (for ``x``'s device type) the layer behaves as ``nn.Linear``
+        does there: ``x`` and the bias are cast to the autocast dtype, the matmul runs in it, and ``y`` is
+        returned in it (whatever ``compute_dtype`` and ``x.dtype`` are).
+
+        Args:
+            x: (..., in_features), any floating dtype.
+        Returns:
+            (..., out_features): ``x.dtype``, or the autocast dtype under autocast.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        device_type = x.device.type
+        autocast = x.is_floating_point() and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.compute_dtype
         bias = self.bias
-        y = quant_linear(self.op_format, x.to(self.compute_dtype), self.weight_args(),
-                         None if bias is None else bias.to(self.compute_dtype))
-        return y.to(x.dtype)
+        y = quant_linear(self.op_format, x.to(dtype), self.weight_args(), None if bias is None else bias.to(dtype))
+        return y if autocast else y.to(x.dtype)
 
     # -- reporting ------------------------------------------------------------------------------
     def quantized_bytes(self) -> int:

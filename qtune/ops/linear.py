@@ -13,8 +13,10 @@ Autograd (``y = x Ŵᵀ + b``)::
     dŴ = none            (the quantized weight is frozen)
 
 The context saves the *packed* tensors, so a layer's backward costs no memory beyond its quantized
-weight. The reference kernels below dequantize then call a dense matmul; ``kernels/`` registers fused
-Triton kernels for CUDA against the same ops.
+weight. The reference kernels below dequantize then call a dense matmul; ``kernels/`` registers Triton
+kernels for CUDA against the same ops (fused, or dequantize + cuBLAS by problem size: see
+:mod:`qtune.ops.dispatch`). A CUDA tensor that reaches a reference kernel (Triton missing, registration
+failed, CUDA not visible at import) triggers one warning per process naming the cause and the fix.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from ..formats.int8 import llm_int8_linear
 from . import dequantize as dq
-from .library import define
+from .library import define, warn_slow_path
 
 WEIGHT_SCHEMAS = {
     "4bit": "Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
@@ -60,6 +62,7 @@ def dequantize(fmt: str, weight_args: tuple, dtype: torch.dtype) -> Tensor:
 
 def _reference_linear(fmt: str) -> Callable:
     def linear(x: Tensor, *args) -> Tensor:
+        warn_slow_path(x.device.type)
         *w, bias = args
         if fmt == "llm_int8":
             weight, scb, threshold = w
@@ -70,6 +73,7 @@ def _reference_linear(fmt: str) -> Callable:
 
 def _reference_grad_input(fmt: str) -> Callable:
     def grad_input(grad_out: Tensor, *w) -> Tensor:
+        warn_slow_path(grad_out.device.type)
         return torch.matmul(grad_out, dequantize(fmt, tuple(w), grad_out.dtype))
     return grad_input
 

@@ -6,9 +6,9 @@ pytest.importorskip("triton")
 
 import qtune  # noqa: E402,F401
 from qtune.kernels import linear_4bit, linear_4bit_grad_input  # noqa: E402
-from qtune.ops import GRAD_INPUT_OPS, LINEAR_OPS  # noqa: E402
+from qtune.ops import dequantize as ref_ops  # noqa: E402
 
-from .cases import DTYPES, activations, assert_matmul_close, nf4_weight  # noqa: E402
+from .cases import DTYPES, activations, assert_product_close, nf4_weight  # noqa: E402
 
 GEMM_ALIGNED = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 3}
 GEMM_WIDE_K = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 8, "num_stages": 3}
@@ -25,10 +25,10 @@ def check(m, k, n, dtype, *, quant_type="nf4", blocksize=64, double_quant=False,
     fwd_cfg = None if config is None else {**config, "SPLIT_K": split}
     bwd_cfg = None if config is None else {**config, "SPLIT_N": split}
     what = f"M={m} K={k} N={n} {dtype} {quant_type} bs{blocksize} dq={double_quant} {config} split={split}"
-    assert_matmul_close(linear_4bit(x, *w, b, config=fwd_cfg), LINEAR_OPS["4bit"](x, *w, b), "forward " + what)
+    w32 = ref_ops.dequantize_4bit(*w, torch.float32)
+    assert_product_close(linear_4bit(x, *w, b, config=fwd_cfg), x, w32.t(), b, "forward " + what)
     dy = activations(m, n, dtype, seed=3).view(*x.shape[:-1], n)
-    assert_matmul_close(linear_4bit_grad_input(dy, *w, config=bwd_cfg), GRAD_INPUT_OPS["4bit"](dy, *w),
-                        "backward " + what)
+    assert_product_close(linear_4bit_grad_input(dy, *w, config=bwd_cfg), dy, w32, None, "backward " + what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,16 +69,17 @@ def test_blocksize_not_a_power_of_two(k):
     w = (packed, absmax, torch.linspace(-1, 1, 16), None, None, None, blocksize, [n, k])
     x = activations(3, k, torch.float16)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1}
-    assert_matmul_close(linear_4bit(x, *w, None, config=cfg), LINEAR_OPS["4bit"](x, *w, None))
+    w32 = ref_ops.dequantize_4bit(*w, torch.float32)
+    assert_product_close(linear_4bit(x, *w, None, config=cfg), x, w32.t())
     dy = activations(3, n, torch.float16, seed=3)
-    assert_matmul_close(linear_4bit_grad_input(dy, *w, config=cfg), GRAD_INPUT_OPS["4bit"](dy, *w))
+    assert_product_close(linear_4bit_grad_input(dy, *w, config=cfg), dy, w32)
 
 
 def test_batched_input_and_fp64_fallback():
     check(6, 128, 40, torch.float16, x_shape=(2, 3))
     w = nf4_weight(40, 128)
     x = activations(4, 128, torch.float64)
-    torch.testing.assert_close(linear_4bit(x, *w, None), LINEAR_OPS["4bit"](x, *w, None))
+    torch.testing.assert_close(linear_4bit(x, *w, None), x @ ref_ops.dequantize_4bit(*w, torch.float64).t())
 
 
 def test_validation():

@@ -6,9 +6,9 @@ pytest.importorskip("triton")
 
 import qtune  # noqa: E402,F401
 from qtune.kernels import linear_gptq, linear_gptq_grad_input  # noqa: E402
-from qtune.ops import GRAD_INPUT_OPS, LINEAR_OPS  # noqa: E402
+from qtune.ops import dequantize as ref_ops  # noqa: E402
 
-from .cases import DTYPES, activations, assert_matmul_close, gptq_weight  # noqa: E402
+from .cases import DTYPES, activations, assert_product_close, gptq_weight  # noqa: E402
 
 SPLIT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
 GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 3}
@@ -21,10 +21,10 @@ def check(m, k, n, dtype, bits, *, group_size=32, act_order=False, bias=True, co
     fwd_cfg = None if config is None else {**config, "SPLIT_K": split}
     bwd_cfg = None if config is None else {**config, "SPLIT_N": split}
     what = f"M={m} K={k} N={n} {dtype} {bits}-bit g{group_size} act={act_order} {config} split={split}"
-    assert_matmul_close(linear_gptq(x, *w, b, config=fwd_cfg), LINEAR_OPS["gptq"](x, *w, b), "forward " + what)
+    w32 = ref_ops.dequantize_gptq(*w, torch.float32)
+    assert_product_close(linear_gptq(x, *w, b, config=fwd_cfg), x, w32.t(), b, "forward " + what)
     dy = activations(m, n, dtype, seed=3)
-    assert_matmul_close(linear_gptq_grad_input(dy, *w, config=bwd_cfg), GRAD_INPUT_OPS["gptq"](dy, *w),
-                        "backward " + what)
+    assert_product_close(linear_gptq_grad_input(dy, *w, config=bwd_cfg), dy, w32, None, "backward " + what)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
