@@ -1,4 +1,4 @@
-"""trl integration: k-bit preparation of a qtune model and ``QTuneSFTTrainer``.
+"""trl integration: k-bit preparation of a qtune model, ``QTuneSFTTrainer`` and the same for every trl trainer.
 
 :func:`prepare_model_for_kbit_training` does what peft's function of that name is for, without its
 memory trap: peft casts every fp16/bf16 parameter that is not a bitsandbytes ``Params4bit`` to fp32,
@@ -19,9 +19,15 @@ vocabulary, ~2 GB more). Here:
 :class:`QTuneSFTTrainer` is trl's ``SFTTrainer`` that runs the preparation and registers qtune's LoRA
 layers on the ``peft_config`` (expanding ``"all-linear"`` to the quantized layers) before trl builds the
 PEFT model. Datasets, packing, completion-only and assistant-only loss are trl's own.
+:func:`qtune_trainer` does the same for any trl trainer (``DPOTrainer``, ``KTOTrainer``, ``RewardTrainer``,
+``GRPOTrainer``, ``RLOOTrainer``, ``DistillationTrainer``): one mixin, :class:`QTuneTrainerMixin`, in front
+of trl's class. trl's preference and RL trainers take their reference model from the policy itself when
+the model is a ``PeftModel`` and ``ref_model`` is ``None`` (adapter disabled, or a frozen copy of a loaded
+adapter), so the quantized base is held once.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -35,7 +41,8 @@ from .peft import prepare_lora_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prepare_model_for_kbit_training", "is_qtune_model", "QTuneSFTTrainer", "count_parameters"]
+__all__ = ["prepare_model_for_kbit_training", "is_qtune_model", "QTuneTrainerMixin", "QTuneSFTTrainer",
+           "qtune_trainer", "count_parameters"]
 
 
 def is_qtune_model(model: nn.Module) -> bool:
@@ -112,22 +119,44 @@ def _set_checkpointing_kwargs(args, kwargs: dict) -> None:
             setattr(args, name, kwargs)
 
 
-class QTuneSFTTrainer(SFTTrainer):
-    """trl ``SFTTrainer`` for qtune models: k-bit preparation and qtune LoRA layers, then trl as usual.
+def _restore_saved_module_dtypes(model: nn.Module) -> None:
+    """Give trainable copies of whole modules (peft ``modules_to_save``, e.g. a reward model's ``score``
+    head) back the dtype of the module they copy.
+
+    trl casts every trainable parameter of a quantized model to bf16 (QLoRA's choice for LoRA A/B, whose
+    inputs the LoRA layer casts); a copied ``nn.Linear`` does no such cast, so in bf16 it would meet fp32
+    hidden states of an fp32 base and fail.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for m in model.modules():
+        if isinstance(m, ModulesToSaveWrapper):
+            ref = next((p for p in m.original_module.parameters() if p.is_floating_point()), None)
+            if ref is None:
+                continue
+            for p in m.modules_to_save.parameters():
+                if p.is_floating_point() and p.dtype != ref.dtype:
+                    p.data = p.data.to(ref.dtype)
+
+
+class QTuneTrainerMixin:
+    """In front of a trl trainer class: k-bit preparation and qtune LoRA layers, then trl as usual.
 
     Args:
-        model: a transformers model with qtune layers (or any model; then this is plain ``SFTTrainer``).
-        args: ``trl.SFTConfig``.
+        model: a transformers model with qtune layers (or any model; then this is the plain trl trainer),
+            or a ``peft.PeftModel`` on one (an adapter to continue training; then no ``peft_config``).
+        args: the trl trainer's config (``trl.SFTConfig``, ``trl.DPOConfig``, ...).
         peft_config: a ``peft.LoraConfig``; required for a quantized base (its weights cannot be trained).
             ``target_modules="all-linear"`` covers the quantized layers.
         adapter_dtype: dtype of the trainable parameters after trl set them up (``None``: trl's choice,
             bf16 for a quantized base as in QLoRA).
-        kwargs: the other ``SFTTrainer`` arguments (train_dataset, eval_dataset, processing_class, callbacks...).
+        kwargs: the trl trainer's other arguments (train_dataset, processing_class, callbacks, and per trainer
+            ref_model, reward_funcs, teacher_model, ...).
     Raises:
         ValueError: a quantized base without adapters.
     """
 
-    def __init__(self, model: nn.Module, args: SFTConfig | None = None, *, peft_config=None,
+    def __init__(self, model: nn.Module, args=None, *, peft_config=None,
                  adapter_dtype: torch.dtype | str | None = None, **kwargs: Any) -> None:
         from peft import PeftModel
 
@@ -148,7 +177,9 @@ class QTuneSFTTrainer(SFTTrainer):
                 _set_checkpointing_kwargs(args, {**(gc_kwargs or {}), "use_reentrant": False})
             if peft_config is not None:
                 prepare_lora_config(model, peft_config)
-        super().__init__(model, args, peft_config=peft_config, **kwargs)
+        super().__init__(model, args=args, peft_config=peft_config, **kwargs)
+        if self.qtune_quantized:
+            _restore_saved_module_dtypes(self.model)
         if adapter_dtype is not None:
             dtype = parse_dtype(adapter_dtype, what="adapter_dtype")
             for p in self.model.parameters():
@@ -170,3 +201,21 @@ class QTuneSFTTrainer(SFTTrainer):
             embeddings = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
             self._flops_params = c["float"] + c["quantized"] - embeddings
         return 6 * ids.numel() * self._flops_params
+
+
+class QTuneSFTTrainer(QTuneTrainerMixin, SFTTrainer):
+    """trl ``SFTTrainer`` for qtune models (see :class:`QTuneTrainerMixin`); ``args`` is a ``trl.SFTConfig``."""
+
+    def __init__(self, model: nn.Module, args: SFTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(model, args, **kwargs)
+
+
+@functools.cache
+def qtune_trainer(trainer_class: type) -> type:
+    """``trainer_class`` (a trl trainer) with :class:`QTuneTrainerMixin` in front, e.g.
+    ``qtune_trainer(trl.DPOTrainer)(model, args, peft_config=..., train_dataset=..., processing_class=...)``."""
+    if trainer_class is SFTTrainer:
+        return QTuneSFTTrainer
+    return type(f"QTune{trainer_class.__name__}", (QTuneTrainerMixin, trainer_class),
+                {"__doc__": f"trl ``{trainer_class.__name__}`` for qtune models (see :class:`QTuneTrainerMixin`).",
+                 "__module__": __name__})

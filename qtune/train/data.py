@@ -3,6 +3,8 @@
 A recipe's ``dataset.train`` / ``dataset.eval`` names a *source*:
 
 - ``qtune:austen/<novel>``: a public-domain novel bundled with qtune (``emma``, ``persuasion``);
+- ``qtune:demo/<set>``: a bundled demo set for the preference and RL tasks (``austen-preference``,
+  ``austen-kto``, ``austen-prompts``; see :mod:`qtune.train.demo_data`: demo data, not a benchmark);
 - a local file: ``.txt`` (plain text), ``.json``/``.jsonl``/``.csv``/``.parquet`` (records);
 - ``hf:<dataset id>`` (or a bare id): a Hugging Face Hub dataset, read with ``datasets.load_dataset``.
 
@@ -11,6 +13,8 @@ consecutive paragraphs are joined up to ``chunk_chars`` characters per example; 
 fills the training sequences. Records keep the columns trl understands: ``text`` (or ``text_field``),
 ``prompt``/``completion`` (loss on the completion only, trl's default) and ``messages``
 (conversational, rendered with the tokenizer's chat template; ``training.assistant_only_loss``).
+The other tasks read records with the columns their trl trainer needs (``required=``, e.g. ``prompt``,
+``chosen``, ``rejected`` for DPO), which trl then formats itself.
 """
 from __future__ import annotations
 
@@ -20,13 +24,14 @@ from typing import Any
 
 from .recipe import ASSET_PREFIX
 
+DEMO_PREFIX = ASSET_PREFIX + "demo/"
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_COLUMNS = {"text": None, "prompt_completion": ("prompt", "completion"), "conversational": ("messages",)}
 
 
 def read_text(source: str, *, text_field: str = "text", split: str = "train") -> str:
     """The raw text of a source (a bundled novel, a .txt file, or the text column of a dataset)."""
-    if source.startswith(ASSET_PREFIX):
+    if source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX):
         return _asset_text(source)
     path = Path(source)
     if path.suffix == ".txt" and path.is_file():
@@ -72,6 +77,9 @@ def chunk_paragraphs(paras: list[str], chunk_chars: int) -> list[str]:
 def _load_records(source: str, split: str):
     import datasets
 
+    if source.startswith(DEMO_PREFIX):
+        from .demo_data import demo_path
+        return datasets.load_dataset("json", data_files=str(demo_path(source[len(DEMO_PREFIX):])), split="train")
     path = Path(source)
     if path.suffix in RECORD_SUFFIXES:
         if not path.is_file():
@@ -93,19 +101,41 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
                      "(plain text), 'prompt'+'completion', or 'messages' (conversational)")
 
 
-def load_dataset(spec: dict[str, Any]):
+class MissingColumns(ValueError):
+    """A dataset without the columns its task needs (the runner names the recipe line)."""
+
+    def __init__(self, source: str, missing: list[str], columns: list[str], required: tuple[str, ...]) -> None:
+        self.source, self.missing, self.columns = source, missing, columns
+        super().__init__(f"{source}: needs column(s) {', '.join(missing)} (required: {', '.join(required)}); "
+                         f"it has {', '.join(columns) or 'none'}")
+
+
+def load_dataset(spec: dict[str, Any], *, required: tuple[str, ...] | None = None):
     """A ``datasets.Dataset`` for one ``dataset.train``/``dataset.eval`` recipe entry.
 
+    Args:
+        spec: the recipe entry (``source``, ``format``, ``split``, ...).
+        required: for tasks other than SFT, the columns the trainer needs (records only; ``format`` is not
+            used).
     Returns:
         ``Dataset`` with the columns trl expects for the format.
     Raises:
         ValueError: the columns do not match the requested ``format``.
+        MissingColumns: ``required`` columns are missing (plain text has only ``text``).
     """
     import datasets
 
     source, fmt, text_field = spec["source"], spec.get("format", "auto"), spec.get("text_field", "text")
     path = Path(source)
-    if source.startswith(ASSET_PREFIX) or (path.suffix == ".txt"):
+    if required:
+        if (source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX)) or path.suffix == ".txt":
+            raise MissingColumns(source, list(required), ["text"], required)
+        ds = _load_records(source, spec.get("split", "train"))
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise MissingColumns(source, missing, list(ds.column_names), required)
+        return _select(ds, spec, source)
+    if (source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX)) or (path.suffix == ".txt"):
         if fmt not in ("auto", "text"):
             raise ValueError(f"{source}: plain text can only be used with format 'text', not {fmt!r}")
         chunks = chunk_paragraphs(paragraphs(read_text(source)), spec.get("chunk_chars", 2000))
@@ -122,6 +152,11 @@ def load_dataset(spec: dict[str, Any]):
             raise ValueError(f"{source}: format {fmt!r} needs column(s) {missing}; the dataset has {ds.column_names}")
     if text_field != "text" and fmt == "text":
         ds = ds.rename_column(text_field, "text")
+    return _select(ds, spec, source)
+
+
+def _select(ds, spec: dict[str, Any], source: str):
+    """``skip_examples``/``max_examples`` of a recipe entry."""
     skip, limit = spec.get("skip_examples", 0) or 0, spec.get("max_examples")
     end = len(ds) if limit is None else min(len(ds), skip + limit)
     if skip or end < len(ds):
@@ -148,3 +183,43 @@ def perplexity(model, tokenizer, text: str, *, max_tokens: int = 4096, window: i
     except ValueError:  # shorter than max_tokens
         ids = tokenize_text(text, tokenizer)
     return dataclasses.asdict(_perplexity(model, ids, seq_len=window))
+
+
+def preference_margin(model, tokenizer, records, *, max_pairs: int | None = None) -> dict[str, float]:
+    """How much more likely a causal LM finds the chosen continuation than the rejected one, on held-out pairs.
+
+    For each record (``prompt``, ``chosen``, ``rejected``, strings), with the prompt and each continuation
+    tokenized apart and concatenated as trl's DPO does::
+
+        logp(c) = Σ_t log p(c_t | prompt, c_<t)       (summed over the continuation's tokens)
+        margin  = logp(chosen) − logp(rejected)
+
+    DPO's implicit reward margin is ``β · (margin − margin_ref)``: training should raise ``margin``.
+
+    Returns:
+        ``{"margin": mean margin (nats), "accuracy": fraction of pairs with margin > 0, "pairs": n}``.
+    """
+    import torch
+
+    def logp(prompt_ids: list[int], completion: str) -> float:
+        comp = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + comp], device=next(model.parameters()).device)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        return float(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None]).sum())
+
+    margins = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, r in enumerate(records):
+                if max_pairs is not None and i >= max_pairs:
+                    break
+                p = tokenizer(r["prompt"])["input_ids"]
+                margins.append(logp(p, r["chosen"]) - logp(p, r["rejected"]))
+    finally:
+        model.train(was_training)
+    if not margins:
+        raise ValueError("preference_margin: no pairs")
+    return {"margin": sum(margins) / len(margins), "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "pairs": len(margins)}

@@ -1,5 +1,6 @@
 """Training recipes: YAML data with sections ``model``, ``quantization``, ``lora``, ``dataset``,
-``training`` and ``output``, validated before anything is loaded.
+``training`` and ``output``, a ``task`` (``sft`` by default; see :mod:`qtune.train.tasks`) and that
+task's own section (``dpo:``, ``grpo:``, ...), validated before anything is loaded.
 
 A recipe is plain data (torchtune's recipe/config split): this module reads it with the line of every
 key, applies ``section.key=value`` overrides from the command line, fills defaults and checks every
@@ -8,9 +9,14 @@ bad key and its allowed values, e.g.::
 
     recipes/x.yaml:12: lora.bias: 'some' is not one of 'none', 'all', 'lora_only'
 
-The ``training`` section holds keyword arguments of ``trl.SFTConfig`` (names, declared choices and
-simple types are checked here; the rest when the config is built). ``output_dir`` and ``report_to``
-come from the ``output`` section.
+The ``training`` section holds keyword arguments of the task's trl config (``trl.SFTConfig`` for
+``sft``, ``trl.DPOConfig`` for ``dpo``, ...; names, declared choices and simple types are checked here,
+the rest when the config is built); the task's section holds that config's task-specific fields
+(``dpo.beta``, ``grpo.num_generations``) and qtune's task keys (``grpo.reward``, ``distill.teacher``).
+``output_dir`` and ``report_to`` come from the ``output`` section.
+
+``model.dtype: auto`` and ``quantization.compute_dtype: auto`` are resolved when a run starts
+(:meth:`Recipe.resolve_dtypes`, from the hardware the run uses: bf16 where it is native, else fp32).
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ import yaml
 from ..formats import CONFIGS
 
 SECTIONS = ("model", "quantization", "lora", "dataset", "training", "output")
+TASK_KEY = "task"
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"
 QUANT_FORMATS = tuple(CONFIGS) + ("pretrained", "none")
 ASSET_PREFIX = "qtune:"
 BNB_FORMATS = ("nf4", "fp4", "llm_int8")
@@ -80,17 +88,22 @@ NUMBER = (int, float)
 MODEL = {
     "path": Opt((str,), doc="local folder, Hugging Face Hub id, or qtune:smollm2-135m-instruct (bundled demo model)"),
     "tokenizer": Opt((str, NONE), None, doc="tokenizer folder/id (default: model.path)"),
-    "dtype": Opt((str,), "bfloat16", DTYPES, doc="dtype of the float parameters (embeddings, norms, head)"),
+    "dtype": Opt((str,), "bfloat16", (AUTO,) + DTYPES,
+                 doc="dtype of the float parameters (embeddings, norms, head); auto: bf16 where the hardware has "
+                     "native bf16, else fp32"),
     "attn_implementation": Opt((str, NONE), None, (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3")),
     "trust_remote_code": Opt((bool,), False),
     "revision": Opt((str, NONE), None),
+    "adapter": Opt((str, NONE), None,
+                   doc="start from a trained adapter (a qtune train run folder or a PEFT adapter folder), trainable; "
+                       "its own LoRA settings apply"),
 }
 
 QUANTIZATION = {
     "format": Opt((str,), choices=QUANT_FORMATS,
                   doc="qtune format to quantize the float checkpoint into while loading; 'pretrained': the "
                       "checkpoint is already quantized (qtune, bitsandbytes or GPTQ); 'none': no quantization"),
-    "compute_dtype": Opt((str, NONE), None, (None,) + DTYPES),
+    "compute_dtype": Opt((str, NONE), None, (None, AUTO) + DTYPES),
     "skip_modules": Opt((list, NONE), None, check=_str_list, doc="name patterns kept in full precision"),
     "overrides": Opt((dict,), {}, doc="{name pattern: format name, {format: ..., fields}, or null}"),
     "calibration": Opt((dict, NONE), None, doc="gptq only: {source, samples, seq_len}"),
@@ -210,6 +223,8 @@ class Recipe:
         model, quantization, lora, dataset, training, output: the sections (plain dicts).
         path: the YAML file (``None`` for a recipe built from a dict).
         overrides: the ``section.key=value`` strings applied on top of the file.
+        task: the ``task:`` value (a key of :data:`qtune.train.tasks.TASKS`).
+        task_options: the task's own section (``dpo:``, ``grpo:``, ...; empty for ``sft``).
     """
 
     model: dict[str, Any]
@@ -220,19 +235,62 @@ class Recipe:
     output: dict[str, Any]
     path: Path | None = None
     overrides: tuple[str, ...] = ()
+    task: str = "sft"
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    origin: "_Ctx | None" = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {s: getattr(self, s) for s in SECTIONS}
+        out: dict[str, Any] = {TASK_KEY: self.task}
+        out.update({s: getattr(self, s) for s in SECTIONS})
+        if self.task != "sft":
+            out[self.task] = self.task_options
+        return out
+
+    def where(self, *path: str) -> str:
+        """``file:line`` (or ``command line (...)``) of a key, for errors found after validation."""
+        if self.origin is None:
+            return str(self.path) if self.path else "<recipe>"
+        return self.origin.where(tuple(path))
+
+    def error(self, path: tuple[str, ...], message: str) -> "RecipeError":
+        """A :class:`RecipeError` located at ``path`` (e.g. a dataset without the columns the task needs)."""
+        return RecipeError(message, key=".".join(path), where=self.where(*path))
+
+    def resolve_dtypes(self, device=None) -> list[str]:
+        """Replace ``auto`` in ``model.dtype`` and ``quantization.compute_dtype`` by the dtype the hardware
+        runs best (:func:`qtune.hardware.resolve_dtype`), in place.
+
+        Returns:
+            one line per resolved key, ``"model.dtype: auto -> float32 (reason)"``.
+        """
+        lines = []
+        for section, key in (("model", "dtype"), ("quantization", "compute_dtype")):
+            if getattr(self, section).get(key) != AUTO:
+                continue
+            from ..formats.base import dtype_name
+            from ..hardware import resolve_dtype
+
+            dtype, reason = resolve_dtype(AUTO, device)
+            name = dtype_name(dtype) if dtype is not None else None
+            getattr(self, section)[key] = name
+            lines.append(f"{section}.{key}: auto -> {name}" + (f" ({reason})" if reason else ""))
+        return lines
 
     def format_fields(self) -> dict[str, Any]:
         """The fields of the quantization format's config given in ``quantization`` (e.g. ``double_quant``)."""
         return {k: v for k, v in self.quantization.items() if k not in QUANTIZATION}
 
     def quant_config(self):
-        """The qtune ``QuantConfig`` of ``quantization`` (``None`` for ``pretrained``/``none``)."""
+        """The qtune ``QuantConfig`` of ``quantization`` (``None`` for ``pretrained``/``none``).
+
+        Raises:
+            ValueError: ``compute_dtype`` is still ``auto`` (call :meth:`resolve_dtypes` first).
+        """
         q = self.quantization
         if q["format"] in ("pretrained", "none"):
             return None
+        if q["compute_dtype"] == AUTO:
+            raise ValueError("quantization.compute_dtype is 'auto': resolve it first (Recipe.resolve_dtypes)")
         from ..formats import config_from_dict
         return config_from_dict({"format": q["format"], "compute_dtype": q["compute_dtype"], **self.format_fields()})
 
@@ -332,25 +390,72 @@ def _annotation_types(annotation: Any) -> tuple[type, ...] | None:
     return tuple(out) or None
 
 
-def _validate_training(ctx: _Ctx, data: Any) -> dict[str, Any]:
-    from trl import SFTConfig
-
+def _validate_config_fields(ctx: _Ctx, section: str, data: Any, fields: dict[str, dataclasses.Field],
+                            what: str, extra: Mapping[str, Opt] | None = None) -> dict[str, Any]:
+    """Check keys against a trl config's dataclass fields (names, declared choices, simple types) and
+    ``extra`` qtune keys (full :class:`Opt` checks and defaults)."""
+    extra = extra or {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ctx.error(("training",), f"expected a mapping of trl.SFTConfig arguments, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+        raise ctx.error((section,), f"expected a mapping of {what} arguments, got {data!r}")
     for key, value in data.items():
-        path = ("training", key)
+        path = (section, key)
         if key in TRAINING_RESERVED:
             raise ctx.error(path, f"set {TRAINING_RESERVED[key]} instead")
+        if key in extra:
+            continue
         if key not in fields:
-            raise _unknown_key(ctx, path, [k for k in fields if k not in TRAINING_RESERVED])
+            raise _unknown_key(ctx, path, [k for k in (*fields, *extra) if k not in TRAINING_RESERVED])
         f = fields[key]
         types = _annotation_types(f.type)
         choices = f.metadata.get("choices")
         _check_value(ctx, path, Opt(types or (object,), choices=tuple(choices) if choices else None), value)
-    return dict(data)
+    out = dict(data)
+    out.update(_validate_mapping(ctx, (section,), extra, {k: v for k, v in data.items() if k in extra}))
+    return out
+
+
+def _validate_training(ctx: _Ctx, data: Any, task) -> dict[str, Any]:
+    return _validate_config_fields(ctx, "training", data, task.config_fields(), f"trl.{task.config}")
+
+
+def _validate_task(ctx: _Ctx, data: dict, out: dict) -> tuple[str, dict[str, Any]]:
+    """``(task name, its validated section)``; another task's section is an error."""
+    from .tasks import TASK_NAMES, TASKS
+
+    name = data.get(TASK_KEY, "sft")
+    task = TASKS[name]
+    for other in TASK_NAMES:
+        if other != name and other in data:
+            raise ctx.error((other,), f"this section is for task: {other}; the recipe's task is {name!r}"
+                            + (f" (its section is {name}:)" if name != "sft" else ""))
+    if name == "sft":
+        return name, {}
+    if data.get(name) is None and any(o.default is _REQUIRED for o in task.options.values()):
+        missing = [k for k, o in task.options.items() if o.default is _REQUIRED]
+        raise ctx.error((TASK_KEY,), f"task {name} needs a {name}: section with "
+                        + ", ".join(f"{name}.{k} ({task.options[k].doc})" for k in missing))
+    section = _validate_config_fields(ctx, name, data.get(name), task.specific_fields(),
+                                      f"trl.{task.config} (task-specific)", task.options)
+    both = [k for k in section if k in out["training"]]
+    if both:
+        raise ctx.error((name, both[0]), f"also set as training.{both[0]}; set it in one place")
+    if task.head != "causal_lm":
+        for path in (("dataset", "perplexity"), ("output", "merge")):
+            if out[path[0]][path[1]]:
+                raise ctx.error(path, f"task {name} trains a {task.head} model, which has no language-model "
+                                "head to measure perplexity with or to merge into a causal LM")
+    m = out["model"]
+    if m["adapter"] is not None:
+        if task.head != "causal_lm":
+            raise ctx.error(("model", "adapter"), f"task {name} trains a new {task.head} head; it cannot start "
+                            "from a causal-LM adapter")
+        given = [k for k in (data.get("lora") or {}) if k != "dtype"]
+        if given:
+            raise ctx.error(("lora", given[0]), "model.adapter is set: the adapter's own LoRA settings apply "
+                            "(only lora.dtype may be given)")
+    return name, section
 
 
 def _apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict[tuple, str]:
@@ -400,11 +505,15 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         data = {}
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with sections " + ", ".join(SECTIONS), where=filename)
+    from .tasks import TASK_NAMES, TASKS
+
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     ctx = _Ctx(filename, lines or {}, _apply_overrides(data, overrides))
+    top = SECTIONS + (TASK_KEY,) + tuple(t for t in TASK_NAMES if t != "sft")
     for key in data:
-        if key not in SECTIONS:
-            raise _unknown_key(ctx, (key,), SECTIONS)
+        if key not in top:
+            raise _unknown_key(ctx, (key,), top)
+    task = TASKS[_check_value(ctx, (TASK_KEY,), Opt((str,), choices=TASK_NAMES), data.get(TASK_KEY, "sft"))]
     out: dict[str, Any] = {}
     for section in ("model", "lora", "dataset", "output"):
         if section not in data and any(o.default is _REQUIRED for o in SCHEMAS[section].values()):
@@ -430,7 +539,7 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         from ..formats import config_from_dict
         qq = out["quantization"]
         try:
-            config_from_dict({"format": fmt, "compute_dtype": qq["compute_dtype"],
+            config_from_dict({"format": fmt, "compute_dtype": None if qq["compute_dtype"] == AUTO else qq["compute_dtype"],
                               **{k: qq[k] for k in extra}})
         except (ValueError, TypeError) as e:
             bad = next((k for k in extra if k in str(e) and k in q), "format")
@@ -450,8 +559,12 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
                 config_from_dict(dict(d))
             except (ValueError, TypeError) as e:
                 raise ctx.error(("quantization", "overrides", pattern), str(e)) from None
-    out["training"] = _validate_training(ctx, data.get("training"))
-    return Recipe(**out, overrides=tuple(overrides))
+    out["training"] = _validate_training(ctx, data.get("training"), task)
+    name, section = _validate_task(ctx, data, out)
+    if name == "reward" and (out["quantization"]["backend"] != "qtune" or fmt in ("pretrained", "gptq")):
+        raise ctx.error(("quantization", "format"), "task reward loads the base as a sequence classifier: "
+                        "quantize a float checkpoint while loading (nf4, fp4, int8, ...; backend qtune) or 'none'")
+    return Recipe(**out, overrides=tuple(overrides), task=name, task_options=section, origin=ctx)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -1,15 +1,26 @@
 """Run a training recipe: load (and quantize) the model, train LoRA adapters with trl, report.
 
 ``run(recipe)`` is what ``qtune train RECIPE.yaml`` calls, also under ``accelerate launch -m qtune
-train`` (one process per device; trl/accelerate handle DDP or FSDP from the accelerate config). Steps:
+train`` (one process per device; trl/accelerate handle DDP or FSDP from the accelerate config). Every
+task (``task: sft``, ``dpo``, ``kto``, ``reward``, ``grpo``, ``rloo``, ``distill``; see
+:mod:`qtune.train.tasks`) takes the same named steps:
 
-1. tokenizer and datasets (``dataset.train``/``eval``);
-2. the model: a float checkpoint quantized while loading (``quantization.format``), an already
-   quantized checkpoint (``pretrained``), or GPTQ calibrated here (``gptq``);
-3. held-out perplexity before training (``dataset.perplexity``);
-4. :class:`~qtune.integrations.trl.QTuneSFTTrainer` with the recipe's LoRA config and ``training``
-   section (``trl.SFTConfig``), resuming from the last checkpoint with ``resume=True``;
-5. the adapter (PEFT format), final eval loss and perplexity, a loss-curve PNG and ``summary.json``.
+1. :func:`start_run`: resolve ``auto`` dtypes, check the run folder, the trl config of the task, write
+   the resolved recipe;
+2. :func:`load_data`: datasets (``dataset.train``/``eval``) with the columns the task needs (a missing
+   column is a recipe error naming the ``source`` line), before any weights are loaded;
+3. :func:`load_base`: tokenizer and base model: a float checkpoint quantized while loading
+   (``quantization.format``), an already quantized checkpoint (``pretrained``), or GPTQ calibrated here
+   (``gptq``); a causal LM, or a one-output sequence classifier for ``reward`` (:func:`load_model`, which
+   ``qtune export`` uses too);
+4. :func:`attach_adapter`: a new LoRA config from ``lora``, or the trained adapter of ``model.adapter``
+   (trainable);
+5. held-out perplexity before training (``dataset.perplexity``);
+6. :func:`build_trainer`: the task's trl trainer behind :class:`~qtune.integrations.trl.QTuneTrainerMixin`
+   (reference = the same quantized base; reward functions; teacher);
+7. :func:`train`: resuming from the last checkpoint with ``resume=True``;
+8. :func:`finish`: the adapter (PEFT format), final eval loss and perplexity, a loss-curve PNG and
+   ``summary.json``.
 
 The first SIGINT (Ctrl-C) lets the running optimizer step finish, saves a checkpoint, and stops;
 ``--resume`` continues from it with the same step count. A second SIGINT aborts at once.
@@ -17,6 +28,7 @@ The first SIGINT (Ctrl-C) lets the running optimizer step finish, saves a checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +43,8 @@ from typing import Any
 import torch
 
 from ..formats.base import parse_dtype
-from .recipe import ASSET_PREFIX, Recipe
+from .recipe import ASSET_PREFIX, AUTO, Recipe
+from .tasks import TASKS, Task, task_config_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +138,10 @@ def _device_map():
 
 
 def load_model(recipe: Recipe, path: Path, tokenizer=None):
-    """The model of ``recipe`` with its quantization applied (``QuantLinear`` layers).
+    """The model of ``recipe`` with its quantization applied (``QuantLinear`` layers): a causal LM, or
+    for ``task: reward`` a sequence classifier with one output (its ``score`` head left in float).
+
+    ``auto`` dtypes still in the recipe are resolved first (:meth:`Recipe.resolve_dtypes`).
 
     Returns:
         ``(model, seconds)``.
@@ -135,8 +151,12 @@ def load_model(recipe: Recipe, path: Path, tokenizer=None):
     from ..integrations import checkpoints
     from ..integrations.transformers import QTuneConfig
 
+    for line in recipe.resolve_dtypes():
+        logger.info("%s", line)
     m, q = recipe.model, recipe.quantization
     dtype = parse_dtype(m["dtype"])
+    if TASKS[recipe.task].head == "sequence_classification":
+        return _load_classifier(recipe, path, dtype)
     common: dict[str, Any] = {"device_map": _device_map(), "trust_remote_code": m["trust_remote_code"]}
     if m["attn_implementation"]:
         common["attn_implementation"] = m["attn_implementation"]
@@ -156,6 +176,30 @@ def load_model(recipe: Recipe, path: Path, tokenizer=None):
                          overrides=q["overrides"], **fields)
         model = checkpoints.load_model(path, qc, dtype=dtype, **common)
     return model, time.perf_counter() - t0
+
+
+def _load_classifier(recipe: Recipe, path: Path, dtype):
+    """``AutoModelForSequenceClassification`` (one output: a reward) on the quantized base; ``score`` stays float
+    so that it can train beside the adapter (``modules_to_save``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..integrations.transformers import QTuneConfig
+
+    m, q = recipe.model, recipe.quantization
+    common: dict[str, Any] = {"device_map": _device_map(), "trust_remote_code": m["trust_remote_code"], "num_labels": 1}
+    if m["attn_implementation"]:
+        common["attn_implementation"] = m["attn_implementation"]
+    t0 = time.perf_counter()
+    if q["format"] != "none":
+        skip = list(q["skip_modules"] or []) + [n for n in SCORE_HEADS if n not in (q["skip_modules"] or [])]
+        common["quantization_config"] = QTuneConfig(q["format"], compute_dtype=q["compute_dtype"], skip_modules=skip,
+                                                    overrides=q["overrides"], **recipe.format_fields())
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **common)
+    return model, time.perf_counter() - t0
+
+
+# the classification heads transformers puts on decoder models (kept float and trainable)
+SCORE_HEADS = ("score",)
 
 
 def _load_bitsandbytes(recipe: Recipe, path: Path, dtype, common: dict):
@@ -219,12 +263,18 @@ def load_tokenizer(recipe: Recipe, model_path: Path):
 # Configs
 # ------------------------------------------------------------------------------------------------
 def lora_config(recipe: Recipe):
+    """The ``peft.LoraConfig`` of ``lora``; for ``task: reward`` a ``SEQ_CLS`` config whose ``score`` head
+    trains beside the adapter (``modules_to_save``)."""
     from peft import LoraConfig
 
     lo = recipe.lora
+    seq_cls = TASKS[recipe.task].head == "sequence_classification"
+    save = list(lo["modules_to_save"] or [])
+    if seq_cls:
+        save += [h for h in SCORE_HEADS if h not in save]
     return LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=float(lo["dropout"]),
                       target_modules=lo["target_modules"], use_rslora=lo["use_rslora"], use_dora=lo["use_dora"],
-                      bias=lo["bias"], modules_to_save=lo["modules_to_save"], task_type="CAUSAL_LM")
+                      bias=lo["bias"], modules_to_save=save or None, task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
 
 
 def report_to(recipe: Recipe) -> list[str]:
@@ -249,11 +299,14 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def sft_config(recipe: Recipe):
-    from trl import SFTConfig
-
-    kwargs = dict(TRAINING_DEFAULTS)
+def task_config(recipe: Recipe):
+    """The trl config of the recipe's task (``trl.SFTConfig``, ``trl.DPOConfig``, ...): qtune's defaults,
+    then ``training``, then the task section's trl fields."""
+    task = TASKS[recipe.task]
+    fields = task.config_fields()
+    kwargs = {k: v for k, v in TRAINING_DEFAULTS.items() if k in fields}
     training = dict(recipe.training)
+    training.update(task_config_kwargs(task, recipe.task_options))
     # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; recipes may use either
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
@@ -266,7 +319,10 @@ def sft_config(recipe: Recipe):
         if kwargs.get("bf16") or kwargs.get("fp16"):
             logger.warning("no GPU: ignoring training.bf16/fp16 (mixed precision); compute runs in model.dtype")
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
-    return SFTConfig(output_dir=recipe.output["dir"], report_to=report_to(recipe), **kwargs)
+    return task.config_class()(output_dir=recipe.output["dir"], report_to=report_to(recipe), **kwargs)
+
+
+sft_config = task_config  # the name before there were tasks
 
 
 def adapter_dtype(recipe: Recipe):
@@ -325,6 +381,10 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("tokens_per_s"):
         lines.append(f"  throughput: {s['tokens_per_s']:.0f} tokens/s ({s.get('train_tokens', 0):,} tokens, "
                      f"{s.get('step_s', 0):.2f} s/step)")
+    first, last = s.get("metrics_first") or {}, s.get("metrics_last") or {}
+    if last:
+        lines.append(f"  {s.get('task', 'sft')} metrics (first -> last logged): "
+                     + ", ".join(f"{k} {first[k]:.4g} -> {v:.4g}" for k, v in last.items()))
     if s.get("eval_loss") is not None:
         lines.append(f"  final eval loss: {s['eval_loss']:.4f} (perplexity {math.exp(s['eval_loss']):.2f})")
     pb, pa = s.get("perplexity_before"), s.get("perplexity_after")
@@ -374,66 +434,166 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
                               "output.overwrite=true (or another output.dir) to start over")
 
 
-def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
-    """Train the recipe; return the summary (also written to ``<output.dir>/summary.json``).
+@dataclasses.dataclass
+class Run:
+    """What the steps of :func:`run` hand on to each other."""
 
-    Args:
-        recipe: a validated :class:`~qtune.train.recipe.Recipe`.
-        resume: continue from the last ``checkpoint-*`` in ``output.dir``.
-        callbacks: extra ``transformers.TrainerCallback`` objects.
-    """
+    recipe: Recipe
+    task: Task
+    out: Path
+    args: Any  # the task's trl config
+    state: Any  # accelerate.PartialState
+    resume: bool
+    summary: dict[str, Any]
+    t_start: float
+
+    def say(self, *a, **k) -> None:
+        if self.state.is_main_process:
+            print(*a, **k)
+
+
+@dataclasses.dataclass
+class Base:
+    """A recipe's base model: the local folder, its tokenizer and the (quantized) model."""
+
+    path: Path
+    tokenizer: Any
+    model: Any
+    load_s: float
+
+
+def start_run(recipe: Recipe, *, resume: bool = False) -> Run:
+    """Step 1: ``auto`` dtypes resolved (printed once), the run folder checked, the task's trl config built
+    (this sets up the distributed state), the seed set, the resolved recipe written to ``recipe.yaml``."""
     from accelerate import PartialState
     from transformers import set_seed
 
-    from ..integrations.trl import QTuneSFTTrainer, count_parameters
-    from . import data
-
     t_start = time.perf_counter()
+    resolved = recipe.resolve_dtypes()
     out = Path(recipe.output["dir"])
     _check_output_dir(out, resume, recipe.output["overwrite"])
-    args = sft_config(recipe)  # sets up the (distributed) state first
+    args = task_config(recipe)  # sets up the (distributed) state first
     state = PartialState()
     set_seed(args.seed)
-
+    r = Run(recipe, TASKS[recipe.task], out, args, state, resume,
+            {"recipe": str(recipe.path) if recipe.path else None, "overrides": list(recipe.overrides),
+             "task": recipe.task}, t_start)
+    for line in resolved:
+        r.say(f"qtune train: {line}")
     if state.is_main_process:
         write_resolved_recipe(recipe, out / "recipe.yaml")
-    model_path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    tokenizer = load_tokenizer(recipe, model_path)
-    with state.main_process_first():
-        train_ds = data.load_dataset(recipe.dataset["train"])
-        eval_ds = data.load_dataset(recipe.dataset["eval"]) if recipe.dataset["eval"] else None
-    model, load_s = load_model(recipe, model_path, tokenizer)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    say(f"qtune train: loaded {model_path} ({recipe.quantization['format']}) in {load_s:.1f} s")
+    return r
 
-    summary: dict[str, Any] = {"recipe": str(recipe.path) if recipe.path else None, "overrides": list(recipe.overrides),
-                               "model": str(model_path), "format": recipe.quantization["format"],
-                               "load_s": load_s}
-    ppl_spec = recipe.dataset["perplexity"]
-    ppl_text = data.read_text(ppl_spec["source"]) if ppl_spec else None
-    bnb_cpu = recipe.quantization["backend"] == "bitsandbytes" and not torch.cuda.is_available()
-    if bnb_cpu and ppl_spec and ppl_spec["before"]:
-        # bitsandbytes 0.50 on CPU repacks 4-bit weights for its fused kernel in eval mode, after which
-        # backward yields no input gradient: never evaluate such a model before training
-        say("qtune train: bitsandbytes on CPU: skipping the perplexity before training (eval mode would "
-            "repack its CPU weights and break training)")
-    elif ppl_spec and ppl_spec["before"] and not resume and state.is_main_process:
-        t0 = time.perf_counter()
-        summary["perplexity_before"] = data.perplexity(model, tokenizer, ppl_text, max_tokens=ppl_spec["max_tokens"],
-                                                       window=ppl_spec["window"])
-        say(f"qtune train: held-out perplexity before training: {summary['perplexity_before']['perplexity']:.2f} "
-            f"({summary['perplexity_before']['predicted']:,} tokens, {time.perf_counter() - t0:.0f} s)")
-    state.wait_for_everyone()
 
-    interrupt = _interrupt_callback_class()()
-    trainer = QTuneSFTTrainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                              peft_config=lora_config(recipe), adapter_dtype=adapter_dtype(recipe),
-                              callbacks=[interrupt, *(callbacks or [])])
+def load_data(recipe: Recipe, state=None):
+    """Step 2: ``(train, eval or None)`` datasets with the columns the task needs.
+
+    Raises:
+        RecipeError: a dataset lacks a column the task needs (names the ``source`` line of the recipe).
+    """
+    from . import data
+
+    required = TASKS[recipe.task].columns or None
+    ctx = state.main_process_first() if state is not None else contextlib.nullcontext()
+    out = []
+    with ctx:
+        for split in ("train", "eval"):
+            spec = recipe.dataset[split]
+            if spec is None:
+                out.append(None)
+                continue
+            try:
+                out.append(data.load_dataset(spec, required=required))
+            except data.MissingColumns as e:
+                raise recipe.error(("dataset", split, "source"), f"task {recipe.task} {e}") from None
+    return out[0], out[1]
+
+
+def load_base(recipe: Recipe) -> Base:
+    """Step 3: the base as the recipe describes it (what ``qtune export`` rebuilds from a run's recipe)."""
+    path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
+    tokenizer = load_tokenizer(recipe, path)
+    model, load_s = load_model(recipe, path, tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
+    return Base(path, tokenizer, model, load_s)
+
+
+def find_adapter_dir(recipe: Recipe) -> Path:
+    """The adapter folder ``model.adapter`` names: itself, or ``adapter/`` of a run folder.
+
+    Raises:
+        RecipeError: no adapter there (names the recipe line).
+    """
+    p = Path(recipe.model["adapter"]).expanduser()
+    for cand in (p, p / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise recipe.error(("model", "adapter"), f"{p}: neither a PEFT adapter folder (adapter_config.json) nor a "
+                       "qtune train run folder with adapter/ (did that run finish?)")
+
+
+def attach_adapter(recipe: Recipe, model):
+    """Step 4: ``(model, peft_config)``: the base and a new ``LoraConfig`` (trl wraps it), or the trained
+    adapter of ``model.adapter`` loaded trainable (a ``PeftModel``; ``peft_config`` ``None``)."""
+    if recipe.model["adapter"] is None:
+        return model, lora_config(recipe)
+    from ..integrations.peft import load_adapter
+
+    folder = find_adapter_dir(recipe)
+    return load_adapter(model, str(folder), is_trainable=True), None
+
+
+def _reward_inputs(run: Run, base: Base) -> dict[str, Any]:
+    from .rewards import resolve_reward
+
+    names = run.recipe.task_options["reward"]
+    names = [names] if isinstance(names, str) else list(names)
+    try:
+        return {"reward_funcs": [resolve_reward(n) for n in names]}
+    except ValueError as e:
+        raise run.recipe.error((run.task.name, "reward"), str(e)) from None
+
+
+def _teacher_inputs(run: Run, base: Base) -> dict[str, Any]:
+    """The teacher: ``distill.teacher`` or the base checkpoint unquantized, frozen, in ``model.dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    m = run.recipe.model
+    path = resolve_model_path(run.recipe.task_options["teacher"] or m["path"], m["revision"])
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(m["dtype"]), device_map=_device_map(),
+                                                   trust_remote_code=m["trust_remote_code"])
+    teacher.requires_grad_(False)
+    return {"teacher_model": teacher.eval()}
+
+
+# what a task's trainer takes beyond model, args, data and tokenizer (dpo/kto: ref_model=None, i.e. the base)
+TASK_INPUTS = {"grpo": _reward_inputs, "rloo": _reward_inputs, "distill": _teacher_inputs}
+
+
+def build_trainer(run: Run, base: Base, model, peft_config, train_ds, eval_ds, callbacks: list):
+    """Step 6: the task's trl trainer for the qtune model (:func:`qtune.integrations.trl.qtune_trainer`)."""
+    from ..integrations.trl import qtune_trainer
+
+    recipe = run.recipe
+    extra = TASK_INPUTS[run.task.name](run, base) if run.task.name in TASK_INPUTS else {}
+    cls = qtune_trainer(run.task.trainer_class())
+    trainer = cls(model, run.args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=base.tokenizer,
+                  peft_config=peft_config, adapter_dtype=adapter_dtype(recipe), callbacks=callbacks, **extra)
     if recipe.quantization["storage_dtype"]:
         # before accelerate wraps the model (in train()): FSDP then shards the packed weights as well
         from ..nn import set_storage_dtype
         n = set_storage_dtype(trainer.model, recipe.quantization["storage_dtype"])
-        say(f"qtune train: packed weights of {n} layers stored as {recipe.quantization['storage_dtype']} parameters")
+        run.say(f"qtune train: packed weights of {n} layers stored as {recipe.quantization['storage_dtype']} "
+                "parameters")
+    return trainer
+
+
+def train(run: Run, trainer, interrupt) -> None:
+    """Step 7: ``trainer.train()`` (resumed with ``run.resume``), SIGINT-aware; fills the run summary."""
+    from ..integrations.trl import count_parameters
+
+    summary = run.summary
     counts = count_parameters(trainer.model)
     summary["parameters"] = {"trainable": counts["trainable"], "quantized": counts["quantized"],
                              "total": counts["float"] + counts["quantized"]}
@@ -441,13 +601,14 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with _sigint_requests(interrupt):
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=True if run.resume else None)
     train_s = time.perf_counter() - t0
     st = trainer.state
     summary.update(status="interrupted" if interrupt.stopped_at is not None else "finished",
                    global_step=st.global_step, max_steps=st.max_steps, start_step=interrupt.start_step,
                    train_s=train_s, train_loss=result.training_loss)
-    if state.num_processes > 1:
+    summary.update(task_metrics(st.log_history))
+    if run.state.num_processes > 1:
         summary["adapter_checksums"] = _gather_checksums(trainer.model)
         if len(set(summary["adapter_checksums"])) != 1:
             logger.warning("the ranks hold different adapter weights: %s", summary["adapter_checksums"])
@@ -458,36 +619,136 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
         summary["train_tokens"] = tokens
         summary["tokens_per_s"] = tokens * steps_run / max(st.global_step, 1) / max(runtime, 1e-9)
     summary["step_s"] = runtime / steps_run
+
+
+# metrics trl logs per task that a summary repeats (first and last logged value)
+TASK_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward", "kl",
+                "accuracy", "margin")
+
+
+def task_metrics(log_history: list[dict]) -> dict[str, Any]:
+    """``{"metrics_first": {...}, "metrics_last": {...}}`` of :data:`TASK_METRICS` in the training log."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for h in log_history:
+        for k in TASK_METRICS:
+            if k in h and "eval_" + k not in h:
+                first.setdefault(k, h[k])
+                last[k] = h[k]
+    return {"metrics_first": first, "metrics_last": last} if first else {}
+
+
+def finish(run: Run, trainer, base: Base, interrupt, eval_ds, ppl: tuple | None) -> dict[str, Any]:
+    """Step 8: save the adapter (or say where the checkpoint is), final eval and perplexity, merged model,
+    loss plot and ``summary.json``."""
+    from . import data
+
+    recipe, out, state, summary = run.recipe, run.out, run.state, run.summary
+    st = trainer.state
     if interrupt.stopped_at is not None:
         summary["checkpoint"] = str(out / f"checkpoint-{st.global_step}")
-        say(f"qtune train: stopped at step {st.global_step}; checkpoint saved in {summary['checkpoint']}. "
-            f"Continue with: qtune train {recipe.path or 'RECIPE.yaml'} --resume")
+        run.say(f"qtune train: stopped at step {st.global_step}; checkpoint saved in {summary['checkpoint']}. "
+                f"Continue with: qtune train {recipe.path or 'RECIPE.yaml'} --resume")
     else:
         if recipe.output["save_adapter"]:
             adapter_dir = out / "adapter"
             trainer.save_model(str(adapter_dir))
             if state.is_main_process:
-                tokenizer.save_pretrained(adapter_dir)
+                base.tokenizer.save_pretrained(adapter_dir)
             summary["adapter_dir"] = str(adapter_dir)
         if eval_ds is not None:
-            summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-        if ppl_spec and state.is_main_process:
-            summary["perplexity_after"] = data.perplexity(trainer.model, tokenizer, ppl_text,
-                                                          max_tokens=ppl_spec["max_tokens"], window=ppl_spec["window"])
+            metrics = trainer.evaluate()
+            if "eval_loss" in metrics:
+                summary["eval_loss"] = float(metrics["eval_loss"])
+            summary["eval_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if ppl is not None and state.is_main_process:
+            spec, text = ppl
+            summary["perplexity_after"] = data.perplexity(trainer.model, base.tokenizer, text,
+                                                          max_tokens=spec["max_tokens"], window=spec["window"])
         if recipe.output["merge"]:
-            summary["merge"] = _save_merged(trainer.model, tokenizer, out / "merged", state)
+            summary["merge"] = _save_merged(trainer.model, base.tokenizer, out / "merged", state)
     summary["memory"] = peak_memory()
-    summary["wall_s"] = time.perf_counter() - t_start
+    summary["wall_s"] = time.perf_counter() - run.t_start
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if recipe.output["plot"]:
-            png = plot_loss(st.log_history, out / "loss.png", title=f"{model_path.name} {recipe.quantization['format']}")
+            png = plot_loss(st.log_history, out / "loss.png",
+                            title=f"{base.path.name} {recipe.quantization['format']} {recipe.task}")
             summary["loss_plot"] = str(png) if png else None
         summary["summary_file"] = str(out / "summary.json")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        say(format_summary(summary))
+        run.say(format_summary(summary))
     state.wait_for_everyone()
     return summary
+
+
+def _pair_margin(run: Run, model, base: Base, eval_ds, when: str) -> None:
+    """DPO: the chosen − rejected log-prob margin on the held-out pairs (``dataset.eval``), before and after
+    training (:func:`qtune.train.data.preference_margin`; before training: the adapter is the identity)."""
+    from . import data
+
+    if run.task.name != "dpo" or eval_ds is None or (when == "before" and run.resume) or not run.state.is_main_process:
+        return
+    m = data.preference_margin(model, base.tokenizer, eval_ds)
+    run.summary[f"pair_margin_{when}"] = m
+    run.say(f"qtune train: held-out chosen-rejected log-prob margin {when} training: {m['margin']:+.3f} nats "
+            f"(chosen preferred in {100 * m['accuracy']:.0f}% of {m['pairs']} pairs)")
+
+
+def _perplexity_before(run: Run, base: Base) -> tuple | None:
+    """Step 5: held-out perplexity before training; returns ``(spec, text)`` for the one after."""
+    from . import data
+
+    spec = run.recipe.dataset["perplexity"]
+    if not spec:
+        return None
+    text = data.read_text(spec["source"])
+    bnb_cpu = run.recipe.quantization["backend"] == "bitsandbytes" and not torch.cuda.is_available()
+    if bnb_cpu and spec["before"]:
+        # bitsandbytes 0.50 on CPU repacks 4-bit weights for its fused kernel in eval mode, after which
+        # backward yields no input gradient: never evaluate such a model before training
+        run.say("qtune train: bitsandbytes on CPU: skipping the perplexity before training (eval mode would "
+                "repack its CPU weights and break training)")
+    elif spec["before"] and not run.resume and run.state.is_main_process:
+        t0 = time.perf_counter()
+        before = data.perplexity(base.model, base.tokenizer, text, max_tokens=spec["max_tokens"],
+                                 window=spec["window"])
+        run.summary["perplexity_before"] = before
+        run.say(f"qtune train: held-out perplexity before training: {before['perplexity']:.2f} "
+                f"({before['predicted']:,} tokens, {time.perf_counter() - t0:.0f} s)")
+    run.state.wait_for_everyone()
+    return spec, text
+
+
+def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """Train the recipe; return the summary (also written to ``<output.dir>/summary.json``).
+
+    Args:
+        recipe: a validated :class:`~qtune.train.recipe.Recipe`.
+        resume: continue from the last ``checkpoint-*`` in ``output.dir``.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+    Raises:
+        RecipeError: a dataset without the columns the task needs, an adapter folder that is not one.
+    """
+    r = start_run(recipe, resume=resume)
+    train_ds, eval_ds = load_data(recipe, r.state)
+    if recipe.model["adapter"] is not None:
+        find_adapter_dir(recipe)  # before the weights are loaded
+    base = load_base(recipe)
+    r.summary.update(model=str(base.path), format=recipe.quantization["format"], load_s=base.load_s)
+    r.say(f"qtune train: loaded {base.path} ({recipe.quantization['format']}, task {recipe.task}) in "
+          f"{base.load_s:.1f} s")
+    model, peft_config = attach_adapter(recipe, base.model)
+    if peft_config is None:
+        r.summary["start_adapter"] = str(find_adapter_dir(recipe))
+    ppl = _perplexity_before(r, base)
+    _pair_margin(r, model, base, eval_ds, "before")
+    interrupt = _interrupt_callback_class()()
+    trainer = build_trainer(r, base, model, peft_config, train_ds, eval_ds, [interrupt, *(callbacks or [])])
+    train(r, trainer, interrupt)
+    if interrupt.stopped_at is None:
+        _pair_margin(r, trainer.model, base, eval_ds, "after")
+    return finish(r, trainer, base, interrupt, eval_ds, ppl)
 
 
 def _gather_checksums(model) -> list[str]:
