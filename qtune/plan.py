@@ -25,7 +25,26 @@ and its LoRA targets, and adds up per device:
   without checkpointing every layer's share is kept; with it, each layer keeps only its input
   (``e·h``) and one layer's share is live again during its recomputation;
 - **runtime overhead** on a GPU (CUDA context, cuBLAS workspace, allocator slack): a flat
-  :data:`GPU_OVERHEAD_GIB`.
+  :data:`GPU_OVERHEAD_GIB`;
+- **what the task adds** (``task:``; :func:`task_extras`), with ``T`` tokens per forward:
+
+      dpo       chosen + rejected in one forward (T doubles); the reference log-probs come from the same
+                quantized base with the adapter disabled: one more no-grad forward, whose logits
+                ``T·V·(e + 4)`` are live at once (none with ``precompute_ref_log_probs``); no second base
+      kto       the reference forward as for DPO, plus the KL batch (mismatched prompt/completion pairs)
+                through policy and reference without gradients: twice those logits
+      reward    chosen + rejected (T doubles); a one-output ``score`` head (``h`` trainable weights)
+                instead of the vocabulary logits
+      grpo/rloo ``num_generations`` completions per prompt sampled by the quantized policy: a KV cache of
+                ``2·layers·kv_heads·head_dim·e`` bytes per token for the generation batch
+                (``per_device_train_batch_size × steps_per_generation`` sequences of prompt +
+                ``max_completion_length`` tokens, prompts assumed :data:`ASSUMED_PROMPT_TOKENS` long), and
+                with ``beta > 0`` the reference forward's logits (adapter disabled, no second base)
+      distill   the teacher: a second, float model (its weights in ``model.dtype``), its forward's logits,
+                and the generation KV cache as for GRPO
+
+``model.dtype: auto`` / ``compute_dtype: auto`` are planned as bf16: a plan is for a GPU with native bf16
+(Ampere or newer); the run itself resolves ``auto`` from the hardware it runs on.
 
 The prediction is compared with the real tensor bytes of a tiny model in ``tests/test_plan.py``
 (weights, adapters and optimizer state exactly; activations against the tensors autograd saves).
@@ -41,6 +60,8 @@ import torch
 from torch import nn
 
 GIB = 2**30
+ASSUMED_PROMPT_TOKENS = 128
+AUTO_PLAN_DTYPE = "bfloat16"
 GPU_OVERHEAD_GIB = 0.75
 CARDS_GB = (24, 16, 12)
 
@@ -100,6 +121,8 @@ class MemoryPlan:
     quantized_params: int
     overhead: int = int(GPU_OVERHEAD_GIB * GIB)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    task: str = "sft"
+    task_extra: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def activations(self) -> int:
@@ -111,8 +134,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        """Peak tensor bytes (static + activations), without the runtime overhead."""
-        return self.static + self.activations
+        """Peak tensor bytes (static + activations + what the task adds), without the runtime overhead."""
+        return self.static + self.activations + sum(self.task_extra.values())
 
     def total_gpu(self) -> int:
         return self.total + self.overhead
@@ -141,7 +164,12 @@ class MemoryPlan:
             f"  activations         {g(self.activations_checkpointed)}  with checkpointing"
             + (" <-" if self.gradient_checkpointing else ""),
             f"                      {g(self.activations_full)}  without" + ("" if self.gradient_checkpointing else " <-"),
-            f"  total (tensors)     {g(self.total)}",
+        ]
+        for name, nbytes in self.task_extra.items():
+            rows.append(f"  {self.task + ': ' + name:<20}{g(nbytes)}")
+        if self.task != "sft":
+            rows.append(f"  {self.task}: " + ", ".join(f"{k} {v}" for k, v in self.details.get("task", {}).items()))
+        rows += [            f"  total (tensors)     {g(self.total)}",
             f"  + GPU overhead      {g(self.overhead)}  (CUDA context, workspaces, allocator slack)",
             f"  predicted peak      {g(self.total_gpu())}",
         ]
@@ -217,12 +245,16 @@ def _quantization_plan(recipe, model: nn.Module, quant: dict | None) -> dict:
             qc = QTuneConfig.from_dict({k: v for k, v in quant["qtune"].items() if k != "quant_method"})
         else:
             fields = {k: v for k, v in quant.items() if k != "format"}
-            qc = QTuneConfig(quant["format"], compute_dtype=q["compute_dtype"], **fields)
+            qc = QTuneConfig(quant["format"], compute_dtype=_compute_dtype(q), **fields)
     else:
         fields = recipe.format_fields()
-        qc = QTuneConfig(fmt, compute_dtype=q["compute_dtype"], skip_modules=q["skip_modules"],
+        qc = QTuneConfig(fmt, compute_dtype=_compute_dtype(q), skip_modules=q["skip_modules"],
                          overrides=q["overrides"], **fields)
     return qc.plan(model, always_skip=unquantizable_modules(model))
+
+
+def _compute_dtype(q: dict) -> str | None:
+    return AUTO_PLAN_DTYPE if q["compute_dtype"] == "auto" else q["compute_dtype"]
 
 
 def _lora_targets(model: nn.Module, target_modules, quantized: dict) -> list[tuple[str, int, int]]:
@@ -255,6 +287,91 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _plan_dtype(value: str | None):
+    """A recipe dtype for planning (``auto``: :data:`AUTO_PLAN_DTYPE`, see the module docstring)."""
+    from .formats.base import parse_dtype
+
+    return parse_dtype(AUTO_PLAN_DTYPE if value == "auto" else value)
+
+
+def task_option(recipe, key: str) -> Any:
+    """A field of the task's trl config as the run will see it: the task section, ``training``, else trl's default."""
+    import dataclasses as dc
+
+    from .train.tasks import TASKS, task_config_kwargs
+
+    task = TASKS[recipe.task]
+    opts = {**recipe.training, **task_config_kwargs(task, recipe.task_options)}
+    if key in opts:
+        return opts[key]
+    f = task.config_fields().get(key)
+    if f is None or f.default is dc.MISSING:
+        return None
+    return f.default
+
+
+def task_extras(recipe, config, *, tokens: int, e: int, vocab: int, float_bytes: int,
+                quantized_bytes: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """``({item: bytes}, {count: value})`` that the recipe's task adds to an SFT step of ``tokens`` tokens
+    (see the module docstring). ``tokens`` already counts chosen + rejected for pair tasks."""
+    from .train.tasks import TASKS
+
+    task = TASKS[recipe.task]
+    if task.name == "sft":
+        return {}, {}
+    get = lambda k: task_option(recipe, k)  # noqa: E731
+    h = int(config.hidden_size)
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    ref_logits = tokens * vocab * (e + 4)
+    extra: dict[str, int] = {}
+    counts: dict[str, Any] = {}
+    if task.name == "dpo":
+        counts.update(sequences_per_example=2, reference="base with the adapter disabled (no copy)")
+        if not get("precompute_ref_log_probs"):
+            extra["reference log-probs"] = ref_logits
+            counts["reference_forwards_per_step"] = 1
+    elif task.name == "kto":
+        counts.update(reference="base with the adapter disabled (no copy)", kl_batch=True)
+        extra["reference log-probs"] = 0 if get("precompute_ref_log_probs") else ref_logits
+        extra["KL batch logits"] = 2 * ref_logits
+    elif task.name == "reward":
+        counts.update(sequences_per_example=2, head="score (1 output)")
+    elif task.generates:
+        group = int(get("num_generations") or 1) if task.name != "distill" else 1
+        completion = int(get("max_completion_length") or 256)
+        batch = int(recipe.training.get("per_device_train_batch_size", 8))
+        gen_batch = int(get("generation_batch_size") or batch * int(get("steps_per_generation") or 1))
+        seq = ASSUMED_PROMPT_TOKENS + completion
+        extra["generation KV cache"] = 2 * layers * kv_heads * head_dim * e * gen_batch * seq
+        counts.update(group_size=group, generations_per_batch=gen_batch, prompts_per_batch=max(gen_batch // group, 1),
+                      completion_tokens=completion, assumed_prompt_tokens=ASSUMED_PROMPT_TOKENS)
+        if task.name == "distill":
+            extra["teacher weights"] = float_bytes + linear_weights_as_float(config, e)
+            extra["teacher logits"] = ref_logits
+            counts["teacher"] = recipe.task_options.get("teacher") or f"{recipe.model['path']} unquantized"
+        elif float(get("beta") or 0) > 0:
+            extra["reference log-probs"] = ref_logits
+            counts["reference"] = "base with the adapter disabled (no copy)"
+        else:
+            counts["reference"] = "none (beta = 0)"
+    return extra, counts
+
+
+def linear_weights_as_float(config, e: int) -> int:
+    """The decoder's linear weights in float (``e`` bytes each): what a float teacher holds instead of the
+    quantized ones (layer shapes from the config)."""
+    h = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or h // heads)
+    i = int(getattr(config, "intermediate_size", None) or 4 * h)
+    per_layer = h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * i
+    return int(config.num_hidden_layers) * per_layer * e
+
+
 def adapter_dtype_for(recipe, quantized: bool) -> torch.dtype:
     """The dtype the trainable parameters end up in (trl makes them bf16 on a quantized base)."""
     from .formats.base import parse_dtype
@@ -273,8 +390,11 @@ def plan_recipe(recipe) -> MemoryPlan:
     from .formats.base import parse_dtype
     from .integrations.transformers import meta_layer
 
+    from .train.tasks import TASKS
+
     config, quant = model_config(recipe.model["path"], trust_remote_code=recipe.model["trust_remote_code"])
-    dtype = parse_dtype(recipe.model["dtype"])
+    dtype = _plan_dtype(recipe.model["dtype"])
+    task = TASKS[recipe.task]
     e = _dtype_bytes(dtype)
     model = _skeleton(config, dtype)
     qplan = _quantization_plan(recipe, model, quant)
@@ -301,6 +421,8 @@ def plan_recipe(recipe) -> MemoryPlan:
     if lo["bias"] != "none":
         trainable += sum(m.bias.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear)
                          and m.bias is not None and (lo["bias"] == "all" or name in {t[0] for t in targets}))
+    if task.head == "sequence_classification":
+        trainable += int(config.hidden_size)  # the one-output score head, trained beside the adapter
     for pattern in lo["modules_to_save"] or ():
         for name, m in model.named_modules():
             if name == pattern or name.endswith("." + pattern):
@@ -313,7 +435,9 @@ def plan_recipe(recipe) -> MemoryPlan:
     # activations
     batch = int(tr.get("per_device_train_batch_size", 8))
     seq = int(tr.get("max_length", 1024) or 1024)
-    tokens = batch * seq
+    if task.generates:  # a training forward sees prompt + completion
+        seq = ASSUMED_PROMPT_TOKENS + int(task_option(recipe, "max_completion_length") or 256)
+    tokens = batch * seq * (2 if task.pairs else 1)
     h = int(config.hidden_size)
     i = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h)
     layers = int(config.num_hidden_layers)
@@ -323,14 +447,16 @@ def plan_recipe(recipe) -> MemoryPlan:
         per_layer += (6 * h + i) * (e + 1)
     if lo["use_dora"]:
         per_layer += 3 * ea * sum(n for _, _, n in targets) // max(layers, 1)
-    logits = vocab * (e + 12)
+    logits = vocab * (e + 12) if task.head == "causal_lm" else e + 12
     full = tokens * (layers * per_layer + logits)
     checkpointed = tokens * (layers * e * h + per_layer + logits)
     gc = bool(tr.get("activation_checkpointing", tr.get("gradient_checkpointing", True)))
-    return MemoryPlan(model=recipe.model["path"], tokens=tokens, quantized_weights=quantized_bytes,
+    extra, counts = task_extras(recipe, config, tokens=tokens, e=e, vocab=vocab, float_bytes=float_bytes,
+                                quantized_bytes=quantized_bytes)
+    return MemoryPlan(task=recipe.task, task_extra=extra, model=recipe.model["path"], tokens=tokens, quantized_weights=quantized_bytes,
                       float_weights=float_bytes, lora_params=lora_bytes, gradients=lora_bytes,
                       optimizer_state=optimizer_bytes, activations_checkpointed=checkpointed, activations_full=full,
                       gradient_checkpointing=gc, trainable_params=trainable, quantized_params=quantized_params,
                       details={"per_layer_bytes_per_token": per_layer, "logits_bytes_per_token": logits,
                                "layers": layers, "lora_targets": len(targets), "adapter_dtype": str(a_dtype),
-                               "optimizer": optim, "quantized_layers": len(qplan)})
+                               "optimizer": optim, "quantized_layers": len(qplan), "task": counts})
