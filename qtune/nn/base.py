@@ -205,8 +205,12 @@ class QuantLinear(nn.Module):
         autocast = x.is_floating_point() and torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.compute_dtype
         bias = self.bias
-        y = quant_linear(self.op_format, x.to(dtype), self.weight_args(), None if bias is None else bias.to(dtype))
-        return y if autocast else y.to(x.dtype)
+        b = None if bias is None else bias.to(dtype)
+        if not autocast:
+            return quant_linear(self.op_format, x.to(dtype), self.weight_args(), b).to(x.dtype)
+        # inside the op, autocast would recast the kernels' own fp32 arithmetic (e.g. exact int8 products)
+        with torch.autocast(device_type, enabled=False):
+            return quant_linear(self.op_format, x.to(dtype), self.weight_args(), b)
 
     # -- reporting ------------------------------------------------------------------------------
     def quantized_bytes(self) -> int:

@@ -85,3 +85,59 @@ def test_wrappers_take_the_op_schemas():
         bwd = list(inspect.signature(getattr(K, f"linear_{fmt}_grad_input")).parameters)
         assert fwd[1:1 + len(names)] == names and fwd[1 + len(names)] == "bias", (fmt, fwd)
         assert bwd[1:1 + len(names)] == names, (fmt, bwd)
+
+
+# A CUDA machine whose Triton cannot build qtune's kernels: `cuda_available` is faked so that
+# `import qtune` really tries to register, and the failure is injected where old Tritons fail.
+FAILING_REGISTRATION = textwrap.dedent("""
+    import os, sys, warnings
+    os.environ.pop("TRITON_INTERPRET", None)
+    warnings.simplefilter("always")
+    import torch
+    torch.cuda.is_available = lambda: True    # what qtune.kernels.cuda_available asks
+    MODE = sys.argv[1]
+    if MODE == "import":                      # e.g. a kernel module using tl.gather on Triton 3.2
+        sys.modules["qtune.kernels.matmul_gptq"] = None
+    else:                                     # any other exception while registering
+        import torch.library
+        real = torch.library.register_kernel
+        def boom(op, device_types, *a, **k):
+            if device_types == "cuda":
+                raise RuntimeError("register_kernel exploded")
+            return real(op, device_types, *a, **k)
+        torch.library.register_kernel = boom
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import qtune
+    import qtune.kernels as K
+    torch.cuda.is_available = lambda: False
+    msgs = [str(w.message) for w in caught if "registering the Triton kernels failed" in str(w.message)]
+    assert len(msgs) == 1, [str(w.message) for w in caught]
+    print("WARNING:", msgs[0])
+    assert K.registered() == [], K.registered()
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("qtune::linear_4bit", "CUDA")
+    from qtune.ops.library import slow_path_reason
+    print("REASON:", slow_path_reason("cuda"))
+    from qtune.formats import nf4
+    from qtune.ops import LINEAR_OPS
+    w = torch.randn(24, 64)
+    t = nf4.quantize_4bit(w, nf4.NF4Config())
+    x = torch.randn(3, 64)
+    y = LINEAR_OPS["4bit"](x, t.packed, t.absmax, t.code, None, None, None, 64, [24, 64], None)
+    W = nf4.dequantize_4bit(t.packed, t.absmax, t.code, 64, (24, 64))
+    torch.testing.assert_close(y, x @ W.T)
+    print("reference ok")
+""")
+
+
+@pytest.mark.parametrize("mode,cause", [("import", "matmul_gptq"), ("register", "register_kernel exploded")])
+def test_failing_registration_never_breaks_import_and_warns_once(mode, cause):
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", FAILING_REGISTRATION, mode], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warning = next(line for line in proc.stdout.splitlines() if line.startswith("WARNING:"))
+    assert cause in warning
+    reason = next(line for line in proc.stdout.splitlines() if line.startswith("REASON:"))
+    assert "registering qtune's Triton kernels failed" in reason and cause in reason and "Fix:" in reason
+    assert "reference ok" in proc.stdout

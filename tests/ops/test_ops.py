@@ -57,3 +57,66 @@ def test_torch_compile_fullgraph_traces():
     fn = torch.compile(layer, backend="eager", fullgraph=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(fn(x), layer(x))
+
+
+# -- no silent slow path ----------------------------------------------------------------------------------
+def test_slow_path_reason_names_cause_and_fix(monkeypatch):
+    from qtune import kernels
+    from qtune.ops import library
+
+    assert library.slow_path_reason("cpu") is None and library.slow_path_reason("meta") is None
+    monkeypatch.setattr(library, "_registration_failure", ["AttributeError: module 'triton.language' has no attribute 'gather'"])
+    reason = library.slow_path_reason("cuda")
+    assert "registering qtune's Triton kernels failed" in reason and "gather" in reason and "Fix:" in reason
+    monkeypatch.setattr(library, "_registration_failure", [])
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    reason = library.slow_path_reason("cuda")
+    assert "Triton is not installed" in reason and "pip install triton" in reason
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "registered", lambda: [])
+    reason = library.slow_path_reason("cuda")
+    assert "CUDA was not available when qtune was imported" in reason and "qtune.kernels.register()" in reason
+    monkeypatch.setattr(kernels, "registered", lambda: ["linear_4bit"])
+    assert library.slow_path_reason("cuda") is None
+    assert "no kernels for 'xpu'" in library.slow_path_reason("xpu")
+
+
+def test_reference_kernels_warn_once_per_process_for_a_device_tensor(monkeypatch):
+    """The reference linear and grad_input kernels ask about their tensor's device type; a CUDA check is
+    faked by reporting the CPU tensors as 'cuda' to the reason function."""
+    from qtune import kernels
+    from qtune.ops import library
+
+    monkeypatch.setattr(library, "_slow_path_warned", set())
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    real = library.slow_path_reason
+    monkeypatch.setattr(library, "slow_path_reason", lambda device_type: real("cuda"))
+    lay = make_layer("nf4", nn.Linear(64, 48))
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="Triton is not installed") as record:
+        lay(x).sum().backward()
+        lay(x).sum().backward()
+    assert len([w for w in record if "reference kernels" in str(w.message)]) == 1
+
+
+# -- autocast ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["nf4", "int8-zp-g32", "llm_int8", "gptq4-g32"])
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(key):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    lay = make_layer(key, lin)
+    assert lay.compute_dtype == torch.float32
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = lay(x)
+        y_lin = lin(x)
+    assert y.dtype == y_lin.dtype == torch.bfloat16
+    # the same op on bf16 inputs outside autocast: the layer really computed in bf16 (not fp32, then cast)
+    expect = LINEAR_OPS[lay.op_format](x.to(torch.bfloat16), *lay.weight_args(), lay.bias.to(torch.bfloat16))
+    assert torch.equal(y, expect)
+    fp32 = lay(x)
+    assert fp32.dtype == torch.float32 and not torch.equal(fp32.to(torch.bfloat16), y)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16):
+        lay(xg).float().sum().backward()
+    assert xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
