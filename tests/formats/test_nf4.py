@@ -48,6 +48,35 @@ def test_packed_bytes_identical_to_bitsandbytes(cfg_cls, shape, blocksize, dtype
 
 
 @pytest.mark.parametrize("cfg_cls", CONFIGS)
+@pytest.mark.parametrize("shape,blocksize", [((256, 512), 64), ((33, 77), 64), ((96, 576), 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_quantizer_bytes_identical_to_bitsandbytes(cfg_cls, shape, blocksize, dtype, monkeypatch):
+    """The path layers use (``Linear4bit.from_float`` → ``qtune::quantize_blocks_4bit`` → native C kernel on CPU)
+    writes bitsandbytes' bytes and absmax for fp32, fp16 and bf16 weights."""
+    from torch import nn
+
+    from qtune.nn import Linear4bit
+    from qtune.ops import cpu_native
+
+    lib = cpu_native.library()
+    if lib is None:
+        pytest.skip("native CPU kernels not built (no C compiler or QTUNE_NATIVE_CPU=0): layers use the reference")
+    calls = []
+    native = lib.qt_quant_4bit
+    monkeypatch.setattr(lib, "qt_quant_4bit", lambda *a: calls.append(a[1]) or native(*a))
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    w[0, :blocksize // 2] = 0.0  # zeros inside a block, and a pad nibble for odd shapes
+    dense = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
+    dense.weight.data = w
+    layer = Linear4bit.from_float(dense, cfg_cls(blocksize=blocksize))
+    assert calls == [w.numel()], "Linear4bit.from_float did not run the native C quantizer"
+    packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type=cfg_cls.format)
+    assert torch.equal(layer.weight.reshape(-1), packed.reshape(-1))
+    assert layer.absmax.dtype == state.absmax.dtype and torch.equal(layer.absmax, state.absmax)
+    assert torch.equal(layer.quant_map, state.code)
+
+
+@pytest.mark.parametrize("cfg_cls", CONFIGS)
 @pytest.mark.parametrize("shape", [(256, 512), (40, 100)])
 def test_double_quant_identical_to_bitsandbytes_reference(cfg_cls, shape):
     w = torch.randn(shape) * 0.02
