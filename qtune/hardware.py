@@ -13,11 +13,12 @@ The CPU decision reads what torch reports, never a hard-coded machine: the ATen 
 feature flags (``torch.cpu.get_capabilities()``: ``avx512_bf16``, ``amx_bf16``; ARM ``bf16``) and a
 ``ONEDNN_MAX_CPU_ISA`` cap if one is set. Where those do not settle it (a CPU family this module has no
 rule for, e.g. ARM with bf16 instructions), a short timing probe (bf16 against fp32 matmul) decides;
-its result is cached per machine in ``$QTUNE_CACHE_DIR`` (default ``~/.cache/qtune``) under a key of
+its result is cached per machine in ``$QTUNE_CACHE`` (default ``~/.cache/qtune``) under a key of
 CPU name, capability, oneDNN cap and torch version.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -57,8 +58,8 @@ def cpu_flags() -> dict[str, object]:
 
 
 def cache_dir() -> Path:
-    """Where per-machine probe results live: ``$QTUNE_CACHE_DIR`` or ``~/.cache/qtune``."""
-    return Path(os.environ.get("QTUNE_CACHE_DIR") or Path.home() / ".cache" / "qtune")
+    """Where per-machine probe results live: ``$QTUNE_CACHE`` or ``~/.cache/qtune``."""
+    return Path(os.environ.get("QTUNE_CACHE") or Path.home() / ".cache" / "qtune")
 
 
 def machine_key() -> str:
@@ -92,17 +93,20 @@ def native_bf16_cpu() -> tuple[bool, str]:
     return _probe_cached(f"CPU {cpu_name()} ({arch}, capability {cap}) has no rule here")
 
 
-def _probe_cached(why: str) -> tuple[bool, str]:
-    """Time bf16 against fp32 matmul once per machine key; read the cached verdict afterwards."""
-    path = cache_dir() / "bf16_probe.json"
+def _cached_probe(name: str, measure) -> dict:
+    """The cached result of probe ``name`` for this machine key, measuring (and caching) it first if absent.
+
+    Results live in ``cache_dir()/<name>_probe.json`` as ``{machine_key: result}``.
+    """
+    path = cache_dir() / f"{name}_probe.json"
     key = machine_key()
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, json.JSONDecodeError):
         cache = {}  # an unreadable cache is re-measured and rewritten, never trusted
     entry = cache.get(key)
-    if not (isinstance(entry, dict) and isinstance(entry.get("ratio"), (int, float))):
-        entry = {"ratio": probe_bf16_slowdown(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not isinstance(entry, dict):
+        entry = {**measure(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         cache[key] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +114,13 @@ def _probe_cached(why: str) -> tuple[bool, str]:
             tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
             tmp.replace(path)
         except OSError:
-            pass  # a read-only home only costs a re-probe next time; the verdict below is still measured
-    ratio = float(entry["ratio"])
+            pass  # a read-only home only costs a re-probe next time; the verdict is still measured
+    return entry
+
+
+def _probe_cached(why: str) -> tuple[bool, str]:
+    """Time bf16 against fp32 matmul once per machine key; read the cached verdict afterwards."""
+    ratio = float(_cached_probe("bf16", lambda: {"ratio": probe_bf16_slowdown()})["ratio"])
     native = ratio <= _PROBE_MAX_SLOWDOWN
     verdict = "native bf16 matmul" if native else "bf16 matmul is several times slower than fp32 here"
     return native, f"{why}; timing probe: bf16 matmul takes {ratio:.2f}× the fp32 time: {verdict}"
@@ -137,6 +146,85 @@ def probe_bf16_slowdown(shape: tuple[int, int, int] = _PROBE_SHAPE, repeat: int 
             times.append(time.perf_counter() - t)
         best[dt] = min(times)
     return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+
+
+INT8_METHODS = ("int_mm", "fp32")
+# ONEDNN_MAX_CPU_ISA values without VNNI int8 dot products (torch._int_mm's oneDNN path then saturates
+# int16 partial sums: measured wrong results under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX512-VNNI CPU)
+_ONEDNN_NO_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+_INT8_VNNI_FLAGS = ("avx512_vnni", "amx_int8", "avx_vnni")
+
+
+def int8_matmul_method(device: torch.device | str | None = None) -> tuple[str, str]:
+    """Which exact int8×int8→int32 matmul is fast here: ``"int_mm"`` (``torch._int_mm``) or ``"fp32"``
+    (fp32 matmuls over K-chunks of 1024, exact; see :func:`qtune.formats.int8.int8_matmul_fp32_chunks`).
+
+    ``QTUNE_INT8_MATMUL=int_mm|fp32`` forces one. CUDA: ``int_mm``. x86 CPUs without VNNI int8
+    instructions (or with oneDNN capped below them): ``fp32``, because ``torch._int_mm`` then runs a
+    scalar loop (measured 8.0 s against 0.36 s for fp32, 1024×4096×4096 on an AVX2 EPYC). Otherwise a
+    probe, cached per machine (:func:`probe_int8_matmul`), checks that ``torch._int_mm`` is exact on
+    extreme values and faster than the fp32 path.
+
+    Returns:
+        ``(method, reason)``.
+    """
+    forced = os.environ.get("QTUNE_INT8_MATMUL", "").strip().lower()
+    if forced:
+        if forced not in INT8_METHODS:
+            raise ValueError(f"QTUNE_INT8_MATMUL={forced!r} is not one of {INT8_METHODS}")
+        return forced, f"forced by QTUNE_INT8_MATMUL={forced}"
+    dev = _device(device)
+    if dev.type == "cuda":
+        return "int_mm", "CUDA: torch._int_mm (int8 tensor cores)"
+    if dev.type != "cpu":
+        return "fp32", f"device type {dev.type!r}: exact fp32 K-chunks"
+    return _cpu_int8_method(machine_key())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_int8_method(key: str) -> tuple[str, str]:
+    flags = cpu_flags()
+    arch = str(flags.get("architecture") or platform.machine()).lower()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    fp32 = "exact fp32 matmul over K-chunks of 1024"
+    if arch in ("x86_64", "amd64", "x86", "i386", "i686"):
+        if flags and not any(flags.get(f) for f in _INT8_VNNI_FLAGS):
+            return "fp32", f"CPU has no AVX512-VNNI/AVX-VNNI/AMX-INT8 (torch._int_mm is a scalar loop here): {fp32}"
+        if isa in _ONEDNN_NO_VNNI:
+            return "fp32", f"ONEDNN_MAX_CPU_ISA={isa} excludes VNNI int8 kernels: {fp32}"
+    r = _cached_probe("int8_matmul", probe_int8_matmul)
+    if not r["int_mm_exact"]:
+        return "fp32", f"timing probe: torch._int_mm is not exact on this machine: {fp32}"
+    if r["int_mm_s"] < r["fp32_s"]:
+        return "int_mm", f"timing probe: torch._int_mm {r['fp32_s'] / r['int_mm_s']:.1f}× faster than exact fp32 K-chunks"
+    return "fp32", f"timing probe: torch._int_mm {r['int_mm_s'] / r['fp32_s']:.1f}× slower than the {fp32}"
+
+
+def probe_int8_matmul(shape: tuple[int, int, int] = (256, 2048, 1024), repeat: int = 3) -> dict:
+    """Exactness of ``torch._int_mm`` on extreme int8 values and best-of-``repeat`` times of both paths.
+
+    Returns:
+        ``{"int_mm_exact": bool, "int_mm_s": float, "fp32_s": float}``.
+    """
+    from .formats.int8 import int8_matmul_fp32_chunks
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    a[:8], b[:8] = -128, -128  # sums of 128² products: overflow any int16 (saturating) accumulation
+    a[8:16], b[8:16] = 127, -128
+    best = {}
+    for name, fn in (("int_mm", lambda: torch._int_mm(a, b.t())), ("fp32", lambda: int8_matmul_fp32_chunks(a, b))):
+        out = fn()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        best[name] = (min(times), out)
+    exact = torch.equal(best["int_mm"][1], best["fp32"][1])
+    return {"int_mm_exact": bool(exact), "int_mm_s": best["int_mm"][0], "fp32_s": best["fp32"][0]}
 
 
 def _device(device: torch.device | str | None) -> torch.device:

@@ -82,7 +82,7 @@ def test_explicit_dtypes_win(fake_cpu):
 @pytest.mark.parametrize("ratio, native", [(0.4, True), (4.4, False)])
 def test_probe_decides_unknown_cpu_and_is_cached(fake_cpu, monkeypatch, tmp_path, ratio, native):
     """A CPU family without a rule (here ARM) is timed once; later calls read the cache."""
-    monkeypatch.setenv("QTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QTUNE_CACHE", str(tmp_path))
     fake_cpu("SVE256", {"architecture": "aarch64", "cpu_name": "Test ARM", "bf16": True})
     calls = []
     monkeypatch.setattr(hardware, "probe_bf16_slowdown", lambda *a, **k: calls.append(1) or ratio)

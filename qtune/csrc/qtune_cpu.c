@@ -268,10 +268,10 @@ void qt_dequant_gptq(const int32_t *qweight, const int32_t *z, const float *s, c
 }
 
 /* LLM.int8 epilogue (bitsandbytes' int8_mm_dequant arithmetic), one pass over the int32 product:
- *   y[m, n] = (acc[m, n] * (sx[m] * scb[n])) * (1/127^2) [+ bias[n]]   in fp32, then converted. */
+ *   y[m, n] = (acc[m, n] * (sx[m] * scb[n])) * c [+ bias[n]]   in fp32, then converted;
+ * c = fp32(1/127^2) for qtune, fp32(6.200124e-05) for bitsandbytes' own constant. */
 void qt_int8_mm_dequant(const int32_t *acc, const float *sx, const float *scb, const float *bias, int64_t M,
-                        int64_t N, void *out, int kind, int threads) {
-    const float c = (float)(1.0 / (127.0 * 127.0));
+                        int64_t N, float c, void *out, int kind, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float s = sx[m];

@@ -11,6 +11,18 @@ Maths.
   the dequantized weight columns; the rest is quantized per activation row (``s_x = max_k |x[m,k]|``)
   to int8 and multiplied int8×int8→int32: ``y = (x̄_q W_qᵀ) · s_x s_wᵀ / 127² + x_O Ŵ_Oᵀ``.
   This mirrors ``bitsandbytes.MatMul8bitLt`` (the threshold acts on activations and is not stored).
+- **bitsandbytes' arithmetic** (``LLMInt8Config(arithmetic="bitsandbytes")``, the choice for checkpoints
+  that bitsandbytes wrote): the same decomposition computed as bitsandbytes 0.50 computes it, operation
+  for operation, so a bitsandbytes checkpoint gives bitsandbytes' eval-mode logits: activations are cast to
+  fp16 before the threshold test and the row quantization (``A.to(torch.float16)`` in ``MatMul8bitLt``),
+  the epilogue multiplies by bitsandbytes' constant ``6.200124e-05`` (≈ 1/127², 1.8e-5 relative above
+  it) and the outlier weight columns are ``CB · SCB · 7.874015718698502e-3``.
+
+The int8×int8→int32 product (:func:`int8_matmul`) is exact on every path; which path is fast depends on
+the CPU (:func:`qtune.hardware.int8_matmul_method`): ``torch._int_mm`` where oneDNN has VNNI int8
+kernels, otherwise an fp32 matmul over K-chunks of at most 1024, exact because every product of int8
+values is an integer of magnitude ≤ 128² = 2¹⁴ and a sum of ≤ 1024 of them stays ≤ 2²⁴, where fp32 holds
+every integer exactly (for any summation order); the chunk sums are added in int32.
 """
 from __future__ import annotations
 
@@ -22,6 +34,11 @@ import torch
 from .base import QuantConfig, check_weight
 
 _TINY = 1e-12  # keeps all-zero rows/groups finite (their codes are 0 and dequantize to 0)
+ARITHMETICS = ("qtune", "bitsandbytes")
+BNB_MM_DEQUANT_SCALE = 6.200124e-05       # bitsandbytes' int8_mm_dequant constant (its 1/127²)
+BNB_DEQUANT_SCALE = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant (1/127)
+# Largest K-chunk whose fp32 int8 dot products are exact: 1024 · 128² = 2²⁴ (fp32 holds every integer ≤ 2²⁴)
+FP32_EXACT_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +69,22 @@ class LLMInt8Config(QuantConfig):
     Attributes:
         threshold: activation magnitude at or above which an input column is an outlier (default 6.0;
             0 disables the decomposition, leaving plain vector-wise int8×int8).
+        arithmetic: ``"qtune"`` (activations quantized in fp32, epilogue ``1/127²``) or
+            ``"bitsandbytes"`` (bitsandbytes 0.50's operations, fp16 activation casts included; see the
+            module docstring). Same weights either way; the outputs differ by the activations' fp16 rounding.
     """
 
     format: ClassVar[str] = "llm_int8"
     bits: ClassVar[int] = 8
     threshold: float = 6.0
+    arithmetic: str = "qtune"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.threshold >= 0.0):
             raise ValueError(f"LLMInt8Config.threshold={self.threshold} must be ≥ 0")
+        if self.arithmetic not in ARITHMETICS:
+            raise ValueError(f"LLMInt8Config.arithmetic={self.arithmetic!r} is not one of {ARITHMETICS}")
 
 
 @dataclasses.dataclass
@@ -162,72 +185,123 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((q - zero.float()[:, idx]) * scale.float()[:, idx]).to(dtype)
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8×int8→int32 product ``a @ bᵀ`` for a [M, K], b [N, K].
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, method: str | None = None) -> torch.Tensor:
+    """Exact int8×int8→int32 product ``a @ bᵀ`` for a [M, K], b [N, K] (int8).
 
-    Uses ``torch._int_mm`` where the backend accepts the shapes; otherwise an fp64 matmul, which is
-    exact for int8 operands up to K = 2³⁷ (|a·b| ≤ 127² per term), so the result is identical.
+    Args:
+        method: ``"int_mm"`` (``torch._int_mm``), ``"fp32"`` (:func:`int8_matmul_fp32_chunks`), or None:
+            the fast exact one on ``a``'s device, :func:`qtune.hardware.int8_matmul_method`. Shapes
+            ``torch._int_mm`` rejects (M ≤ 16, K or N not a multiple of 8) take the fp32 path.
+    Returns:
+        int32 [M, N], equal on every path.
     """
+    if method is None:
+        from .. import hardware  # here, not at import: qtune.hardware imports qtune.formats
+        method = hardware.int8_matmul_method(a.device)[0]
+    if method not in ("int_mm", "fp32"):
+        raise ValueError(f"int8_matmul: method={method!r} is not one of 'int_mm', 'fp32'")
     m, k = a.shape
-    if hasattr(torch, "_int_mm") and m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0:
-        try:
-            return torch._int_mm(a, b.t())
-        except RuntimeError:
-            pass  # backend without this shape/device support; the fp64 path below is exact
-    return torch.matmul(a.double(), b.double().t()).to(torch.int32)
+    if method == "int_mm" and m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0:
+        return torch._int_mm(a, b.t())
+    return int8_matmul_fp32_chunks(a, b)
+
+
+def int8_matmul_fp32_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = FP32_EXACT_CHUNK) -> torch.Tensor:
+    """``a @ bᵀ`` of int8 a [M, K], b [N, K] as fp32 matmuls over K-chunks, summed in int32: exact.
+
+    Each product ``a[m,k]·b[n,k]`` is an integer with magnitude ≤ 128² = 2¹⁴, so a chunk's partial sums
+    (in any order, as a BLAS kernel may take them) stay within ±``chunk``·2¹⁴ ≤ ±2²⁴ for ``chunk`` ≤ 1024,
+    where fp32 represents every integer: each chunk's fp32 result is the exact integer, converted to
+    int32 exactly, and the int32 sum equals ``torch._int_mm`` (both wrap alike only past 2³¹).
+
+    Returns:
+        int32 [M, N].
+    """
+    if not 1 <= chunk <= FP32_EXACT_CHUNK:
+        raise ValueError(f"int8_matmul_fp32_chunks: chunk={chunk} must be in [1, {FP32_EXACT_CHUNK}] to stay exact")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_matmul_fp32_chunks: expected int8 operands, got {a.dtype} and {b.dtype}")
+    af, bt = a.float(), b.float().t()  # bt [K, N]: a transposed view, which BLAS reads without a copy
+    k = a.shape[1]
+    acc = torch.mm(af[:, :chunk], bt[:chunk]).to(torch.int32)
+    for s in range(chunk, k, chunk):
+        acc += torch.mm(af[:, s:s + chunk], bt[s:s + chunk]).to(torch.int32)
+    return acc
 
 
 def int8_mm_dequant(acc: torch.Tensor, sx: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, scale: float = 1.0 / (127.0 * 127.0)) -> torch.Tensor:
     """Scale an int8×int8 product back to floats (bitsandbytes' ``int8_mm_dequant`` arithmetic).
 
-    ``y[m, n] = (acc[m, n] · (sx[m] · scb[n])) · (1/127²) [+ bias[n]]`` in fp32, then cast to ``dtype``.
+    ``y[m, n] = (acc[m, n] · (sx[m] · scb[n])) · scale [+ bias[n]]`` in fp32, then cast to ``dtype``.
     The spec of the native CPU kernel (``torch.ops.qtune.int8_mm_dequant``).
 
     Args:
         acc: int32 [M, N]. sx: fp32 [M] row absmax of the input. scb: [N] row absmax of the weight.
         bias: [N] or None. dtype: output dtype.
+        scale: ``1/127²`` (qtune) or :data:`BNB_MM_DEQUANT_SCALE` (bitsandbytes), applied as an fp32 scalar.
     Returns:
         [M, N] ``dtype``.
     """
-    y = acc.float() * (sx.float().unsqueeze(-1) * scb.float().unsqueeze(0)) * (1.0 / (127.0 * 127.0))
+    y = acc.float() * (sx.float().unsqueeze(-1) * scb.float().unsqueeze(0)) * scale
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
 
 
 def llm_int8_linear(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
-                    bias: torch.Tensor | None = None, *, mm_dequant=int8_mm_dequant) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, *, mm_dequant=int8_mm_dequant,
+                    arithmetic: str = "qtune") -> torch.Tensor:
     """Reference LLM.int8() forward ``y = x Ŵᵀ + b`` with mixed-precision decomposition.
 
     Input columns holding any ``|x| ≥ threshold`` are outlier columns: they are zeroed in the int8
     part (and excluded from the row scales ``sx``) and go through a 16-bit matmul with the matching
     dequantized weight columns instead.
 
+    With ``arithmetic="bitsandbytes"`` every step is bitsandbytes 0.50's (``MatMul8bitLt.forward`` →
+    ``int8_vectorwise_quant`` → ``int8_mixed_scaled_mm``/``int8_scaled_mm`` → ``int8_mm_dequant``):
+    ``x16 = x.to(fp16)``; outliers are ``|x16| ≥ threshold``, zeroed in ``x16``; ``sx = max|x16|`` per
+    row; ``x_q = round(x16 · (127/sx))`` in fp32 with outlier columns zeroed; ``y = (x_q W_qᵀ) · (sx s_wᵀ)
+    · 6.200124e-05 + b`` in fp32, cast to ``x.dtype``; then ``y += x_O (W_q,O · s_w · 7.874015718698502e-3)ᵀ``
+    with ``x_O`` taken from the original ``x`` (not its fp16 cast). The int32 product is exact (bitsandbytes'
+    ``torch._int_mm`` path), whichever :func:`int8_matmul` path computes it.
+
     Args:
         x: (..., K) fp16/bf16/fp32. weight: int8 [N, K]. scb: fp32 [N] per-row absmax.
         threshold: outlier threshold on |x| (0 disables). bias: [N] or None.
         mm_dequant: the epilogue, :func:`int8_mm_dequant` or an op with the same contract.
+        arithmetic: ``"qtune"`` or ``"bitsandbytes"`` (see :class:`LLMInt8Config`).
     Returns:
         (..., N) in ``x.dtype``.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"llm_int8_linear: arithmetic={arithmetic!r} is not one of {ARITHMETICS}")
+    bnb = arithmetic == "bitsandbytes"
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    x_q_src = x2.to(torch.float16) if bnb else x2  # bitsandbytes quantizes the fp16 cast of A
     cols = None
-    x_in = x2
+    x_in = x_q_src
     if threshold > 0.0:
-        lo, hi = torch.aminmax(x2, dim=0)  # one pass; cheaper than materializing |x| >= t
+        lo, hi = torch.aminmax(x_q_src, dim=0)  # one pass; cheaper than materializing |x| >= t
         cols = ((hi >= threshold) | (lo <= -threshold)).nonzero().view(-1)
         if cols.numel():
-            x_in = x2.masked_fill(x2.abs() >= threshold, 0)
+            x_in = x_q_src.masked_fill(x_q_src.abs() >= threshold, 0)
         else:
             cols = None
     sx = x_in.abs().amax(dim=1).float()
     xq = torch.round(x_in.float() * (127.0 / sx.clamp(min=_TINY)).unsqueeze(-1)).to(torch.int8)
     if cols is not None:
         xq[:, cols] = 0
-    y = mm_dequant(int8_matmul(xq, weight), sx, scb, bias, x.dtype)
+    acc = int8_matmul(xq, weight)
+    if bnb:
+        y = mm_dequant(acc, sx, scb, bias, x.dtype, BNB_MM_DEQUANT_SCALE)
+    else:
+        y = mm_dequant(acc, sx, scb, bias, x.dtype)
     if cols is not None:
-        sub_w = (weight[:, cols].float() * (scb.float() / 127.0).unsqueeze(-1)).to(x.dtype)
+        if bnb:
+            sub_w = (weight[:, cols] * scb.float().view(-1, 1) * BNB_DEQUANT_SCALE).to(x.dtype)
+        else:
+            sub_w = (weight[:, cols].float() * (scb.float() / 127.0).unsqueeze(-1)).to(x.dtype)
         y = y.addmm(x2[:, cols], sub_w.t())
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -76,7 +76,7 @@ def _build() -> ctypes.CDLL:
     lib.qt_quant_4bit.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.qt_dequant_int8.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int, c_int]
     lib.qt_quant_int8_rows.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
-    lib.qt_int8_mm_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, c_int, c_int]
+    lib.qt_int8_mm_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, c_int, c_int]
     lib.qt_dequant_gptq.argtypes = [ptr, ptr, ptr, ptr, i64, i64, c_int, ptr, c_int, c_int]
     return lib
 
@@ -199,17 +199,18 @@ def dequantize_gptq_cpu(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: 
     return out
 
 
-def int8_mm_dequant_cpu(acc: Tensor, sx: Tensor, scb: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+def int8_mm_dequant_cpu(acc: Tensor, sx: Tensor, scb: Tensor, bias: Optional[Tensor], dtype: torch.dtype,
+                        scale: float = 1.0 / (127.0 * 127.0)) -> Tensor:
     lib = library()
     m, n = acc.shape if acc.dim() == 2 else (0, 0)
     if (lib is None or dtype not in _KIND or acc.dtype != torch.int32 or acc.dim() != 2 or sx.numel() != m
             or scb.numel() != n or (bias is not None and bias.numel() != n)):
-        return int8_fmt.int8_mm_dequant(acc, sx, scb, bias, dtype)
+        return int8_fmt.int8_mm_dequant(acc, sx, scb, bias, dtype, scale)
     acc, sx, scb = acc.contiguous(), sx.float().contiguous(), scb.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     out = torch.empty(m, n, dtype=dtype)
-    lib.qt_int8_mm_dequant(_p(acc), _p(sx), _p(scb), None if bias is None else _p(bias), m, n, _p(out), _KIND[dtype],
-                           torch.get_num_threads())
+    lib.qt_int8_mm_dequant(_p(acc), _p(sx), _p(scb), None if bias is None else _p(bias), m, n, scale, _p(out),
+                           _KIND[dtype], torch.get_num_threads())
     return out
 
 

@@ -81,9 +81,11 @@ quantize_int8_rows = define("quantize_int8_rows(Tensor weight) -> (Tensor, Tenso
                             int8.quantize_int8_rows, _quantize_int8_rows_fake)
 
 
-def _int8_mm_dequant_fake(acc, sx, scb, bias, dtype):
+def _int8_mm_dequant_fake(acc, sx, scb, bias, dtype, scale=1.0 / (127.0 * 127.0)):
     return acc.new_empty(acc.shape, dtype=dtype)
 
 
-int8_mm_dequant = define("int8_mm_dequant(Tensor acc, Tensor sx, Tensor scb, Tensor? bias, ScalarType dtype) -> Tensor",
+# scale: 1/127² (qtune) or bitsandbytes' 6.200124e-05 (LLMInt8Config(arithmetic="bitsandbytes"))
+int8_mm_dequant = define("int8_mm_dequant(Tensor acc, Tensor sx, Tensor scb, Tensor? bias, ScalarType dtype, "
+                         f"float scale={1.0 / (127.0 * 127.0)!r}) -> Tensor",
                          int8.int8_mm_dequant, _int8_mm_dequant_fake)

@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtune.formats.int8 import Int8Config, LLMInt8Config, dequantize_int8, int8_matmul, llm_int8_linear, quantize_int8
+from qtune import hardware
+from qtune.formats.int8 import (FP32_EXACT_CHUNK, Int8Config, LLMInt8Config, dequantize_int8, int8_matmul,
+                                int8_matmul_fp32_chunks, llm_int8_linear, quantize_int8)
 
 VARIANTS = [Int8Config(), Int8Config(group_size=32), Int8Config(symmetric=False), Int8Config(symmetric=False, group_size=48)]
 
@@ -51,6 +53,97 @@ def test_int8_matmul_exact():
     assert torch.equal(int8_matmul(a, b), (a.long() @ b.long().t()).int())
 
 
+def _extreme_int8(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    a[0], a[1] = -128, 127          # rows of extremes: sums of 128² and 127·128 products
+    a[2, ::2] = -128                # alternating extremes
+    return a
+
+
+@pytest.mark.parametrize("method", ["int_mm", "fp32"])
+@pytest.mark.parametrize("m,k,n", [(32, 1, 8), (32, 1023, 16), (24, 1024, 40), (40, 1025, 24), (33, 3000, 20),
+                                   (5, 7, 3)])
+def test_int8_matmul_paths_equal_int_mm_bit_for_bit(method, m, k, n):
+    """Both paths equal the int64 product (and so each other), K not a multiple of the chunk included."""
+    a, b = _extreme_int8(m, k, 0), _extreme_int8(n, k, 1)
+    b[0] = -128  # (-128)·(-128) row × column: the largest products, 2¹⁴ each
+    exact = (a.long() @ b.long().t()).to(torch.int32)
+    assert torch.equal(int8_matmul(a, b, method=method), exact)
+    if k % 8 == 0 and m > 16 and n % 8 == 0:
+        assert torch.equal(torch._int_mm(a, b.t()), exact)
+
+
+def test_fp32_chunks_are_needed_and_bounded():
+    """One fp32 matmul over K = 2048 cannot hold an odd sum above 2²⁴; the 1024-chunks can."""
+    a = torch.full((1, 2048), 127, dtype=torch.int8)
+    b = torch.full((1, 2048), 127, dtype=torch.int8)
+    b[0, 0] = 1
+    exact = 127 * 127 * 2047 + 127  # odd and > 2²⁴: not an fp32 number
+    assert int((a.float() @ b.float().t()).item()) != exact
+    assert int(int8_matmul_fp32_chunks(a, b).item()) == exact
+    assert int(int8_matmul(a, b, method="fp32").item()) == exact
+    with pytest.raises(ValueError, match="chunk=1025"):
+        int8_matmul_fp32_chunks(a, b, chunk=FP32_EXACT_CHUNK + 1)
+    with pytest.raises(ValueError, match="method='fp16'"):
+        int8_matmul(a, b, method="fp16")
+
+
+def test_int8_matmul_follows_the_machine_choice(monkeypatch):
+    """``method=None`` takes :func:`qtune.hardware.int8_matmul_method`'s choice (forced here by env)."""
+    calls = []
+    real = int8_matmul_fp32_chunks
+    monkeypatch.setattr("qtune.formats.int8.int8_matmul_fp32_chunks", lambda a, b: calls.append(1) or real(a, b))
+    a, b = _extreme_int8(32, 64, 2), _extreme_int8(16, 64, 3)
+    monkeypatch.setenv("QTUNE_INT8_MATMUL", "fp32")
+    assert hardware.int8_matmul_method("cpu") == ("fp32", "forced by QTUNE_INT8_MATMUL=fp32")
+    out = int8_matmul(a, b)
+    assert calls == [1]
+    monkeypatch.setenv("QTUNE_INT8_MATMUL", "int_mm")
+    assert torch.equal(int8_matmul(a, b), out) and calls == [1]
+    monkeypatch.setenv("QTUNE_INT8_MATMUL", "fp64")
+    with pytest.raises(ValueError, match="QTUNE_INT8_MATMUL='fp64'"):
+        int8_matmul(a, b)
+
+
+def test_int8_matmul_method_without_vnni_is_fp32_without_probing(monkeypatch):
+    """An AVX2-only CPU (flags as torch reports them) or oneDNN capped at AVX2: fp32 chunks, no probe."""
+    monkeypatch.delenv("QTUNE_INT8_MATMUL", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(hardware, "probe_int8_matmul", lambda *a, **k: pytest.fail("probed"))
+    hardware._cpu_int8_method.cache_clear()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"architecture": "x86_64", "avx2": True, "avx512_vnni": False})
+    method, reason = hardware._cpu_int8_method("avx2-box")
+    assert method == "fp32" and "no AVX512-VNNI" in reason
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"architecture": "x86_64", "avx512_vnni": True})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    method, reason = hardware._cpu_int8_method("onednn-capped")
+    assert method == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2" in reason
+    hardware._cpu_int8_method.cache_clear()
+
+
+@pytest.mark.parametrize("probe, method", [({"int_mm_exact": True, "int_mm_s": 1.0, "fp32_s": 3.0}, "int_mm"),
+                                           ({"int_mm_exact": True, "int_mm_s": 3.0, "fp32_s": 1.0}, "fp32"),
+                                           ({"int_mm_exact": False, "int_mm_s": 1.0, "fp32_s": 3.0}, "fp32")])
+def test_int8_matmul_method_probe_decides_and_is_cached(monkeypatch, tmp_path, probe, method):
+    monkeypatch.delenv("QTUNE_INT8_MATMUL", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("QTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"architecture": "x86_64", "avx512_vnni": True})
+    calls = []
+    monkeypatch.setattr(hardware, "probe_int8_matmul", lambda *a, **k: calls.append(1) or dict(probe))
+    hardware._cpu_int8_method.cache_clear()
+    assert hardware._cpu_int8_method("k")[0] == method
+    hardware._cpu_int8_method.cache_clear()  # a new process: reads the file, does not time again
+    assert hardware._cpu_int8_method("k")[0] == method and calls == [1]
+    hardware._cpu_int8_method.cache_clear()
+
+
+def test_probe_int8_matmul_runs():
+    r = hardware.probe_int8_matmul(shape=(32, 2048, 16), repeat=1)
+    assert r["int_mm_s"] > 0 and r["fp32_s"] > 0 and isinstance(r["int_mm_exact"], bool)
+
+
 def test_llm_int8_beats_plain_int8_on_outlier_features():
     w = torch.randn(128, 256) * 0.05
     x = torch.randn(64, 256)
@@ -82,7 +175,52 @@ def test_llm_int8_matches_bitsandbytes_in_eval():
     torch.testing.assert_close(y.float(), y_bnb.float(), rtol=2e-3, atol=4e-3)
 
 
+def _bnb_layer(k, n, threshold, dtype, seed=0):
+    bnb = pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    lin = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=threshold)
+    lin.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
+    lin.bias.data = torch.randn(n, generator=g).to(dtype)
+    return lin.to("cpu").eval()
+
+
+@pytest.mark.parametrize("method", ["int_mm", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_llm_int8_bitsandbytes_arithmetic_equals_bitsandbytes_bit_for_bit(monkeypatch, method, dtype, threshold):
+    """``arithmetic="bitsandbytes"`` reproduces bitsandbytes 0.50's eval forward exactly, with outlier
+    columns, an outlier in a single element, a row that is all outliers, and values that round
+    differently in fp16; under either exact int8 matmul path and with the native epilogue op."""
+    import qtune.ops  # noqa: F401  (registers torch.ops.qtune.int8_mm_dequant)
+
+    monkeypatch.setenv("QTUNE_INT8_MATMUL", method)
+    k, n = 1100, 72  # K above one fp32 chunk
+    lin = _bnb_layer(k, n, threshold, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, k, generator=g)
+    x[..., [5, 700]] *= 30.0     # outlier feature columns
+    x[1, 3, 9] = -7.0            # a single outlier element
+    x[2, 4, :] = 8.0             # a row of outliers only (its int8 part is all zero)
+    x = (x * (1 + 2.0 ** -13)).to(dtype)  # fp32 values between fp16 numbers
+    with torch.no_grad():
+        y_bnb = lin(x)
+    cb, scb = lin.state.CB, lin.state.SCB
+    for mm_dequant in (None, torch.ops.qtune.int8_mm_dequant):
+        kw = {} if mm_dequant is None else {"mm_dequant": mm_dequant}
+        y = llm_int8_linear(x, cb, scb, threshold, lin.bias.data, arithmetic="bitsandbytes", **kw)
+        assert y.dtype == y_bnb.dtype == dtype
+        assert torch.equal(y, y_bnb), f"max |Δ| {float((y.float() - y_bnb.float()).abs().max())}"
+    if dtype == torch.float32 and threshold > 0:  # qtune's own arithmetic is close, not equal
+        y_q = llm_int8_linear(x, cb, scb, threshold, lin.bias.data)
+        assert not torch.equal(y_q, y_bnb)
+        torch.testing.assert_close(y_q, y_bnb, rtol=2e-2, atol=2e-2)
+
+
 def test_bad_config():
+    with pytest.raises(ValueError, match="arithmetic='bnb'"):
+        LLMInt8Config(arithmetic="bnb")
+    assert LLMInt8Config(arithmetic="bitsandbytes").to_dict()["arithmetic"] == "bitsandbytes"
     with pytest.raises(ValueError, match="group_size=1"):
         Int8Config(group_size=1)
     with pytest.raises(ValueError, match="threshold"):
