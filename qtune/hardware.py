@@ -253,6 +253,32 @@ def auto_dtype(device: torch.device | str | None = None) -> tuple[torch.dtype, s
     return torch.float32, f"device type {dev.type!r} has no auto rule: fp32"
 
 
+def auto_compute_dtype(model_dtype: torch.dtype | None, device: torch.device | str | None = None
+                       ) -> tuple[torch.dtype, str]:
+    """``compute_dtype: auto`` next to a known model dtype: never less precise than the model, never slow.
+
+    fp32/fp64 models compute in their dtype; a bf16 model in bf16 where that is native (:func:`auto_dtype`
+    says bf16), else fp32; an fp16 model in fp16 on CUDA, in fp32 on CPUs (no fast fp16 matmul there).
+    ``model_dtype`` None: :func:`auto_dtype`.
+
+    Returns:
+        ``(dtype, reason)``.
+    """
+    if model_dtype is None:
+        return auto_dtype(device)
+    if model_dtype in (torch.float32, torch.float64):
+        return model_dtype, f"the model is {str(model_dtype).removeprefix('torch.')}"
+    dev = _device(device)
+    if model_dtype == torch.float16:
+        if dev.type == "cuda":
+            return torch.float16, "the model is float16 on CUDA"
+        return torch.float32, f"the model is float16, which {dev.type} has no fast matmul for: fp32"
+    if model_dtype == torch.bfloat16:
+        dtype, reason = auto_dtype(device)
+        return (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32), reason
+    raise TypeError(f"auto_compute_dtype: model dtype {model_dtype} is not a float dtype")
+
+
 def resolve_dtype(value: str | torch.dtype | None, device: torch.device | str | None = None,
                   *, what: str = "dtype") -> tuple[torch.dtype | None, str | None]:
     """Resolve a recipe/config dtype: ``"auto"`` → :func:`auto_dtype`; explicit names/dtypes win.

@@ -103,3 +103,37 @@ def test_probe_decides_unknown_cpu_and_is_cached(fake_cpu, monkeypatch, tmp_path
 def test_probe_measures_a_ratio():
     ratio = hardware.probe_bf16_slowdown(shape=(32, 64, 64), repeat=1)
     assert ratio > 0 and ratio == ratio  # finite positive time ratio
+
+
+@pytest.mark.parametrize("native, model_dtype, expected", [
+    (False, torch.bfloat16, torch.float32), (True, torch.bfloat16, torch.bfloat16),
+    (True, torch.float32, torch.float32), (False, torch.float32, torch.float32),
+    (True, torch.float16, torch.float32)])
+def test_quantized_layers_built_with_auto_compute_dtype(fake_cpu, native, model_dtype, expected):
+    """``QTuneConfig`` defaults to ``compute_dtype="auto"``: next to the model's dtype it keeps that dtype
+    unless it is slow here (bf16 without native bf16, fp16 on a CPU), never going below the model's."""
+    from torch import nn
+
+    from qtune.formats import NF4Config
+    from qtune.integrations.transformers import QTuneConfig, meta_layer
+
+    fake_cpu("AVX512", {**AVX512_BF16, "avx512_bf16": native})
+    assert QTuneConfig("nf4").compute_dtype == "auto"
+    cfg = QTuneConfig("nf4").default_config()
+    assert cfg.compute_dtype == "auto"
+    layer = meta_layer(nn.Linear(64, 32, dtype=model_dtype, device="meta"), cfg, model_dtype=model_dtype)
+    assert layer.compute_dtype == expected
+    explicit = meta_layer(nn.Linear(64, 32, dtype=model_dtype, device="meta"), NF4Config(compute_dtype="bfloat16"),
+                          model_dtype=model_dtype)
+    assert explicit.compute_dtype == torch.bfloat16  # explicit dtypes win
+
+
+def test_format_config_accepts_auto(fake_cpu):
+    from qtune.formats import LLMInt8Config, NF4Config
+
+    fake_cpu("AVX2", {})
+    assert NF4Config(compute_dtype="auto").torch_compute_dtype == torch.float32
+    fake_cpu("AVX512", AVX512_BF16)
+    assert LLMInt8Config(compute_dtype="auto").resolve_compute_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype='automatic'"):
+        NF4Config(compute_dtype="automatic")

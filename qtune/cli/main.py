@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": "train",
     "plan": "plan",
     "export": "export",
+    "env": "env",
 }
 
 

@@ -33,6 +33,10 @@ def parse_dtype(value: str | torch.dtype | None, *, what: str = "dtype") -> torc
     return _DTYPE_NAMES[key]
 
 
+def _is_auto(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -42,17 +46,30 @@ class QuantConfig:
     """Base of every format config: static, hashable, JSON-serializable metadata.
 
     Subclasses set ``format`` (the name used in recipes and ``quantization_config``) and ``bits``.
-    ``compute_dtype`` is the dtype the layer computes in (``None``: the dtype of the float weight).
+    ``compute_dtype`` is the dtype the layer computes in (``None``: the dtype of the float weight;
+    ``"auto"``: bf16 where the machine computes it natively, fp32 otherwise, decided when the layer is
+    built, see :func:`qtune.hardware.auto_dtype`; the config keeps ``"auto"``, so a saved checkpoint
+    chooses again on the machine that loads it).
     """
 
     format: ClassVar[str] = ""
     compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        parse_dtype(self.compute_dtype, what=f"{type(self).__name__}.compute_dtype")
+        if not _is_auto(self.compute_dtype):
+            parse_dtype(self.compute_dtype, what=f"{type(self).__name__}.compute_dtype")
 
     @property
     def torch_compute_dtype(self) -> torch.dtype | None:
+        """``compute_dtype`` as a ``torch.dtype`` (``"auto"`` resolved for the default device)."""
+        return self.resolve_compute_dtype()
+
+    def resolve_compute_dtype(self, device: torch.device | str | None = None) -> torch.dtype | None:
+        """``compute_dtype`` as a ``torch.dtype``, ``"auto"`` resolved for ``device`` (default: CUDA if
+        available, else CPU)."""
+        if _is_auto(self.compute_dtype):
+            from ..hardware import auto_dtype  # here, not at import: qtune.hardware imports this module
+            return auto_dtype(device)[0]
         return parse_dtype(self.compute_dtype)
 
     def to_dict(self) -> dict[str, Any]:

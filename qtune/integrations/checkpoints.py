@@ -25,9 +25,11 @@ CPU, fp32, and asserted by ``tests/integrations/test_checkpoints.py``):
   for a fused kernel with lower-precision accumulation (~0.5% of the logits' scale on tiny models), and
   bitsandbytes 0.50.2's CPU ``dequantize_4bit`` is wrong when the block size exceeds ``in_features``;
   compare in train mode (no dropout) with block size ≤ ``in_features``.
-* bitsandbytes 8-bit: identical int8 weights and ``SCB``; with threshold 0 (qtune ``int8``) logits agree
-  to < 1e-5; LLM.int8 (threshold 6) agrees to ~1e-2 relative, because bitsandbytes casts activations to
-  fp16 before quantizing them and computes the outlier columns in fp16, while qtune keeps fp32.
+* bitsandbytes 8-bit: identical int8 weights and ``SCB``, read as ``LLMInt8Config(arithmetic="bitsandbytes")``:
+  bitsandbytes' own operations (activations cast to fp16 before the threshold test and the row
+  quantization, its epilogue constants), which ``qtune.formats.int8.llm_int8_linear`` reproduces bit for
+  bit (``tests/formats/test_int8.py``). qtune's own arithmetic (fp32 activations) differs by up to ~1e-2
+  relative on LLM.int8 (threshold 6).
 * GPTQ v1: ``W = scales[g_idx]·(q − z)`` with ``z`` decoded as GPTQModel decodes ``qzeros`` (``+1`` per
   field; a zero of 0, which GPTQModel writes with a whole-word borrow, reads right). Dequantized weights
   are bit-identical to GPTQModel 7.7's (its own checkpoints and qtune's, asserted in
@@ -280,7 +282,7 @@ def _bnb_state_dict(headers, skeleton: nn.Module, qc: dict[str, Any]) -> tuple[d
         state[wkey] = reader.lazy(wkey)
         state[f"{name}.SCB"] = reader.lazy(scb)
         consumed.update([wkey, scb])
-        layers[name] = LLMInt8Config(threshold=threshold, compute_dtype=None).to_dict()
+        layers[name] = LLMInt8Config(threshold=threshold, compute_dtype=None, arithmetic="bitsandbytes").to_dict()
 
     if not layers:
         raise ValueError("config.json says bitsandbytes, but no tensor carries a bitsandbytes quant state "

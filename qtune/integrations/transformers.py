@@ -38,6 +38,7 @@ transformers Trainer): ``is_quantized = True``, ``quantization_method = "qtune"`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -53,6 +54,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats import QuantConfig, config_from_dict
 from ..formats.base import dtype_name
+from ..hardware import auto_compute_dtype
 from ..nn import QuantLinear, config_for, is_conv1d, layer_class_for, linear_modules
 
 QUANT_METHOD = "qtune"
@@ -88,7 +90,10 @@ class QTuneConfig(QuantizationConfigMixin):
         format: default format, one of ``qtune.CONFIGS`` (``nf4``, ``fp4``, ``int8``, ``llm_int8``, ``rtn``,
             ``gptq``). ``gptq`` needs calibration: quantize with ``qtune quantize``/
             :func:`qtune.calibration.gptq_quantize_model`; as a loading config it only reloads saved models.
-        compute_dtype: dtype of the quantized matmuls (``"bfloat16"``...); ``None``: the model's dtype.
+        compute_dtype: dtype of the quantized matmuls (``"bfloat16"``...); ``"auto"`` (default): bf16 where
+            the machine computes it natively, fp32 otherwise (:func:`qtune.hardware.auto_dtype`, decided when
+            the layers are built, so a saved ``"auto"`` chooses again on the loading machine); ``None``: the
+            model's dtype.
         skip_modules: name patterns kept in full precision. ``None`` means ``["lm_head"]`` plus the model's
             output embeddings. Tied modules and ``_keep_in_fp32_modules`` are always skipped.
         overrides: ``{pattern: format}`` per-module formats (a ``QuantConfig``, a format name, a dict
@@ -101,7 +106,7 @@ class QTuneConfig(QuantizationConfigMixin):
         ValueError/TypeError: unknown format or field, or a bad override (the message names it).
     """
 
-    def __init__(self, format: str = "nf4", *, compute_dtype: str | torch.dtype | None = None,
+    def __init__(self, format: str = "nf4", *, compute_dtype: str | torch.dtype | None = "auto",
                  skip_modules: list[str] | tuple[str, ...] | None = None,
                  overrides: Mapping[str, Any] | None = None,
                  layers: Mapping[str, Mapping[str, Any]] | None = None, **options: Any) -> None:
@@ -210,7 +215,12 @@ def meta_layer(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype, de
     else:
         in_features, out_features = old.in_features, old.out_features
     w = getattr(old, "weight", None)
-    compute = cfg.torch_compute_dtype or (w.dtype if w is not None and w.is_floating_point() else model_dtype)
+    float_dtype = w.dtype if w is not None and w.is_floating_point() else model_dtype
+    if isinstance(cfg.compute_dtype, str) and cfg.compute_dtype.strip().lower() == "auto":
+        # "auto" next to a known model dtype: that dtype where this machine computes it natively, else fp32
+        dev = None if torch.device(device).type == "meta" else device
+        cfg = dataclasses.replace(cfg, compute_dtype=dtype_name(auto_compute_dtype(float_dtype, dev)[0]))
+    compute = cfg.torch_compute_dtype or float_dtype
     # transformers builds the skeleton under a `torch.device("meta")` context; the format modules cache
     # their code tables on first use, which must not happen on meta (the buffers themselves get `device`)
     with torch.device("cpu"):

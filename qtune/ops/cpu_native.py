@@ -100,6 +100,16 @@ def library() -> Optional[ctypes.CDLL]:
     return _lib
 
 
+def build_state() -> dict[str, object]:
+    """The native kernels' state for reports (``qtune env``): built or not, the library file, the reason.
+
+    Builds (or loads the cached build of) the library if that has not happened in this process.
+    """
+    lib = library()
+    return {"built": lib is not None, "library": None if lib is None else str(lib._name),
+            "error": _failed, "flags": " ".join(_FLAGS), "source": str(_SOURCE)}
+
+
 def _p(t: Tensor) -> int:
     return t.data_ptr()
 
