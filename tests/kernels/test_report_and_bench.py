@@ -1,4 +1,4 @@
-"""The static report and the GPU benchmark run on a CPU-only machine."""
+"""The static report and the kernel-benchmark alias (``qtune.bench.kernels``) on a CPU-only machine."""
 import os
 import subprocess
 import sys
@@ -29,26 +29,19 @@ def test_report_fast():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_bench_without_cuda_exits_cleanly():
-    proc = subprocess.run([sys.executable, "-m", "qtune.bench.kernels"], env=clean_env(), capture_output=True,
-                          text=True, timeout=300)
+def test_bench_alias_without_cuda_exits_cleanly():
+    # qtune.bench.kernels is `qtune.bench.gpu --stages bench` (tests/bench/test_gpu_bench.py covers the stages)
+    proc = subprocess.run([sys.executable, "-m", "qtune.bench.kernels", "--quick"], env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "no CUDA device is present" in proc.stdout
+    assert proc.stdout.startswith("qtune.bench.gpu: no CUDA device is present")
 
 
-def test_bench_code_paths_under_interpreter(capsys):
-    # the benchmark's sections on tiny CPU weights with a dummy timer: catches API drift without a GPU
-    pytest.importorskip("triton")
-    from qtune.bench.kernels import Bench
+def test_bench_alias_selects_the_bench_stage(monkeypatch):
+    from qtune.bench import gpu, kernels
 
-    def once(fn):
-        fn()
-        return 1.0
-
-    bench = Bench(torch.float16, 10, device="cpu", timer=once)
-    bench.dequantize([(64, 128)])
-    bench.forward([(64, 128)], (1, 20))
-    bench.forward_backward([(64, 128)], (20,))
-    out = capsys.readouterr().out
-    for name in ("dequantize_nf4", "dequantize_gptq", "linear_nf4", "linear_gptq", "linear_llm_int8", "vs dense"):
-        assert name in out
+    seen = []
+    monkeypatch.setattr(kernels, "gpu_main", lambda argv: seen.append(argv) or 0)
+    assert kernels.main(["--quick"]) == 0 and kernels.main(["--stages", "correct"]) == 0
+    assert seen == [["--stages", "bench", "--quick"], ["--stages", "correct"]]
+    assert gpu._parse(seen[0]).stages == ["bench"]
