@@ -88,7 +88,7 @@ def _check_key(family: str, direction: str) -> None:
 
 
 def _as_bound(value, what: str) -> float:
-    if isinstance(value, str) and value.strip().lower() in ("inf", "always"):
+    if (isinstance(value, str) and value.strip().lower() in ("inf", "always")) or value == ALWAYS:
         return ALWAYS
     try:
         m = int(value)

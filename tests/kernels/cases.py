@@ -100,6 +100,38 @@ def assert_product_close(out: torch.Tensor, a: torch.Tensor, w32_t: torch.Tensor
                                  f"max error {float(err.max()):.3g}")
 
 
+def assert_llm_int8_close(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
+                          threshold: float, bias: torch.Tensor | None, what: str = "") -> None:
+    """LLM.int8 forward at ulp level: the int8 part (the reference's codes, an exact int32 product, the fp32
+    epilogue ``acc · (s_x s_w) / 127² + b``) is rounded once to ``x.dtype`` by the kernel, then the outlier
+    ``addmm`` in ``x.dtype`` adds its columns and rounds again: within one ulp of each rounded value, plus
+    the fp32-accumulation bound of the outlier product."""
+    dtype = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    x32 = x2.float()
+    out = out.reshape(x2.shape[0], -1)
+    if threshold > 0:
+        flags = (x32.abs() >= threshold).any(0)
+        x_in = x32.masked_fill(x32.abs() >= threshold, 0)
+    else:
+        flags = torch.zeros(x2.shape[-1], dtype=torch.bool)
+        x_in = x32
+    sx = x_in.abs().amax(1)
+    xq = torch.round(x_in * (127.0 / sx.clamp(min=1e-12)).unsqueeze(-1))
+    xq[:, flags] = 0
+    scb = scb.reshape(-1).float()
+    y_int = (xq.double() @ weight.double().t()).float() * (sx[:, None] * scb[None, :]) * (1.0 / (127.0 * 127.0))
+    y_int = y_int.double() + (0.0 if bias is None else bias.double())
+    cols = flags.nonzero().view(-1)
+    sub_w = (weight[:, cols].float() * (scb / 127.0).unsqueeze(-1)).to(dtype).double()
+    x_o = x2[:, cols].double()
+    ref = y_int + x_o @ sub_w.t()
+    bound = ulp(y_int, dtype) + ulp(ref, dtype) + cols.numel() * 2.0 ** -24 * (x_o.abs() @ sub_w.abs().t())
+    err = (out.double() - ref).abs()
+    assert bool((err <= bound).all()), (f"{what}: LLM.int8 max error {float(err.max()):.3g}, worst excess over "
+                                        f"the ulp bound {float((err - bound).max()):.3g}")
+
+
 def assert_dequant_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
     """Bit-identical, except that bf16 may be 1 ulp off: the interpreter rounds fp32 → bf16 toward zero."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
