@@ -1,11 +1,15 @@
 """CPU benchmark of every format against bitsandbytes, measured in the same run.
 
-``python -m qtune.bench.formats [--out-features 4096] [--in-features 4096] [--tokens 1024] [--dtype bf16]``
+``python -m qtune.bench.formats [--out-features 4096] [--in-features 4096] [--tokens 1024] [--dtype bf16] [--out FILE]``
 
 For one weight and each format it prints: quantize time, dequantize time, forward and forward+backward
 (gradient to the input) time of a layer at ``--tokens`` tokens (8×128 by default), and where
 bitsandbytes has the same format, its figures and the ratio qtune/bitsandbytes (< 1 means qtune is
 faster). A dense layer of the same dtype is the baseline.
+
+The numbers (median milliseconds per metric, ratios, settings) go to ``bench/results/formats.json``
+(``--out`` elsewhere, e.g. ``bench/results/formats-avx2.json`` for a run under
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``; the file records those variables).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import argparse
 import logging
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from torch import nn
 from ..formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig, parse_dtype
 from ..formats.gptq import GPTQHessian
 from ..nn import layer_class_for
+from .results import bench_command, default_dir, load_average, write_results
 
 
 def quiet_bitsandbytes() -> None:
@@ -103,6 +108,18 @@ def _bnb_fns(name: str, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callabl
     return None
 
 
+def bench_formats(skip_gptq: bool = False) -> dict[str, Any]:
+    """The formats timed, by the name printed (bitsandbytes has the first five)."""
+    formats: dict[str, Any] = {
+        "nf4": NF4Config(), "nf4-dq": NF4Config(double_quant=True), "fp4": FP4Config(),
+        "int8": LLMInt8Config(threshold=0.0), "llm_int8": LLMInt8Config(),
+        "int8-zp-g128": Int8Config(symmetric=False, group_size=128), "rtn4-g128": RTNConfig(bits=4, group_size=128),
+    }
+    if not skip_gptq:
+        formats["gptq4-g128"] = GPTQConfig(bits=4, group_size=128)
+    return formats
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-features", type=int, default=4096)
@@ -111,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--skip-gptq", action="store_true", help="GPTQ quantization of a 4096² weight takes a while on CPU")
+    p.add_argument("--only", nargs="+", metavar="FORMAT", help="time only these formats (names as printed)")
+    p.add_argument("--out", help="results file (default bench/results/formats.json)")
     args = p.parse_args(argv)
+    formats = bench_formats(args.skip_gptq)
+    if args.only:
+        unknown = sorted(set(args.only) - set(formats))
+        if unknown:
+            raise SystemExit(f"--only: unknown formats {unknown}; choose from {list(formats)}")
+        formats = {k: v for k, v in formats.items() if k in args.only}
+    load_start = load_average()
     quiet_bitsandbytes()
     dtype = parse_dtype(args.dtype)
     torch.manual_seed(0)
@@ -123,16 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     dense_fwd, dense_fb = (timeit(f, args.repeat) for f in _layer_fns(linear.requires_grad_(False), x))
     print(f"dense {args.dtype}: forward {dense_fwd:.1f} ms, fwd+bwd {dense_fb:.1f} ms\n")
 
-    formats = {
-        "nf4": NF4Config(), "nf4-dq": NF4Config(double_quant=True), "fp4": FP4Config(),
-        "int8": LLMInt8Config(threshold=0.0), "llm_int8": LLMInt8Config(), "int8-zp-g128": Int8Config(symmetric=False, group_size=128),
-        "rtn4-g128": RTNConfig(bits=4, group_size=128),
-    }
     kwargs: dict[str, dict] = {}
-    if not args.skip_gptq:
+    if "gptq4-g128" in formats:
         h = GPTQHessian(args.in_features)
         h.add_batch(torch.randn(2048, args.in_features))
-        formats["gptq4-g128"] = GPTQConfig(bits=4, group_size=128)
         kwargs["gptq4-g128"] = {"hessian": h}
     try:
         import bitsandbytes  # noqa: F401
@@ -141,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'format':<14}" + "".join(f"{c + ' ms':>14}{'vs bnb':>8}" for c in METRICS) + f"{'fb/dense':>10}")
     bnb_rows: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
     for name, cfg in formats.items():
         ours = _qtune_fns(cfg, linear, x, **kwargs.get(name, {}))
         theirs = _bnb_fns(name, linear, x)
@@ -153,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 row[c], ref[c] = timeit_interleaved([ours[c], theirs[c]], reps)
         if ref:
             bnb_rows[name] = ref
+        rows.append({"format": name, "qtune_ms": row, "bnb_ms": ref or None,
+                     "ratio": {c: row[c] / ref[c] for c in METRICS} if ref else None,
+                     "fwd_bwd_over_dense": row["fwd+bwd"] / dense_fb})
         cells = "".join(f"{row[c]:>14.1f}{(f'{row[c] / ref[c]:.2f}x' if ref else '-'):>8}" for c in METRICS)
         print(f"{name:<14}{cells}{row['fwd+bwd'] / dense_fb:>9.2f}x", flush=True)
     if bnb_rows:
@@ -160,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, ref in bnb_rows.items():
             print(f"{name:<14}" + "".join(f"{ref[c]:>14.1f}{'':>8}" for c in METRICS) + f"{ref['fwd+bwd'] / dense_fb:>9.2f}x")
     print("\nratio = qtune / bitsandbytes; < 1 means qtune is faster.")
+    results = {"settings": {"out_features": args.out_features, "in_features": args.in_features, "tokens": args.tokens,
+                            "dtype": args.dtype, "repeat": args.repeat},
+               "threads": torch.get_num_threads(), "load_average_start": load_start,
+               "dense_ms": {"forward": dense_fwd, "fwd+bwd": dense_fb}, "rows": rows}
+    out = write_results("formats", results, args.out if args.out else default_dir() / "formats.json",
+                        command=bench_command("qtune.bench.formats", argv))
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Perplexity table of every qtune format on a real model, next to transformers+bitsandbytes in the same run.
 
-``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 128]``
+``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 32] [--out FILE]``
 
 Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 g128 (with and
 without act-order), GPTQ-3 g128, GPTQ-8 g128; and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
@@ -13,6 +13,12 @@ evaluation text defaults to Persuasion, held out).
 bitsandbytes' 4-bit layers run in train mode here: on CPU its eval mode repacks the weights for a fused
 kernel with different rounding (SmolLM2 has no dropout, so both modes compute the same function). Its
 LLM.int8 runs in eval mode (the int8 matmul path, as in inference).
+
+The table goes to ``bench/results/perplexity.json`` (``--out`` elsewhere), rewritten after every row with
+``"complete": false`` until the last one, so a long run that is stopped keeps what it measured. With
+``--only ROW ... --merge`` the rows measured replace those of the same name in the existing file, whose
+settings must match, and the recorded command becomes ``<old command> && <this command>``: running it
+reproduces the file.
 """
 from __future__ import annotations
 
@@ -20,11 +26,16 @@ import argparse
 import gc
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .formats import quiet_bitsandbytes
+from .results import bench_command, default_dir, load_average, read_results, write_results
+
+# the settings that make two runs' rows comparable (a merge refuses a file with other values)
+SETTINGS = ("model", "text", "calibration", "tokens", "seq_len", "samples", "cal_seq_len", "batch_size")
 
 
 def _bnb_config(name: str):
@@ -69,13 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default="austen:emma", help="GPTQ calibration text (file, or austen:NAME)")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--samples", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     p.add_argument("--cal-seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--only", nargs="*", metavar="ROW", help="run only these rows (names as printed)")
     p.add_argument("--skip-bnb", action="store_true")
+    p.add_argument("--skip-gptq", action="store_true", help="leave out the GPTQ rows (minutes of calibration each)")
+    p.add_argument("--out", help="results file (default bench/results/perplexity.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace the rows measured in the existing --out file instead of rewriting it")
     args = p.parse_args(argv)
     quiet_bitsandbytes()
+    out = Path(args.out) if args.out else default_dir() / "perplexity.json"
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    previous = _previous_run(out, settings) if args.merge else None
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -130,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
     ]
+    if args.skip_gptq:
+        rows = [r for r in rows if " gptq-" not in r[0]]
     if not args.skip_bnb:
         try:
             import bitsandbytes  # noqa: F401
@@ -165,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     print(f"{'model':<30} {'bits/param':>10} {'load+quant s':>12} {'perplexity':>11} {'vs fp32':>8} {'tokens/s':>9}", flush=True)
     ref = None
-    for label, build, bpp, eval_mode in rows:
+    measured: list[dict[str, Any]] = []
+    load_start = load_average()
+    for i, (label, build, bpp, eval_mode) in enumerate(rows):
         t0 = time.perf_counter()
         model = build()
         prep = time.perf_counter() - t0
@@ -174,9 +196,49 @@ def main(argv: list[str] | None = None) -> int:
         ref = res.perplexity if ref is None else ref
         print(f"{label:<30} {bits:>10.3f} {prep:>12.1f} {res.perplexity:>11.4f} "
               f"{100 * (res.perplexity / ref - 1):>+7.2f}% {res.tokens_per_s:>9.0f}", flush=True)
+        measured.append({"name": label, "bits_per_param": bits, "load_quantize_s": round(prep, 2),
+                         "perplexity": res.perplexity, "nll": res.nll, "predicted_tokens": res.predicted,
+                         "eval_tokens_per_s": round(res.tokens_per_s, 1)})
         del model
         gc.collect()
+        _write(out, settings, measured, previous, load_start, complete=i == len(rows) - 1, model_name=path.name,
+               eval_tokens=ids.numel(), command=bench_command("qtune.bench.perplexity", argv))
+    print(f"wrote {out}")
     return 0
+
+
+def _previous_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results file a ``--merge`` run updates; its settings must equal this run's."""
+    if not out.exists():
+        raise SystemExit(f"--merge: {out} does not exist (run the full table first)")
+    prev = read_results(out, benchmark="perplexity")
+    differ = {k: (prev["results"]["settings"].get(k), v) for k, v in settings.items()
+              if prev["results"]["settings"].get(k) != v}
+    if differ:
+        raise SystemExit(f"--merge: {out} was measured with other settings (file, now): {differ}")
+    if not prev["results"].get("complete"):
+        raise SystemExit(f"--merge: {out} is incomplete (its run was stopped); rerun the full table")
+    return prev
+
+
+def _write(out: Path, settings: dict[str, Any], measured: list[dict[str, Any]], previous: dict[str, Any] | None,
+           load_start: list[float] | None, *, complete: bool, model_name: str, eval_tokens: int,
+           command: str) -> None:
+    """Write (or, with ``previous``, update) the results file; ``vs_fp32`` against the fp32 row of the file."""
+    rows = list(measured)
+    if previous is not None:
+        new = {r["name"]: r for r in measured}
+        # keep the old fp32 reference (identical maths) so the other rows' ratios keep their base
+        new.pop("fp32", None)
+        rows = [new.pop(r["name"], r) for r in previous["results"]["rows"]] + list(new.values())
+        command = f"{previous['command']} && {command}"
+    ref = next((r["perplexity"] for r in rows if r["name"] == "fp32"), None)
+    for r in rows:
+        r["vs_fp32"] = None if ref is None else r["perplexity"] / ref - 1
+    results = {"settings": settings, "model_name": model_name, "eval_tokens": eval_tokens,
+               "threads": torch.get_num_threads(), "load_average_start": load_start,
+               "complete": complete, "rows": rows}
+    write_results("perplexity", results, out, command=command)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ SCHEMA_KEYS = ("benchmark", "command", "created", "machine", "results")
 
 # versions worth knowing when a number is compared across machines
 _PACKAGES = ("torch", "triton", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "gguf")
+# environment variables that change which kernels run or how many threads they get
+_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "QTUNE_NATIVE_CPU", "CUDA_VISIBLE_DEVICES")
 
 
 def default_dir() -> Path:
@@ -53,8 +55,23 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``uptime``), rounded to 0.01; None where the OS has none.
+
+    Ratios measured on a shared machine are only comparable with the load they were measured under.
+    """
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU kind and capability, cores, GPUs, and package versions of this process."""
+    """CPU kind and capability, cores, load, GPUs, and package versions of this process.
+
+    ``cpu_capability`` is what torch dispatches to (``ATEN_CPU_CAPABILITY`` lowers it); ``env`` records the
+    variables that change which kernels run, so an emulated AVX2-only run says so.
+    """
     import torch
 
     info: dict[str, Any] = {
@@ -64,6 +81,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
+        "env": {k: os.environ[k] for k in _ENV if k in os.environ},
         "cuda": None,
         "versions": {p: _version(p) for p in _PACKAGES},
     }
@@ -86,6 +105,14 @@ def command_line() -> str:
         name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
         return shlex.join(["python", "-m", name, *argv[1:]])
     return shlex.join(["python", *argv])
+
+
+def bench_command(module: str, argv: list[str] | None) -> str:
+    """The command to record for a bench's ``main(argv)``: ``python -m module argv...`` when called with
+    ``argv`` (from Python, e.g. a test), else how this process was started (:func:`command_line`)."""
+    if argv is None:
+        return command_line()
+    return shlex.join(["python", "-m", module, *argv])
 
 
 def write_results(benchmark: str, results: Any, out: str | os.PathLike | None = None,
@@ -125,15 +152,31 @@ def write_results(benchmark: str, results: Any, out: str | os.PathLike | None = 
     return path
 
 
-def read_results(path: str | os.PathLike) -> dict[str, Any]:
+def read_results(path: str | os.PathLike, benchmark: str | None = None) -> dict[str, Any]:
     """Load a results file and check that it has the common schema.
 
+    Args:
+        path: the JSON file.
+        benchmark: when given, the file must have been written by this bench.
+
     Raises:
-        ValueError: a key of :data:`SCHEMA_KEYS` is missing (names the file and the key).
+        ValueError: the file is not a JSON object, a key of :data:`SCHEMA_KEYS` is missing, ``command`` is
+            not a non-empty string, ``machine`` is not an object, or ``benchmark`` differs (each names the file).
     """
     with open(path, encoding="utf-8") as f:
-        payload = json.load(f)
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a qtune results file (a JSON {type(payload).__name__}, not an object)")
     missing = [k for k in SCHEMA_KEYS if k not in payload]
     if missing:
         raise ValueError(f"{path}: not a qtune results file (missing key(s) {', '.join(missing)})")
+    if not isinstance(payload["command"], str) or not payload["command"].strip():
+        raise ValueError(f"{path}: 'command' must be the non-empty command that wrote it, got {payload['command']!r}")
+    if not isinstance(payload["machine"], dict):
+        raise ValueError(f"{path}: 'machine' must be an object, got {type(payload['machine']).__name__}")
+    if benchmark is not None and payload["benchmark"] != benchmark:
+        raise ValueError(f"{path}: written by bench {payload['benchmark']!r}, expected {benchmark!r}")
     return payload
