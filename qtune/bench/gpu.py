@@ -572,8 +572,6 @@ def stage_dispatch(run: Run) -> dict:
 
     K = _kernels()
     t0 = time.time()
-    if run.interpret:  # test-only hook: the Triton wrappers for CPU tensors (no device trace to profile)
-        K.register(device="cpu", _testing=True)
     key = "CUDA" if run.cuda else "CPU"
     registered = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"qtune::{op}", key) for op in K.OPS}
     hidden, inter, layers, batch, seq = (64, 96, 2, 1, 8) if run.interpret else (512, 1408, 2, 2, 256)
@@ -814,6 +812,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .results import write_results
 
     if args.interpret:
+        # test-only hook: the ops' device kernels (routing -> Triton wrappers) registered for CPU tensors
+        kernels.register(device="cpu", _testing=True)
         # no bf16: the interpreter converts to bf16 by truncation (numpy has no bf16), the GPU rounds
         run = Run(torch.device("cpu"), True, shapes=((96, 64), (64, 160)), tokens=(1, 33),
                   dtypes=(torch.float16, torch.float32), variant_dtypes=(torch.float16,),
