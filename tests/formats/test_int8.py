@@ -217,6 +217,54 @@ def test_llm_int8_bitsandbytes_arithmetic_equals_bitsandbytes_bit_for_bit(monkey
         torch.testing.assert_close(y_q, y_bnb, rtol=2e-2, atol=2e-2)
 
 
+def test_bitsandbytes_checkpoint_layers_compute_bitsandbytes_forward(tmp_path):
+    """A tiny Llama quantized by bitsandbytes itself (``load_in_8bit``, threshold 6.0, outlier features
+    injected through the norms), saved, and read by ``qtune.load_model``: every int8 layer is read with
+    ``arithmetic="bitsandbytes"`` and, on the very inputs bitsandbytes' eval forward saw, computes
+    bitsandbytes' outputs bit for bit (tolerance 0: the same operations in the same order)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    import qtune
+    from qtune.nn import LinearLLMInt8
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:  # outlier features (LLM.int8 §3) in every layer's inputs
+            layer.input_layernorm.weight[[3, 17]] = 25.0
+            layer.post_attention_layernorm.weight[[5]] = -30.0
+    model.save_pretrained(tmp_path / "float")
+    bnb_model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)).eval()
+    bnb_model.save_pretrained(tmp_path / "bnb8")
+    q = qtune.load_model(tmp_path / "bnb8")
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, LinearLLMInt8)}
+    assert len(layers) == 14 and all(m.config.arithmetic == "bitsandbytes" for m in layers.values())
+
+    seen = {}
+    hooks = [bnb_model.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0].detach().clone(), out.detach().clone())))
+        for n in layers]
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        bnb_model(ids)
+    for h in hooks:
+        h.remove()
+    outliers = 0
+    for name, m in layers.items():
+        x, y_bnb = seen[name]
+        outliers += int((x.abs() >= 6.0).any(dim=-2).sum())
+        assert torch.equal(m.weight, bnb_model.get_submodule(name).weight.data)
+        y = llm_int8_linear(x.to(m.compute_dtype), m.weight, m.SCB, m.threshold,
+                            None if m.bias is None else m.bias, arithmetic=m.config.arithmetic)
+        assert torch.equal(y, y_bnb), f"{name}: max |Δ| {float((y - y_bnb).abs().max())}"
+    assert outliers > 0, "the test must exercise the outlier decomposition"
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="arithmetic='bnb'"):
         LLMInt8Config(arithmetic="bnb")
