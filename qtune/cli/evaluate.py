@@ -16,6 +16,8 @@ import copy
 import sys
 import time
 
+from . import check_positive, model_dtype, one_line_errors
+
 
 def load_text(spec: str) -> str:
     """A text file, or ``austen:NAME`` for a bundled novel."""
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from ..integrations.checkpoints import load_model, read_config_json
     from .quantize import parse_format_spec, resolve_model
 
+    check_positive(args, "tokens", "seq_len", minimum=2)
+    check_positive(args, "stride", "batch_size", "samples")
+    check_positive(args, "cal_seq_len", minimum=2)
+    args.dtype = model_dtype(args.dtype)
     text = load_text(args.text)
     specs = [parse_format_spec(s) for s in args.quant or ()]
     if any(s.format == "gptq" for s in specs) and not args.calibration:
@@ -44,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{args.tokenizer or path}: no tokenizer ({type(e).__name__}); pass --tokenizer DIR") from None
     ids = tokenize_text(text, tokenizer, tokens=args.tokens)
+    if ids.numel() < 2:
+        raise ValueError(f"--text {args.text}: {ids.numel()} tokens, at least 2 are needed for a perplexity")
     quantized = read_config_json(path).get("quantization_config") is not None
     if quantized and specs:
         raise ValueError(f"{path} is already quantized; --quant applies to float models only")
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True,
                                                     trust_remote_code=args.trust_remote_code)
         evaluate(str(base.dtype).removeprefix("torch."), lambda: base)
-        for spec, raw in zip(specs, args.quant):
+        for spec, raw in zip(specs, args.quant or ()):
             if spec.format == "gptq":
                 evaluate(raw, lambda spec=spec: _gptq(base, tokenizer, spec, args))
             else:
@@ -101,8 +109,9 @@ def _gptq(base, tokenizer, spec, args):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="perplexity and tokens/s of a model and its quantized variants",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "eval", help="perplexity and tokens/s of a model and its quantized variants",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", help="model folder (float or quantized), or 'smollm2'")
     p.add_argument("--text", required=True, help="UTF-8 text file (.txt or .gz), or austen:emma / austen:persuasion")
     p.add_argument("--quant", nargs="*", metavar="SPEC", help="formats to compare (float models only)")

@@ -25,6 +25,7 @@ import argparse
 import sys
 
 from ..export.quantized import FORMATS, LAYOUTS
+from . import one_line_errors
 
 _QUANTIZED_ONLY = ("format", "layout", "calibration", "samples", "seq_len")
 _FLOAT_MODES_ONLY = ("dtype", "heldout", "heldout_tokens", "heldout_window")
@@ -67,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="export a trained adapter: adapter / merged / re-quantized, Hub upload",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "export", help="export a trained adapter: adapter / merged / re-quantized, Hub upload",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
                    help="a `qtune train` run folder, a checkpoint-N folder, or a PEFT adapter folder")
     p.add_argument("--mode", required=True, choices=("adapter", "merged", "quantized"))

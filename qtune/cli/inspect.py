@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import model_dtype, one_line_errors
+
 
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
@@ -18,20 +20,25 @@ def run(args: argparse.Namespace) -> int:
     from .quantize import parse_format_spec, resolve_model
 
     path = resolve_model(args.path)
+    args.dtype = model_dtype(args.dtype)
     reference = None
+    if args.reference:
+        reference_path = resolve_model(args.reference)
     if read_config_json(path).get("quantization_config") is None:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True)
         spec = parse_format_spec(args.format)
         if spec.format == "gptq":
             raise ValueError("inspect quantizes float models with round-to-nearest formats; for gptq, "
                              "inspect the output of `qtune quantize --format gptq` with --reference")
+        if args.layer is not None:
+            _check_layer(path, spec, args.layer)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True)
         model = quantized_copy(base, spec)
         reference = float_weights(base)
         print(f"{path}: float model, quantized in memory as {args.format}")
     else:
         model = load_model(path, dtype=args.dtype)
         if args.reference:
-            ref = AutoModelForCausalLM.from_pretrained(resolve_model(args.reference), dtype="float32",
+            ref = AutoModelForCausalLM.from_pretrained(reference_path, dtype="float32",
                                                        use_safetensors=True)
             reference = float_weights(ref)
     print(format_table(layer_table(model, reference)))
@@ -42,9 +49,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_layer(path, spec, layer: str) -> None:
+    """``--layer`` names a layer that ``spec`` quantizes in the float model at ``path`` (checked before loading)."""
+    from .quantize import planned_layers
+
+    _, plan = planned_layers(path, spec)
+    if layer not in plan:
+        example = next(iter(plan), None)
+        raise ValueError(f"--layer {layer!r} is not a layer {spec.format} quantizes in {path}"
+                         + (f" (e.g. {example})" if example else ""))
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("inspect", help="per-layer format, bits, bytes, bits/param (and plots)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "inspect", help="per-layer format, bits, bytes, bits/param (and plots)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("path", help="model folder (quantized or float), or 'smollm2'")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="weight histogram before/after of one layer + per-layer relative error")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import one_line_errors
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="predict the peak training memory of a recipe (no weights loaded)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "plan", help="predict the peak training memory of a recipe (no weights loaded)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="section.key=value",
                    help="override recipe values, e.g. training.max_length=4096")

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import check_positive, model_dtype, one_line_errors
+
 FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
 
 
@@ -102,19 +104,27 @@ def build_config(args: argparse.Namespace):
     return QTuneConfig(fmt, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
 
 
-def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout: str) -> None:
-    """The plan against the model's layer shapes, on a meta skeleton (no weights read): something to quantize,
-    and whole groups for the GPTQ layout."""
+def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
+    """``(skeleton, plan)``: the model of ``path`` on the meta device (no weights read) and the layers
+    ``qconfig`` quantizes in it (``{name: QuantConfig}``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..calibration import check_group_sizes
     from ..integrations.transformers import unquantizable_modules
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    plan = qconfig.plan(skeleton, always_skip=unquantizable_modules(skeleton, output_embeddings=qconfig.skip_modules is None))
+    always_skip = unquantizable_modules(skeleton, output_embeddings=qconfig.skip_modules is None)
+    return skeleton, qconfig.plan(skeleton, always_skip=always_skip)
+
+
+def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout: str) -> None:
+    """The plan against the model's layer shapes, on a meta skeleton (no weights read): something to quantize,
+    and whole groups for the GPTQ layout."""
+    from ..calibration import check_group_sizes
+
+    skeleton, plan = planned_layers(path, qconfig, trust_remote_code)
     if not plan:
         raise ValueError(f"{path}: no linear layer left to quantize (check --skip/--override)")
     if layout == "gptq":
@@ -134,6 +144,15 @@ def run(args: argparse.Namespace) -> int:
         cal = Path(args.calibration)
         if not args.calibration.startswith("austen:") and (cal.suffix or "/" in args.calibration) and not cal.exists():
             raise FileNotFoundError(f"calibration file {args.calibration} does not exist")
+    check_positive(args, "samples", "batch_size")
+    check_positive(args, "seq_len", minimum=2)
+    args.dtype = model_dtype(args.dtype)
+    if args.format == "gptq" and args.calibration.startswith("austen:"):
+        from ..assets import AUSTEN_TEXTS
+
+        if args.calibration.split(":", 1)[1] not in AUSTEN_TEXTS:
+            raise ValueError(f"--calibration {args.calibration}: the bundled texts are "
+                             f"{', '.join('austen:' + n for n in AUSTEN_TEXTS)}")
     if args.layout == "gptq" and args.format not in ("gptq", "rtn"):
         raise ValueError(f"--layout gptq holds gptq/rtn layers, not {args.format}")
     if args.layout == "bnb" and args.format in ("gptq", "rtn"):
@@ -188,8 +207,9 @@ def add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("quantize", help="quantize a model folder (RTN formats or GPTQ with calibration)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "quantize", help="quantize a model folder (RTN formats or GPTQ with calibration)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", help="model folder (config.json + safetensors), or 'smollm2'")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import one_line_errors
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="fine-tune LoRA adapters on a quantized base from a recipe YAML",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = one_line_errors(subparsers.add_parser(
+        "train", help="fine-tune LoRA adapters on a quantized base from a recipe YAML",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     # REMAINDER so that flags may also follow the overrides (argparse stops matching positionals at a flag)
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="section.key=value",

@@ -86,6 +86,14 @@ def test_eval_compares_formats_side_by_side(model_dir, texts, capsys):
     assert all(float(r[2]) > 1 for r in rows.values())  # perplexities
 
 
+def test_eval_float_model_alone(model_dir, texts, capsys):
+    # without --quant the float model is the only row (this once failed on iterating a missing --quant)
+    code, out, err = run(capsys, "eval", model_dir, "--text", texts / "eval.txt", "--tokens", "256", "--seq-len", "128")
+    assert code == 0, err
+    rows = out.splitlines()[2:]
+    assert len(rows) == 1 and rows[0].split()[0] == "float32" and float(rows[0].split()[2]) > 1
+
+
 def test_inspect_float_model_quantizes_in_memory(model_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "inspect", model_dir, "--format", "fp4", "--layer", "model.layers.1.mlp.up_proj",
                        "--plot", tmp_path / "h.png")
@@ -104,8 +112,9 @@ def test_bad_input_one_line_error_nothing_written(argv, message, model_dir, text
     argv = [a.format(tmp=tmp_path, cal=texts / "cal.txt") for a in argv]
     code, out, err = run(capsys, "quantize", model_dir, *argv, "--out", tmp_path / "out")
     assert code == 1
-    lines = [line for line in err.splitlines() if line.startswith("qtune quantize: error:")]
-    assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
+    lines = err.splitlines()  # exactly one line: no traceback, usage block, progress bar or warning
+    assert len(lines) == 1 and lines[0].startswith("qtune quantize: error: "), err
+    assert __import__("re").search(message, lines[0]), err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folder left behind"
 
