@@ -97,6 +97,13 @@ def test_reference_kernels_warn_once_per_process_for_a_device_tensor(monkeypatch
         lay(x).sum().backward()
         lay(x).sum().backward()
     assert len([w for w in record if "reference kernels" in str(w.message)]) == 1
+    # each reference kernel asks on its own: forward alone, and grad_input alone
+    monkeypatch.setattr(library, "_slow_path_warned", set())
+    with pytest.warns(RuntimeWarning, match="Triton is not installed"), torch.no_grad():
+        lay(x)
+    monkeypatch.setattr(library, "_slow_path_warned", set())
+    with pytest.warns(RuntimeWarning, match="Triton is not installed"):
+        GRAD_INPUT_OPS["4bit"](torch.randn(2, 48), *lay.weight_args())
 
 
 # -- autocast ---------------------------------------------------------------------------------------------
