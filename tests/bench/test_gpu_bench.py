@@ -97,7 +97,7 @@ def test_interpreter_run_correct_stage_all_true(interpreter_run):
 def test_interpreter_run_dispatch_lists_the_chain(interpreter_run):
     dispatch_stage = interpreter_run[1]["results"]["dispatch"]
     assert dispatch_stage["ok"] is True
-    assert all(dispatch_stage["registered"].values())
+    assert all(dispatch_stage["registered"].values()) and dispatch_stage["slow_path_reason"] is None
     for run in dispatch_stage["runs"]:
         assert run["families"] == ["4bit", "gptq", "int8", "llm_int8"]
         assert run["reference_on_device"] == [] and run["lora_grads_finite"]
