@@ -77,7 +77,8 @@ CROSSOVER_VERSION = 1
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("qtune_dispatch_forced", default=None)
 _user: dict[tuple[str, str], float] = {}
-_file_cache: dict[str, tuple[float, dict]] = {}  # path -> (mtime, crossovers)
+_file_cache: dict[str, dict] = {}  # path -> crossovers, read once per process (see load_crossovers)
+_env_cache: dict[str, dict] = {}   # $QTUNE_FUSED_MAX_M -> parsed bounds
 
 
 def _check_key(family: str, direction: str) -> None:
@@ -149,6 +150,9 @@ def _env_bounds() -> dict[tuple[str, str], float]:
     raw = os.environ.get(ENV_MAX_M, "").strip()
     if not raw:
         return {}
+    hit = _env_cache.get(raw)
+    if hit is not None:
+        return hit
     out: dict[tuple[str, str], float] = {}
     for item in (p.strip() for p in raw.split(",") if p.strip()):
         if "=" not in item:
@@ -166,6 +170,8 @@ def _env_bounds() -> dict[tuple[str, str], float]:
             if d == "forward" and family in FUSED_ONLY_FORWARD:
                 continue
             out[(family, d)] = _as_bound(value, f"${ENV_MAX_M} entry {item!r}")
+    _env_cache.clear()
+    _env_cache[raw] = out
     return out
 
 
@@ -186,19 +192,24 @@ def crossover_file() -> Path:
 def load_crossovers(path: Optional[Path] = None) -> dict[str, dict[str, dict[str, float]]]:
     """The crossover table of ``path`` (default :func:`crossover_file`), ``{}`` when there is none.
 
+    Read once per process and path (the decision runs on every linear call): a file another process
+    writes later is seen by the next process, or after :func:`reload`; :func:`save_crossovers` of this
+    process is seen at once.
+
     Raises:
         ValueError: the file exists but is not a crossover table (named, with what is wrong).
     """
     path = Path(path) if path is not None else crossover_file()
-    try:
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        return {}
     hit = _file_cache.get(str(path))
-    if hit is not None and hit[0] == mtime:
-        return hit[1]
+    if hit is not None:
+        return hit
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+    except FileNotFoundError:
+        _file_cache[str(path)] = {}
+        return {}
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e}); delete it or rerun python -m qtune.bench.gpu") from None
     if not isinstance(data, dict) or data.get("version") != CROSSOVER_VERSION or not isinstance(data.get("crossovers"), dict):
@@ -214,8 +225,13 @@ def load_crossovers(path: Optional[Path] = None) -> dict[str, dict[str, dict[str
                     raise ValueError(f"{path}: crossovers[{arch!r}]: {e}") from None
                 table.setdefault(arch, {}).setdefault(family, {})[direction] = _as_bound(
                     m, f"{path}: crossovers[{arch!r}][{family!r}][{direction!r}]")
-    _file_cache[str(path)] = (mtime, table)
+    _file_cache[str(path)] = table
     return table
+
+
+def reload() -> None:
+    """Forget the crossover files read so far (the next decision reads them again)."""
+    _file_cache.clear()
 
 
 def save_crossovers(arch: str, crossovers: dict[str, dict[str, float]], path: Optional[Path] = None) -> Path:
@@ -236,6 +252,7 @@ def save_crossovers(arch: str, crossovers: dict[str, dict[str, float]], path: Op
             _as_bound(m, f"save_crossovers({arch!r})[{family!r}][{direction!r}]")
     data = {"version": CROSSOVER_VERSION, "crossovers": {}}
     if path.exists():
+        _file_cache.pop(str(path), None)
         load_crossovers(path)  # validates
         data = json.loads(path.read_text())
     data["crossovers"].setdefault(arch, {})
@@ -359,4 +376,4 @@ def release_workspaces() -> None:
 
 __all__ = ["FAMILIES", "DIRECTIONS", "BRANCHES", "DEFAULT_FUSED_MAX_M", "ARCH_DEFAULTS", "ALWAYS", "ENV_MAX_M",
            "ENV_FILE", "set_fused_max_m", "force", "fused_max_m", "choose", "record", "crossover_file",
-           "load_crossovers", "save_crossovers", "device_arch", "workspace", "workspace_bytes", "release_workspaces"]
+           "load_crossovers", "save_crossovers", "reload", "device_arch", "workspace", "workspace_bytes", "release_workspaces"]

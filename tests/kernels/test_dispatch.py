@@ -23,7 +23,9 @@ def clean_policy(monkeypatch, tmp_path):
     monkeypatch.delenv(dispatch.ENV_MAX_M, raising=False)
     monkeypatch.setenv(dispatch.ENV_FILE, str(tmp_path / "dispatch.json"))
     monkeypatch.setattr(dispatch, "_user", {})
+    dispatch.reload()
     yield
+    dispatch.reload()
 
 
 # -- the policy -------------------------------------------------------------------------------------------
@@ -67,6 +69,8 @@ def test_crossover_file_merges_architectures_and_rejects_garbage(tmp_path):
     table = dispatch.load_crossovers(path)
     assert table["sm_80"]["int8"]["forward"] == 256 and table["sm_90"]["int8"]["forward"] == 32
     path.write_text(json.dumps({"version": 1, "crossovers": {"sm_90": {"nf5": {"forward": 3}}}}))
+    assert dispatch.load_crossovers(path)["sm_90"]["int8"]["forward"] == 32    # read once per process
+    dispatch.reload()
     with pytest.raises(ValueError, match="nf5"):
         dispatch.load_crossovers(path)
     path.write_text("{")

@@ -85,6 +85,12 @@ def test_wrappers_take_the_op_schemas():
         bwd = list(inspect.signature(getattr(K, f"linear_{fmt}_grad_input")).parameters)
         assert fwd[1:1 + len(names)] == names and fwd[1 + len(names)] == "bias", (fmt, fwd)
         assert bwd[1:1 + len(names)] == names, (fmt, bwd)
+        # what register() installs for the op: the routing wrapper, with exactly the op's arguments
+        from qtune.kernels import routing
+
+        fwd = list(inspect.signature(routing.ROUTED[f"linear_{fmt}"]).parameters)
+        bwd = list(inspect.signature(routing.ROUTED[f"linear_{fmt}_grad_input"]).parameters)
+        assert fwd == ["x", *names, "bias"] and bwd == ["grad_out", *names], (fmt, fwd, bwd)
 
 
 # A CUDA machine whose Triton cannot build qtune's kernels: `cuda_available` is faked so that
