@@ -296,8 +296,10 @@ def test_act_order_helps_with_outlier_features():
         cfg = GPTQConfig(bits=4, group_size=64, desc_act=desc_act, static_groups=static)
         errs[desc_act, static] = _output_error(x, w, gptq_quantize(w, h, cfg))
     base = errs[False, False]
-    assert errs[True, False] <= base * (1.0 + 1e-3), errs
-    assert errs[True, True] <= base * (1.0 + 1e-3), errs
+    # measured with these seeds: 0.0493 in input order, 0.0239 with act-order, 0.0251 with static groups
+    # (ratios 0.48 and 0.51; seeds 4/5 and 6/7 give 0.50/0.55 and 0.49/0.55): act-order halves the error
+    assert errs[True, False] < 0.6 * base, errs
+    assert errs[True, True] < 0.6 * base, errs
     assert errs[True, True] < _output_error(x, w, quantize_rtn(w, RTNConfig(bits=4, group_size=64)))
 
 

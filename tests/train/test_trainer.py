@@ -37,7 +37,8 @@ def _losses(trainer) -> list[float]:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_sft_steps_lower_loss(fmt, tok, tmp_path):
     model = quantize(tiny_model(vocab_size=len(tok)), fmt)
-    packed = {n: b.clone() for n, b in model.named_buffers()}
+    # every buffer by name (layers may share a code table until mark_quantized gives each its own)
+    packed = {n: b.clone() for n, b in model.named_buffers(remove_duplicate=False)}
     trainer = QTuneSFTTrainer(model, _args(tmp_path), train_dataset=_text_ds(), processing_class=tok,
                               peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     assert sum(isinstance(m, QuantLoraLinear) for m in trainer.model.modules()) == 14
@@ -77,13 +78,21 @@ def test_model_recognized_as_quantized(tok, tmp_path):
 def test_kbit_preparation_keeps_dtypes_and_packed_weights(tok):
     model = tiny_model(vocab_size=len(tok)).to(torch.bfloat16)
     quantize(model, "nf4")
-    packed = {n: (b.data_ptr(), b.dtype) for n, b in model.named_buffers()}
+    # every buffer by name (layers may share a code table until mark_quantized gives each its own)
+    packed = {n: b.clone() for n, b in model.named_buffers(remove_duplicate=False)}
+    assert any(b.dtype == torch.uint8 for b in packed.values())
+
+    def assert_packed_untouched():
+        now = dict(model.named_buffers(remove_duplicate=False))
+        assert now.keys() == packed.keys()
+        for n, b in now.items():  # same dtype and bit-identical values
+            assert b.dtype == packed[n].dtype and torch.equal(b, packed[n]), n
+
     prepare_model_for_kbit_training(model)
     # no fp32 upcast of norms/embeddings/head, nothing trainable yet
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
-    assert {n: (b.data_ptr(), b.dtype) for n, b in model.named_buffers() if n in packed} == packed or all(
-        b.dtype == packed[n][1] for n, b in model.named_buffers() if n in packed)
+    assert_packed_untouched()
     assert model.is_gradient_checkpointing
     assert model.config.use_cache is False
     emb = model.get_input_embeddings()(torch.tensor([[1, 2]]))
@@ -92,6 +101,7 @@ def test_kbit_preparation_keeps_dtypes_and_packed_weights(tok):
     prepare_model_for_kbit_training(model, dtype="float32")
     qbias = [p for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters(recurse=False)]
     assert model.model.norm.weight.dtype == torch.float32 and all(p.dtype == torch.bfloat16 for p in qbias)
+    assert_packed_untouched()
 
 
 def test_prompt_completion_loss_on_completion_only(tok, tmp_path):
