@@ -20,16 +20,18 @@ second run on the same machine skips them. ``--quick`` measures two weight shape
     forward ``y = x Ŵᵀ + b`` and ``grad_input = dy Ŵ`` must satisfy
     ``e_kernel ≤ max(2 · e_matmul, floor)`` with ``e = max|out − ref₆₄| / max|ref₆₄|``, ``ref₆₄`` the
     fp64 product with the reference-dequantized weight and ``e_matmul`` ``torch.matmul``'s (cuBLAS) own
-    error in the same dtype. Both branches: the fused kernel and dequantize + ``torch.matmul``; when
-    ``qtune.ops.dispatch`` exists, also through ``torch.ops.qtune.*`` with autograd under
-    ``dispatch.force("fused")`` and ``force("dequant")``.
+    error in the same dtype. Both branches: the fused kernel wrappers and dequantize + ``torch.matmul``,
+    and through ``torch.ops.qtune.*`` with autograd under ``qtune.ops.dispatch.force("fused")`` and
+    ``force("dequant")`` (the branch the dispatcher took is recorded and must be the forced one).
 ``bench``
     Weights (N, K) ∈ {4096², 11008×4096, 4096×11008, 14336×4096, 4096×14336}, M ∈ {1, 16, 64, 256,
     4096}, fp16 and bf16, NF4+DQ / GPTQ-4 / int8 / LLM.int8, forward and backward (grad_input): median
-    ms (``triton.testing.do_bench``), GB/s (weight + activation bytes), TFLOP/s, ratio to dequantize +
-    ``torch.matmul`` and to a dense ``torch.matmul`` (ratios are ``baseline ms / fused ms``: > 1 means
-    the fused kernel is faster), and the crossover each (family, direction, dtype) implies: the fused
-    kernel for ``M ≤ threshold``, dequantize + cuBLAS above (``results["crossover"]``).
+    ms (``triton.testing.do_bench``) of the ``qtune::`` op forced to its fused branch, GB/s (weight +
+    activation bytes), TFLOP/s, ratio to the same op forced to dequantize + cuBLAS and to a dense
+    ``torch.matmul`` (ratios are ``baseline ms / fused ms``: > 1 means the fused kernel is faster), and
+    the crossover each (family, direction, dtype) implies: fused for ``M ≤ threshold``, dequantize +
+    cuBLAS above. ``results["bench"]["crossover"]`` has the layout of ``qtune.ops.dispatch``'s crossover
+    file; ``--save-crossovers`` stores it there for this GPU architecture.
 ``step``
     One QLoRA training step (forward, backward, AdamW step) of a Llama-8B-shaped decoder stack (2
     layers, hidden 4096, intermediate 14336, 32 heads / 8 KV heads, seq 2048, batch 1) with qtune NF4+DQ
@@ -465,6 +467,8 @@ def stage_bench(run: Run) -> dict:
     print("\n== bench: median ms; ratios = baseline ms / fused ms (> 1: fused is faster)", flush=True)
     print(f"{'kernel':<22} {'dtype':<5} {'M':>5} {'N x K':>12} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8} "
           f"{'vs deq+mm':>9} {'vs dense':>9}", flush=True)
+    from ..ops import dispatch
+
     t0 = time.time()
     peak_tflops, peak_gbps = device_peaks(run.device) if run.cuda else (None, None)
     dequant_rows, rows = [], []
@@ -491,12 +495,19 @@ def stage_bench(run: Run) -> dict:
                     if w.family == "llm_int8":
                         x = _with_outliers(x)
                     dy = torch.randn(m, n, device=run.device).to(dtype)
-                    cases = (("forward", lambda: fused(w, x), lambda: dequant_matmul(w, x),
-                              lambda: x @ dense.t()),
-                             ("grad_input", lambda: fused_grad(w, dy), lambda: dequant_matmul_grad(w, dy),
+                    # both branches as they ship: the qtune:: op, its dispatcher forced to one branch
+                    # (LLM.int8's forward has no dequantize branch: its baseline is a plain dequantize + matmul)
+                    op, grad_op = (getattr(torch.ops.qtune, f"linear_{w.family}{s_}") for s_ in ("", "_grad_input"))
+                    fwd_deq = ((lambda: dequant_matmul(w, x)) if w.family in dispatch.FUSED_ONLY_FORWARD
+                               else (lambda: op(x, *w.args, None)))
+                    cases = (("forward", lambda: op(x, *w.args, None), fwd_deq, lambda: x @ dense.t()),
+                             ("grad_input", lambda: grad_op(dy, *w.args), lambda: grad_op(dy, *w.args),
                               lambda: dy @ dense))
                     for direction, f_fused, f_deq, f_dense in cases:
-                        ms, ms_dm = run.time(f_fused), run.time(f_deq)
+                        with dispatch.force("fused"):
+                            ms = run.time(f_fused)
+                        with dispatch.force("dequant"):
+                            ms_dm = run.time(f_deq)
                         key = (n, k, dt, m, direction)
                         if key not in dense_ms:
                             dense_ms[key] = run.time(f_dense)
@@ -515,8 +526,6 @@ def stage_bench(run: Run) -> dict:
         del weights
         if run.cuda:
             torch.cuda.empty_cache()
-    from ..ops import dispatch
-
     arch = dispatch.device_arch(run.device)
     cross = crossover(rows, run.tokens)
     table = crossover_table(cross)
@@ -845,7 +854,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                "shapes": [list(s) for s in run.shapes], "tokens": list(run.tokens)}
     for stage in args.stages:
         results[stage] = globals()[f"stage_{stage}"](run)
-    if args.save_crossovers and "bench" in results and not run.interpret:
+    if args.save_crossovers and "bench" in results:
         from ..ops import dispatch
 
         arch, table = next(iter(results["bench"]["crossover"]["crossovers"].items()))

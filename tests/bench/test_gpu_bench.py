@@ -40,9 +40,12 @@ def test_unknown_stage_is_refused():
 @pytest.fixture(scope="module")
 def interpreter_run(tmp_path_factory):
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    folder = tmp_path_factory.mktemp("gpu")
+    out = folder / "gpu.json"
+    env = {**clean_env(), "QTUNE_DISPATCH_FILE": str(folder / "dispatch.json")}
     proc = subprocess.run([sys.executable, "-m", "qtune.bench.gpu", "--interpret", "--formats", "4bit,int8",
-                           "--out", str(out)], env=clean_env(), capture_output=True, text=True, timeout=600)
+                           "--save-crossovers", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout, read_results(out)
 
@@ -74,10 +77,14 @@ def test_interpreter_run_schema(interpreter_run):
 def test_interpreter_run_crossover_loads_in_dispatch(interpreter_run, tmp_path):
     from qtune.ops import dispatch
 
+    res = interpreter_run[1]["results"]
     path = tmp_path / "dispatch.json"
-    path.write_text(json.dumps(interpreter_run[1]["results"]["bench"]["crossover"]))
+    path.write_text(json.dumps(res["bench"]["crossover"]))
     loaded = dispatch.load_crossovers(path)
     assert set(loaded["cpu"]["4bit"]) == {"forward", "grad_input"}
+    # --save-crossovers stored the same table in the dispatcher's file ($QTUNE_DISPATCH_FILE here)
+    saved = dispatch.load_crossovers(res["crossover_file"])
+    assert saved == loaded
 
 
 def test_interpreter_run_correct_stage_all_true(interpreter_run):
