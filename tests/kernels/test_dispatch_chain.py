@@ -26,9 +26,7 @@ pytest.importorskip("triton")
 pytest.importorskip("peft")
 
 CHAIN = textwrap.dedent(r"""
-    import math, sys, warnings
-    sys.path.append(sys.argv[1])               # the repository, for tests.kernels.cases (not first: its
-                                               # kernels/ folder would shadow Hugging Face's `kernels`)
+    import importlib.util, math, sys, warnings
     import torch
     from torch import nn
     import qtune
@@ -39,7 +37,12 @@ CHAIN = textwrap.dedent(r"""
     from qtune.nn.base import layer_class_for
     from qtune.ops import dispatch
     from qtune.ops import dequantize as ref_ops
-    from tests.kernels.cases import assert_llm_int8_close, assert_product_close
+    # tests/kernels/cases.py by path: the repository root on sys.path would make its kernels/ folder
+    # importable as Hugging Face's `kernels` package, which transformers then tries to use
+    _spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
+    cases = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(cases)
+    assert_llm_int8_close, assert_product_close = cases.assert_llm_int8_close, cases.assert_product_close
     from transformers import LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig
 
@@ -169,8 +172,8 @@ CHAIN = textwrap.dedent(r"""
 
 def test_tiny_llama_through_the_triton_chain_matches_the_reference(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", CHAIN, root], capture_output=True, text=True, timeout=600, env=env,
+    cases = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases.py")
+    proc = subprocess.run([sys.executable, "-c", CHAIN, cases], capture_output=True, text=True, timeout=600, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert "chain ok" in proc.stdout, proc.stdout
