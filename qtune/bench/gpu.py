@@ -16,7 +16,8 @@ second run on the same machine skips them. ``--quick`` measures two weight shape
     Every kernel and variant against the reference (``qtune.formats``) on the same GPU: NF4/FP4 ±
     double quant, odd K and K not a multiple of the blocksize, GPTQ 2/3/4/8-bit ± act-order, int8 ±
     zero point (group that does not divide K), LLM.int8 with injected outlier columns, strided and
-    storage-offset inputs, transposed ``grad_out``, bias. ``dequantize_*`` must be bit-identical;
+    storage-offset inputs, transposed ``grad_out``, bias; on a machine with two GPUs also weights on the
+    last GPU while the first is current (the launchers' device guard). ``dequantize_*`` must be bit-identical;
     forward ``y = x Ŵᵀ + b`` and ``grad_input = dy Ŵ`` must satisfy
     ``e_kernel ≤ max(2 · e_matmul, floor)`` with ``e = max|out − ref₆₄| / max|ref₆₄|``, ``ref₆₄`` the
     fp64 product with the reference-dequantized weight and ``e_matmul`` ``torch.matmul``'s (cuBLAS) own
@@ -405,6 +406,22 @@ def _check_ops(run: Run, w: Weight, dtype: torch.dtype, m: int) -> list[dict]:
     return rows
 
 
+def _check_second_device(run: Run) -> list[dict]:
+    """The device guard: weights and activations on the last GPU while the current device is the first;
+    kernels launched on the wrong device would fail or compute garbage there."""
+    if not run.cuda or torch.cuda.device_count() < 2:
+        return [{"check": "second_device", "skipped": "needs two CUDA devices"}]
+    other = torch.device("cuda", torch.cuda.device_count() - 1)
+    sub = dataclasses.replace(run, device=other, failures=run.failures)
+    rows = []
+    with torch.cuda.device(0):
+        for w in main_weights(1024, 1024, other):
+            if w.family in run.families:
+                rows += _check_weight(sub, w, torch.bfloat16, (1, 256), fixed=False, views=False)
+                rows += _check_ops(sub, w, torch.bfloat16, 256)
+    return rows
+
+
 def stage_correct(run: Run) -> dict:
     print("\n== correct: every kernel and variant against the reference on this device", flush=True)
     t0 = time.time()
@@ -425,6 +442,7 @@ def stage_correct(run: Run) -> dict:
             continue
         for dtype in run.variant_dtypes:
             rows += _check_weight(run, w, dtype, var_tokens, fixed=True, views=w.family != "4bit")
+    rows += _check_second_device(run)
     checked = [r for r in rows if "ok" in r]
     n_ok = sum(r["ok"] for r in checked)
     print(f"   {n_ok}/{len(checked)} checks passed in {time.time() - t0:.0f}s", flush=True)
