@@ -14,6 +14,8 @@ file                        ops it implements on CUDA
                             ``qtune::linear_llm_int8_grad_input``
 ``matmul_llm_int8.py``      ``qtune::linear_llm_int8``  (int8×int8→int32 GEMM + fused scaling epilogue,
                             16-bit outlier columns)
+``routing.py``              what is registered for every ``qtune::linear_*`` op: the fused kernel
+                            above or dequantize + cuBLAS, per call (:mod:`qtune.ops.dispatch`)
 ==========================  ==========================================================================
 
 The fused linear kernels never write the dequantized weight to global memory: tiles are dequantized
@@ -24,8 +26,9 @@ both directions go through the device kernels.
 
 Importing this package is always safe: without Triton, or without a CUDA device, :func:`register`
 registers nothing and qtune keeps its reference (pure PyTorch) kernels. Nothing here imports Triton
-until it is needed; the kernel wrappers (e.g. ``qtune.kernels.linear_4bit``) are loaded on first
-access, and run on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported.
+until it is needed; the kernel wrappers (e.g. ``qtune.kernels.linear_4bit``, always the fused kernel,
+whatever the dispatch policy) are loaded on first access, and run on CPU tensors when
+``TRITON_INTERPRET=1`` was set before Triton was imported.
 """
 from __future__ import annotations
 
