@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +63,13 @@ def _remote_files(api, repo_id: str, token: str) -> list[str] | None:
         return list(api.list_repo_files(repo_id, repo_type="model", token=token))
     except RepositoryNotFoundError:
         return None
+
+
+def _exact_pattern(path: str) -> str:
+    """An fnmatch pattern that matches ``path`` only: ``upload_folder`` reads ``delete_patterns`` as globs
+    (``huggingface_hub.utils.filter_repo_objects``), so ``*``, ``?`` and ``[`` in a file name are escaped as
+    ``[*]``, ``[?]`` and ``[[]``."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _refuse(repo_id: str, files: list[str] | None, overwrite: bool) -> None:
@@ -130,7 +138,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, over
     try:
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=tok,
                           commit_message=commit_message or f"Upload {folder.name} with qtune export",
-                          delete_patterns=stale or None)
+                          delete_patterns=[_exact_pattern(f) for f in stale] or None)
     except Exception as e:
         raise _wrap(e, tok, f"upload to Hub repo {repo_id} failed") from None
     url = str(getattr(url, "url", None) or url or f"https://huggingface.co/{repo_id}")
