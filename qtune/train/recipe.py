@@ -242,6 +242,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {TASK_KEY: self.task}
         out.update({s: getattr(self, s) for s in SECTIONS})
+        if self.model.get("adapter") is not None:  # the adapter's own LoRA settings apply
+            out["lora"] = {"dtype": self.lora["dtype"]}
         if self.task != "sft":
             out[self.task] = self.task_options
         return out
