@@ -41,7 +41,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
 import os
@@ -75,7 +74,9 @@ ENV_MAX_M = "QTUNE_FUSED_MAX_M"
 ENV_FILE = "QTUNE_DISPATCH_FILE"
 CROSSOVER_VERSION = 1
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("qtune_dispatch_forced", default=None)
+# force() is process-wide, not a context variable: on CUDA, autograd runs backward in its own device
+# threads, which would not see a context variable set by the thread that called .backward()
+_forced: list[Optional[str]] = []
 _user: dict[tuple[str, str], float] = {}
 _file_cache: dict[str, dict] = {}  # path -> crossovers, read once per process (see load_crossovers)
 _env_cache: dict[str, dict] = {}   # $QTUNE_FUSED_MAX_M -> parsed bounds
@@ -128,16 +129,18 @@ def force(branch: Optional[str]) -> Iterator[None]:
     """Within the block, every family and direction runs ``branch`` (``"fused"``/``"dequant"``; ``None``:
     the policy). LLM.int8 forward has only its fused GEMM and ignores ``"dequant"``.
 
+    Process-wide (it also holds in autograd's backward threads); blocks nest.
+
     Raises:
         ValueError: an unknown branch.
     """
     if branch is not None and branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES} or None")
-    token = _forced.set(branch)
+    _forced.append(branch)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def _env_bounds() -> dict[tuple[str, str], float]:
@@ -301,7 +304,7 @@ def fused_max_m(family: str, direction: str, device: torch.device | str | None =
 def choose(family: str, direction: str, m: int, device: torch.device | str | None = None) -> str:
     """``"fused"`` or ``"dequant"`` for an activation of ``m`` rows on ``device``."""
     _check_key(family, direction)
-    forced = _forced.get()
+    forced = _forced[-1] if _forced else None
     if direction == "forward" and family in FUSED_ONLY_FORWARD:
         branch = "fused"
     elif forced is not None:
@@ -344,7 +347,8 @@ def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device |
     One byte buffer per key grows to the largest weight seen and is reused by every layer after it, so
     the dequantize branch allocates nothing per call. Work queued on one stream runs in order, so a
     layer's dequantize cannot overwrite a buffer an earlier matmul on the same stream still reads; the
-    thread is part of the key because two threads could interleave their launches on one stream. The
+    thread is part of the key because two threads could interleave their launches on one stream (so
+    autograd's CUDA backward thread holds a second buffer beside the forward thread's). The
     contents are valid only until the next call on the same key: callers use the view at once and keep
     nothing (backward dequantizes again).
     """

@@ -269,3 +269,15 @@ def test_interpret_setting_without_triton_knobs(monkeypatch):
     assert _common._interpret_setting() is False
     monkeypatch.delenv("TRITON_INTERPRET")
     assert _common._interpret_setting() is False
+
+
+def test_force_holds_in_other_threads_like_autograds_backward_threads():
+    import threading
+
+    seen = []
+    with dispatch.force("fused"):
+        t = threading.Thread(target=lambda: seen.append(dispatch.choose("4bit", "grad_input", 4096, "cpu")))
+        t.start()
+        t.join()
+    assert seen == ["fused"]
+    assert dispatch.choose("4bit", "grad_input", 4096, "cpu") == "dequant"
