@@ -275,7 +275,10 @@ def _jobs(level: str) -> list[Job]:
 def _ptxas_info(ptx: str, cap: int) -> dict[str, int]:
     """Registers and spill bytes from ``ptxas -v`` (the ptxas Triton itself uses for ``cap``)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    ptxas = get_ptxas(cap).path
+    try:
+        ptxas = get_ptxas(cap).path  # Triton >= 3.5: the ptxas for this architecture
+    except TypeError:
+        ptxas = get_ptxas().path     # Triton 3.4 (the floor): one ptxas for every architecture
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:

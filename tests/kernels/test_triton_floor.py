@@ -35,7 +35,7 @@ def _floor(package: str) -> str:
 
 # The child: the floor Triton first on sys.path, every kernel compiled for sm_80 and sm_90.
 CHILD = r"""
-import json, os, re, subprocess, sys, tempfile
+import json, sys
 floor_dir, want = sys.argv[1], sys.argv[2]
 sys.path.insert(0, floor_dir)
 import triton
@@ -43,28 +43,6 @@ assert triton.__file__.startswith(floor_dir), triton.__file__
 assert triton.__version__.startswith(want), (triton.__version__, want)
 from qtune.kernels import report
 
-def ptxas_info(ptx, cap):
-    # report._ptxas_info asks get_ptxas(cap) (Triton >= 3.5); Triton 3.4's get_ptxas() takes no argument
-    from triton.backends.nvidia import compiler as nv
-    try:
-        tool = nv.get_ptxas(cap)
-    except TypeError:
-        tool = nv.get_ptxas()
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([tool.path, "-v", f"--gpu-name={nv.sm_arch_from_capability(cap)}", src, "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
-    log = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    return {"registers": int(regs.group(1)) if regs else -1,
-            "spill_stores": int(stores.group(1)) if stores else 0,
-            "spill_loads": int(loads.group(1)) if loads else 0}
-
-report._ptxas_info = ptxas_info
 rows = report.run("default", (80, 90))
 print(json.dumps({"triton": triton.__version__, "rows": rows}))
 """
