@@ -29,7 +29,8 @@ SCHEMA_KEYS = ("benchmark", "command", "created", "machine", "results")
 # versions worth knowing when a number is compared across machines
 _PACKAGES = ("torch", "triton", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "gguf")
 # environment variables that change which kernels run or how many threads they get
-_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "QTUNE_NATIVE_CPU", "CUDA_VISIBLE_DEVICES")
+_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "QTUNE_NATIVE_CPU", "QTUNE_INT8_MATMUL",
+        "CUDA_VISIBLE_DEVICES")
 
 
 def default_dir() -> Path:
@@ -66,6 +67,19 @@ def load_average() -> list[float] | None:
         return None
 
 
+def qtune_choices() -> dict[str, Any]:
+    """What qtune picks on this CPU, with its reasons (:mod:`qtune.hardware`): ``dtype: auto`` and the int8
+    matmul. A results file then says which kernels its numbers come from (an emulated AVX2 run included)."""
+    import torch
+
+    from ..hardware import auto_dtype, int8_matmul_method
+
+    dtype, dtype_reason = auto_dtype("cpu")
+    method, method_reason = int8_matmul_method("cpu")
+    return {"auto_dtype": str(dtype).removeprefix("torch."), "auto_dtype_reason": dtype_reason,
+            "int8_matmul": method, "int8_matmul_reason": method_reason}
+
+
 def machine_info() -> dict[str, Any]:
     """CPU kind and capability, cores, load, GPUs, and package versions of this process.
 
@@ -86,6 +100,7 @@ def machine_info() -> dict[str, Any]:
         "cuda": None,
         "versions": {p: _version(p) for p in _PACKAGES},
     }
+    info["qtune"] = qtune_choices()
     if torch.cuda.is_available():
         info["cuda"] = {
             "runtime": torch.version.cuda,

@@ -24,7 +24,9 @@ def check_results_file(path: Path, benchmark: str, command_prefix: str) -> dict:
     assert list(payload) == list(SCHEMA_KEYS)
     assert payload["command"].startswith(command_prefix), payload["command"]
     m = payload["machine"]
-    for key in ("cpu_capability", "cores", "torch_threads", "load_average", "env", "versions"):
+    for key in ("cpu_capability", "cores", "torch_threads", "load_average", "env", "versions", "qtune"):
         assert key in m, key
     assert m["versions"]["torch"] and m["cores"] >= 1
+    assert m["qtune"]["auto_dtype"] in ("float32", "bfloat16") and m["qtune"]["int8_matmul"] in ("int_mm", "fp32")
+    assert m["qtune"]["auto_dtype_reason"] and m["qtune"]["int8_matmul_reason"]
     return payload
