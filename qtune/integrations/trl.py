@@ -148,8 +148,9 @@ class QTuneTrainerMixin:
         args: the trl trainer's config (``trl.SFTConfig``, ``trl.DPOConfig``, ...).
         peft_config: a ``peft.LoraConfig``; required for a quantized base (its weights cannot be trained).
             ``target_modules="all-linear"`` covers the quantized layers.
-        adapter_dtype: dtype of the trainable parameters after trl set them up (``None``: trl's choice,
-            bf16 for a quantized base as in QLoRA).
+        adapter_dtype: dtype of the trainable LoRA parameters after trl set them up (``None``: trl's choice,
+            bf16 for a quantized base as in QLoRA). Trainable copies of whole modules (``modules_to_save``,
+            e.g. a reward model's ``score`` head) keep the dtype of the module they copy.
         kwargs: the trl trainer's other arguments (train_dataset, processing_class, callbacks, and per trainer
             ref_model, reward_funcs, teacher_model, ...).
     Raises:
@@ -178,13 +179,13 @@ class QTuneTrainerMixin:
             if peft_config is not None:
                 prepare_lora_config(model, peft_config)
         super().__init__(model, args=args, peft_config=peft_config, **kwargs)
-        if self.qtune_quantized:
-            _restore_saved_module_dtypes(self.model)
         if adapter_dtype is not None:
             dtype = parse_dtype(adapter_dtype, what="adapter_dtype")
             for p in self.model.parameters():
                 if p.requires_grad and p.dtype != dtype:
                     p.data = p.data.to(dtype)
+        if self.qtune_quantized:
+            _restore_saved_module_dtypes(self.model)
         self._flops_params: int | None = None
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:

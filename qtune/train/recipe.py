@@ -411,6 +411,10 @@ def _validate_config_fields(ctx: _Ctx, section: str, data: Any, fields: dict[str
             raise _unknown_key(ctx, path, [k for k in (*fields, *extra) if k not in TRAINING_RESERVED])
         f = fields[key]
         types = _annotation_types(f.type)
+        if types is None and isinstance(value, bool) and isinstance(f.default, str):
+            # e.g. save_strategy: no -- YAML 1.1 reads unquoted no/yes/off/on as booleans
+            raise ctx.error(path, f"expected a string (default {f.default!r}), got {value!r}; YAML reads unquoted "
+                            "no/yes/off/on as false/true: quote the value, e.g. 'no'")
         choices = f.metadata.get("choices")
         _check_value(ctx, path, Opt(types or (object,), choices=tuple(choices) if choices else None), value)
     out = dict(data)

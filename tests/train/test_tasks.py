@@ -103,6 +103,8 @@ def test_task_validation_errors_name_the_line(tmp_path):
                                                                           "  path: some/model\n  adapter: runs/x")
                  + "lora:\n  r: 4\n")
     assert msg.startswith("r.yaml:15: lora.r: model.adapter is set")
+    msg = _error(tmp_path, BASE.replace("  learning_rate: 0.0001", "  save_strategy: no") + "grpo:\n  reward: austen-emma\n")
+    assert msg.startswith("r.yaml:10: training.save_strategy: expected a string (default 'steps'), got False")
 
 
 def test_task_recipe_fills_and_round_trips(tmp_path):
