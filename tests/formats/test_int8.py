@@ -89,6 +89,24 @@ def test_fp32_chunks_are_needed_and_bounded():
         int8_matmul(a, b, method="fp16")
 
 
+def test_fp32_single_matmul_only_when_cauchy_schwarz_proves_it_exact(monkeypatch):
+    """absmax-quantized Gaussian rows (‖·‖ ≈ 2,000 at K = 4096) take one fp32 matmul; extreme rows whose
+    norms break the 2²⁴ bound take the 1024-chunks; both equal the int64 product."""
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **kw: calls.append(1) or mm(*a, **kw))
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(48, 4096, generator=g), torch.randn(40, 4096, generator=g)
+    a = torch.round(x * (127 / x.abs().amax(1, keepdim=True))).to(torch.int8)
+    b = quantize_int8(w, LLMInt8Config()).weight
+    assert torch.equal(int8_matmul_fp32_chunks(a, b), (a.long() @ b.long().t()).int())
+    assert len(calls) == 1
+    calls.clear()
+    a[0], b[0] = 127, 127  # ‖a_0‖·‖b_0‖ = 127²·4096 = 2²⁶ > 2²⁴
+    assert torch.equal(int8_matmul_fp32_chunks(a, b), (a.long() @ b.long().t()).int())
+    assert len(calls) == 4
+
+
 def test_int8_matmul_follows_the_machine_choice(monkeypatch):
     """``method=None`` takes :func:`qtune.hardware.int8_matmul_method`'s choice (forced here by env)."""
     calls = []
