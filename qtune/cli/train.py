@@ -1,5 +1,8 @@
 """``qtune train RECIPE.yaml [section.key=value ...] [--resume]``: run a training recipe.
 
+The recipe's ``task:`` picks the trl trainer: ``sft`` (default), ``dpo``, ``kto``, ``reward``, ``grpo``, ``rloo``
+or ``distill`` (see recipes/smollm2-135m/*-nf4.yaml); ``model.adapter: RUN_DIR`` continues from a run's adapter.
+
 Also runs under accelerate, one process per device: ``accelerate launch [--config_file
 recipes/accelerate/multi_gpu_ddp.yaml] -m qtune train RECIPE.yaml``. The recipe is validated before
 anything is loaded; a mistake prints ``file:line: key: problem (allowed values)`` and exits with 1.
@@ -13,7 +16,8 @@ from . import one_line_errors
 
 def add_parser(subparsers) -> None:
     p = one_line_errors(subparsers.add_parser(
-        "train", help="fine-tune LoRA adapters on a quantized base from a recipe YAML",
+        "train", help="fine-tune LoRA adapters on a quantized base from a recipe YAML (SFT, DPO, KTO, reward, GRPO, RLOO, "
+                              "distillation)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     # REMAINDER so that flags may also follow the overrides (argparse stops matching positionals at a flag)

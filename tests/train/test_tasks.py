@@ -117,6 +117,13 @@ def test_task_recipe_fills_and_round_trips(tmp_path):
     assert r.to_dict()["grpo"] == r.task_options and r.to_dict()["task"] == "grpo"
     again = validate(json.loads(json.dumps(r.to_dict())))
     assert again.to_dict() == r.to_dict()
+    # the trl config of the task: training + the task section's trl fields (qtune's own keys stay out)
+    from trl import GRPOConfig
+
+    from qtune.train.runner import task_config
+    cfg = task_config(again)
+    assert type(cfg) is GRPOConfig and cfg.num_generations == 4 and cfg.learning_rate == 0.0001
+    assert not hasattr(cfg, "reward")
     # auto dtypes: accepted, then resolved by qtune.hardware (the choice and its reason)
     lines = r.resolve_dtypes("cpu")
     assert r.model["dtype"] in ("bfloat16", "float32") and r.quantization["compute_dtype"] == r.model["dtype"]
