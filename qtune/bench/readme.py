@@ -56,12 +56,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _machine(payload: dict[str, Any]) -> str:
-    """``2 cores AMD EPYC (torch CPU capability AVX512), load 1.9`` (+ the emulation variables when set)."""
+    """``2 cores AMD EPYC (torch CPU capability AVX512), load average 1.9 at the start and 4.0 at the end``
+    (+ the variables that change kernels or threads, when set)."""
     m = payload["machine"]
     text = f"{m.get('cores')} cores {m.get('cpu') or 'CPU'} (torch CPU capability {m.get('cpu_capability')})"
-    load = payload["results"].get("load_average_start") or m.get("load_average")
-    if load:
-        text += f", load average {load[0]:.1f} at the start"
+    start, end = payload["results"].get("load_average_start"), m.get("load_average")
+    if start and end:
+        text += f", load average {start[0]:.1f} at the start and {end[0]:.1f} at the end"
+    elif end:
+        text += f", load average {end[0]:.1f} at the end"
     env = m.get("env") or {}
     if env:
         text += ", run with " + " ".join(f"`{k}={v}`" for k, v in env.items())
@@ -80,10 +83,11 @@ def render_formats(payload: dict[str, Any], path: Path) -> str:
     r = payload["results"]
     st = r["settings"]
     bnb = payload["machine"]["versions"].get("bitsandbytes")
+    threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
     intro = (f"{st['dtype']}, {st['out_features']}×{st['in_features']} weight, {st['tokens']:,} tokens, median of "
-             f"{st['repeat']}, {r['threads']} threads; ratio qtune/bitsandbytes {bnb} timed alternately in the same "
-             f"run (< 1: qtune is faster); dense {st['dtype']} layer: forward {r['dense_ms']['forward']:.1f} ms, "
-             f"fwd+bwd {r['dense_ms']['fwd+bwd']:.1f} ms.")
+             f"{st['repeat']}, {threads}; ratio qtune/bitsandbytes {bnb} timed alternately in the same run (< 1: "
+             f"qtune is faster); dense {st['dtype']} layer: forward {r['dense_ms']['forward']:.1f} ms, fwd+bwd "
+             f"{r['dense_ms']['fwd+bwd']:.1f} ms.")
     choices = payload["machine"].get("qtune")
     if choices:  # files written before machine_info recorded it lack it
         intro += f" qtune's int8 matmul here: {choices['int8_matmul']} ({choices['int8_matmul_reason']})."
@@ -106,10 +110,13 @@ def render_perplexity(payload: dict[str, Any], path: Path) -> str:
     # a bitsandbytes row goes beside its qtune row when the file has both, else on its own line
     paired = {theirs for ours, theirs in PPL_PAIRS.items() if ours in by_name and theirs in by_name}
     intro = (f"Perplexity of {r['model_name']} on the first {r['eval_tokens']:,} tokens of `{st['text']}` "
-             f"({st['seq_len']}-token windows, fp32 compute); GPTQ calibrated on {st['samples']}×{st['cal_seq_len']} "
-             f"tokens of `{st['calibration']}`; bits/param over the linear layers without lm_head; bitsandbytes "
-             f"{payload['machine']['versions'].get('bitsandbytes')} (rows `bnb ...`) loaded by transformers from the "
-             f"same float checkpoint.")
+             f"({st['seq_len']}-token windows, fp32 compute); bits/param over the linear layers without lm_head.")
+    if any(" gptq-" in name for name in by_name):
+        intro += f" GPTQ calibrated on {st['samples']}×{st['cal_seq_len']} tokens of `{st['calibration']}`."
+    if any(name.startswith("bnb ") or "on bnb bytes" in name for name in by_name):
+        intro += (f" bitsandbytes {payload['machine']['versions'].get('bitsandbytes')} (rows `bnb ...`) loaded by "
+                  "transformers from the same float checkpoint; rows `... on bnb bytes`: qtune reading the "
+                  "checkpoint such a bitsandbytes model wrote.")
     if not r.get("complete"):
         intro += (f" The run was stopped after its first {len(r['rows'])} rows (`complete: false` in the file); "
                   "the rows after those were not measured.")
