@@ -94,6 +94,8 @@ class LinearLLMInt8(QuantLinear):
         super().__init__(in_features, out_features, bias, config, **kw)
         device = kw.get("device")
         self.threshold = float(config.threshold)
+        if config.arithmetic == "bitsandbytes":  # checkpoints bitsandbytes wrote: its arithmetic, bit for bit
+            self.op_format = "llm_int8_bnb"
         self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(self.out_features, dtype=torch.float32, device=device))
 

@@ -127,6 +127,25 @@ for _fmt, _schema in WEIGHT_SCHEMAS.items():
     torch.library.register_autograd(f"qtune::linear_{_fmt}", _backward(_fmt, GRAD_INPUT_OPS[_fmt]),
                                     setup_context=_setup_context)
 
+# LLM.int8 with bitsandbytes' own arithmetic (fp16 cast of the activations, its epilogue constants): the
+# layers of checkpoints bitsandbytes wrote compute what bitsandbytes computes. Its spec is
+# ``llm_int8_linear(..., arithmetic="bitsandbytes")``; it runs as torch ops on every device (the int8 GEMM
+# is ``torch._int_mm`` on CUDA, as in bitsandbytes' default backend), so no Triton kernel overrides it.
+# Backward is LLM.int8's (``dx = dy · CB·SCB/127``), with its device kernels.
+_BNB = "llm_int8_bnb"
+_DEQUANT[_BNB], _SHAPE[_BNB] = _DEQUANT["llm_int8"], _SHAPE["llm_int8"]
+
+
+def _bnb_llm_int8(x: Tensor, weight: Tensor, scb: Tensor, threshold: float, bias: Tensor | None) -> Tensor:
+    return llm_int8_linear(x, weight, scb, threshold, bias, mm_dequant=dq.int8_mm_dequant, arithmetic="bitsandbytes")
+
+
+GRAD_INPUT_OPS[_BNB] = GRAD_INPUT_OPS["llm_int8"]
+LINEAR_OPS[_BNB] = define(f"linear_{_BNB}(Tensor x, {WEIGHT_SCHEMAS['llm_int8']}, Tensor? bias) -> Tensor",
+                          _bnb_llm_int8, _fake_linear(_BNB))
+torch.library.register_autograd(f"qtune::linear_{_BNB}", _backward(_BNB, GRAD_INPUT_OPS[_BNB]),
+                                setup_context=_setup_context)
+
 
 def quant_linear(fmt: str, x: Tensor, weight_args: tuple, bias: Tensor | None) -> Tensor:
     """``y = x Ŵᵀ + b`` through ``qtune::linear_<fmt>`` (differentiable in ``x`` and ``bias``)."""

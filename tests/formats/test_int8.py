@@ -277,10 +277,18 @@ def test_bitsandbytes_checkpoint_layers_compute_bitsandbytes_forward(tmp_path):
         x, y_bnb = seen[name]
         outliers += int((x.abs() >= 6.0).any(dim=-2).sum())
         assert torch.equal(m.weight, bnb_model.get_submodule(name).weight.data)
-        y = llm_int8_linear(x.to(m.compute_dtype), m.weight, m.SCB, m.threshold,
-                            None if m.bias is None else m.bias, arithmetic=m.config.arithmetic)
+        with torch.no_grad():
+            y = m(x)  # the layer's own forward: qtune::linear_llm_int8_bnb
         assert torch.equal(y, y_bnb), f"{name}: max |Δ| {float((y - y_bnb).abs().max())}"
     assert outliers > 0, "the test must exercise the outlier decomposition"
+    # and the whole model: qtune's logits are bitsandbytes' logits
+    with torch.no_grad():
+        logits_bnb, logits_q = bnb_model(ids).logits, q.eval()(ids).logits
+    assert torch.equal(logits_q, logits_bnb), float((logits_q - logits_bnb).abs().max())
+    # backward runs (LLM.int8's dx = dy·CB·SCB/127) and reaches the input
+    x = seen["model.layers.0.mlp.down_proj"][0].clone().requires_grad_(True)
+    layers["model.layers.0.mlp.down_proj"](x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_bad_config():
