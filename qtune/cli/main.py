@@ -22,7 +22,10 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qtune", description="QLoRA fine-tuning on quantized, frozen base models")
+    from . import one_line_errors
+
+    parser = one_line_errors(argparse.ArgumentParser(prog="qtune",
+                                                     description="QLoRA fine-tuning on quantized, frozen base models"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
         try:

@@ -198,3 +198,15 @@ def test_one_line_in_a_real_process(root):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("qtune plan: error: "), proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [(["bogus"], r"invalid choice: 'bogus'"),
+                                          (["env", "--bogus"], r"unrecognized arguments: --bogus")])
+def test_top_level_usage_errors_are_one_line(argv, message, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qtune: error: ") and re.search(message, lines[0]), lines
