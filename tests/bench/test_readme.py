@@ -1,0 +1,148 @@
+"""``python -m qtune.bench.readme``: the README's benchmark tables come from the results files, and --check
+fails when they differ."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qtune.bench import readme
+from qtune.bench.results import write_results
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the shapes the benches write (tests/bench/test_*_bench.py check the benches against the same keys)
+FORMATS = {"settings": {"out_features": 64, "in_features": 128, "tokens": 8, "dtype": "fp32", "repeat": 3},
+           "threads": 2, "load_average_start": [1.5, 1.0, 0.5], "dense_ms": {"forward": 1.25, "fwd+bwd": 2.5},
+           "rows": [{"format": "nf4", "qtune_ms": {"quantize": 1.0, "dequantize": 2.0, "forward": 3.0, "fwd+bwd": 4.0},
+                     "bnb_ms": {"quantize": 2.0, "dequantize": 2.0, "forward": 3.0, "fwd+bwd": 5.0},
+                     "ratio": {"quantize": 0.5, "dequantize": 1.0, "forward": 1.0, "fwd+bwd": 0.8},
+                     "fwd_bwd_over_dense": 1.6},
+                    {"format": "rtn4-g128", "qtune_ms": {"quantize": 1.0, "dequantize": 2.0, "forward": 3.0,
+                                                         "fwd+bwd": 4.0},
+                     "bnb_ms": None, "ratio": None, "fwd_bwd_over_dense": 1.6}]}
+PERPLEXITY = {"settings": {"model": "smollm2", "text": "austen:persuasion", "calibration": "austen:emma",
+                           "tokens": 1024, "seq_len": 512, "samples": 32, "cal_seq_len": 512, "batch_size": 4},
+              "model_name": "smollm2-135m-instruct", "eval_tokens": 1024, "threads": 2, "load_average_start": None,
+              "complete": True,
+              "rows": [{"name": "fp32", "bits_per_param": 32.0, "load_quantize_s": 0.1, "perplexity": 37.0,
+                        "vs_fp32": 0.0},
+                       {"name": "qtune nf4", "bits_per_param": 4.5, "load_quantize_s": 3.0, "perplexity": 45.714,
+                        "vs_fp32": 45.714 / 37 - 1},
+                       {"name": "bnb nf4", "bits_per_param": 4.5, "load_quantize_s": 2.0, "perplexity": 45.709,
+                        "vs_fp32": 45.709 / 37 - 1}]}
+RUN = {"backend": "qtune", "command": "qtune train r.yaml", "status": "finished", "steps": 40, "wall_s": 208.4,
+       "train_s": 190.0, "step_s": 4.76, "tokens_per_s": 215.0, "peak_rss_gib": 3.76, "perplexity_before": 48.81,
+       "perplexity_after": 38.92, "train_loss": 3.1, "model_dtype": "bfloat16", "compute_dtype": "bfloat16",
+       "dtype_choice": ["model.dtype: auto -> bfloat16 (native bf16)"]}
+DEMO = {"recipe": "r.yaml", "overrides": [], "load_average_start": [2.0, 1.0, 1.0],
+        "runs": [RUN, {**RUN, "backend": "bitsandbytes", "step_s": 5.65, "perplexity_before": None,
+                       "command": "qtune train r.yaml quantization.backend=bitsandbytes"}],
+        "ratios_qtune_over_bitsandbytes": {"step_s": 0.84, "wall_s": 0.9, "peak_rss_gib": 0.88}}
+
+TEMPLATE = """# t
+demo (<!-- bench:demo:summary -->stale<!-- /bench:demo:summary -->)
+
+<!-- bench:formats -->
+stale
+<!-- /bench:formats -->
+text in between stays
+<!-- bench:perplexity -->
+<!-- /bench:perplexity -->
+<!-- bench:demo -->
+<!-- /bench:demo -->
+<!-- bench:gpu -->
+<!-- /bench:gpu -->
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    results = tmp_path / "bench" / "results"
+    write_results("formats", FORMATS, results, command="python -m qtune.bench.formats --dtype fp32")
+    write_results("perplexity", PERPLEXITY, results, command="python -m qtune.bench.perplexity --samples 32")
+    write_results("demo", DEMO, results, command="python -m qtune.bench.demo --backend bitsandbytes")
+    (tmp_path / "README.md").write_text(TEMPLATE)
+    return tmp_path
+
+
+def _main(tree, *extra):
+    return readme.main(["--readme", str(tree / "README.md"), "--results", str(tree / "bench" / "results"), *extra])
+
+
+def test_render_then_check(tree, capsys):
+    assert _main(tree, "--check") == 1  # the template is stale
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "stale" not in text and "text in between stays" in text and text.startswith("# t\n")
+    assert "-->48.81 → 38.92 after 40 steps in 3 min 28 s on 2 cores (" in text
+    # every table is followed by its command and the file, linked relative to the README
+    for bench, command in (("formats", "python -m qtune.bench.formats --dtype fp32"),
+                           ("perplexity", "python -m qtune.bench.perplexity --samples 32"),
+                           ("demo", "python -m qtune.bench.demo --backend bitsandbytes")):
+        assert f"Command: `{command}` → [`bench/results/{bench}.json`](bench/results/{bench}.json)" in text
+    assert "| nf4 | 0.50 | 1.00 | 1.00 | 0.80 | 3.0 / 4.0 | 3.0 / 5.0 |" in text
+    assert "| rtn4-g128 | – | – | – | – | 3.0 / 4.0 | – |" in text
+    assert "| qtune nf4 | 4.50 | 45.714 | +23.55% | 3 | 45.709 (4.50 bits) |" in text
+    assert "GPTQ calibrated" not in text and "bitsandbytes 0." in text  # no GPTQ row; a bnb row
+    assert "| 4.76 | 3.76 | 48.81 → 38.92 | bfloat16 / bfloat16 |" in text
+    assert "(not run) → 38.92" in text and "s/step 0.84, wall time 0.90, peak RSS 0.88" in text
+    assert "<!-- bench:gpu -->\n<!-- /bench:gpu -->" in text  # optional, absent: nothing
+    assert _main(tree) == 0 and (tree / "README.md").read_text() == text  # idempotent
+    capsys.readouterr()
+    assert _main(tree, "--check") == 0
+
+
+def test_check_fails_when_a_number_changes(tree, capsys):
+    assert _main(tree) == 0
+    path = tree / "bench" / "results" / "demo.json"
+    payload = json.loads(path.read_text())
+    payload["results"]["runs"][0]["step_s"] = 4.91
+    path.write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert _main(tree, "--check") == 1
+    out = capsys.readouterr()
+    assert "+| qtune |" in out.out and "| 4.91 |" in out.out and "out of date" in out.err
+
+
+def test_gpu_section_when_its_file_exists(tree):
+    gpu = {"device": "NVIDIA H200", "stages": ["correct", "bench"], "ok": True, "failures": [],
+           "correct": {"passed": 10, "checked": 10, "ok": True, "rows": []},
+           "bench": {"rows": [{"format": "nf4_dq", "family": "4bit", "direction": "forward", "dtype": "bf16", "m": m,
+                               "n": 4096, "k": 4096, "ms": 0.05, "gbps": 1000.0, "tflops": 2.0,
+                               "vs_dequant_matmul": 1.5, "vs_dense": 0.9} for m in (1, 16, 4096)],
+                     "crossover_by_dtype": {"arch": "sm_90", "tokens": [1, 16, 4096],
+                                            "thresholds": {"4bit": {"forward": {"bf16": 16}}}}}}
+    write_results("gpu", gpu, tree / "bench" / "results", command="python -m qtune.bench.gpu")
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "GPU: NVIDIA H200" in text and "10 of 10 kernel checks" in text
+    assert "| nf4_dq | forward | bf16 | 4096 | 0.050 |" in text and "| nf4_dq | forward | bf16 | 16 |" not in text
+    assert "| 4bit | forward | bf16 | 16 |" in text
+    assert "Command: `python -m qtune.bench.gpu` → [`bench/results/gpu.json`]" in text
+
+
+def test_missing_file_and_unpaired_marker_are_errors(tree):
+    (tree / "bench" / "results" / "demo.json").unlink()
+    with pytest.raises(FileNotFoundError, match="bench:demo.*demo.json does not exist"):
+        _main(tree)
+    (tree / "README.md").write_text("<!-- bench:formats -->\n<!-- /bench:formats -->\n<!-- bench:perplexity -->\n")
+    with pytest.raises(ValueError, match="markers"):
+        _main(tree)
+
+
+def test_an_incomplete_perplexity_run_says_so(tree):
+    path = tree / "bench" / "results" / "perplexity.json"
+    payload = json.loads(path.read_text())
+    payload["results"]["complete"] = False
+    path.write_text(json.dumps(payload))
+    assert _main(tree) == 0
+    assert "stopped after its first 3 rows" in (tree / "README.md").read_text()
+
+
+def test_committed_readme_matches_the_committed_results():
+    """The README in the repository quotes exactly what bench/results/ holds (regenerate with
+    ``python -m qtune.bench.readme`` after rerunning a bench)."""
+    assert readme.main(["--readme", str(REPO / "README.md"), "--results", str(REPO / "bench" / "results"),
+                        "--check"]) == 0
