@@ -44,7 +44,7 @@ def test_task_recipe_on_smollm2(task, tmp_path):
     assert s["status"] == "finished" and s["global_step"] == recipe.training["max_steps"]
     assert s["parameters"]["quantized"] > 90e6  # the NF4 base: ~0.1 B quantized weights
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
-    assert s["metrics_last"] or task in ("kto", "distill")
+    assert s.get("metrics_last") or task in ("kto", "distill")  # trl logs no margin/reward for these two
     if task == "dpo":
         before, after = s["pair_margin_before"], s["pair_margin_after"]
         print(f"SmolLM2 DPO, 2 steps: held-out margin {before['margin']:+.3f} -> {after['margin']:+.3f} nats")
