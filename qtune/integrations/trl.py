@@ -188,6 +188,16 @@ class QTuneTrainerMixin:
             _restore_saved_module_dtypes(self.model)
         self._flops_params: int | None = None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume: the Trainer reloads the adapter through peft's ``load_adapter``, which upcasts it to fp32;
+        put every trainable parameter back in the dtype it trained in before the optimizer is built."""
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        for n, p in target.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """``6 · tokens · weights``, counting the packed weights of the quantized layers.
 

@@ -116,8 +116,6 @@ def test_sigint_saves_checkpoint_and_resume_continues(tiny_dir, tmp_path):
         run(load_recipe(path, ["output.dir=" + str(tmp_path / "empty")]), resume=True)
 
 
-@pytest.mark.xfail(strict=True, reason="resume reloads the adapter through peft's load_adapter, which upcasts the "
-                   "bf16 adapter (lora.dtype auto) to fp32: the resumed steps train in another dtype")
 def test_resume_keeps_adapter_dtype(tiny_dir, tmp_path):
     data = base_recipe(tiny_dir, tmp_path / "run")
     data["training"].update(max_steps=3, save_steps=100)
