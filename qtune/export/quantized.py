@@ -234,7 +234,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     if layout == "bnb" and cfg.format == "int8" and cfg.symmetric and cfg.group_size == -1:
         # bitsandbytes' 8-bit layer is LLM.int8(): the same per-row absmax weights, with the outlier
         # decomposition at run time; the in-memory model must compute as the reloaded one will
-        cfg = LLMInt8Config(compute_dtype=cfg.compute_dtype)
+        cfg = LLMInt8Config(compute_dtype=cfg.compute_dtype, arithmetic="bitsandbytes")
     check_layout(cfg, layout)
     windows = None
     if isinstance(cfg, GPTQConfig):
