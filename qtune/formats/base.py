@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -42,10 +42,46 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class CliOption:
+    """One config field offered as a ``qtune quantize`` flag (recipes and format specs use the field name).
+
+    Attributes:
+        field: the config field the flag sets.
+        help: the flag's help text.
+        flag: the flag (default ``--`` + the field with dashes).
+        type: ``int``, ``float`` or ``bool``.
+        switch: for ``bool``: ``True`` gives a plain ``--flag`` (sets ``True``), ``False`` gives ``--flag``/``--no-flag``.
+        choices: allowed values (argparse rejects others).
+    Several formats may declare the same flag (``--bits``); their declarations must agree.
+    """
+
+    field: str
+    help: str
+    flag: str = ""
+    type: type = int
+    switch: bool = True
+    choices: tuple = ()
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.field.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Base of every format config: static, hashable, JSON-serializable metadata.
 
-    Subclasses set ``format`` (the name used in recipes and ``quantization_config``) and ``bits``.
+    A format declares, once, on its config class (checked by :func:`qtune.formats.register_format`):
+
+    - ``format``: the name used in recipes, format specs, ``--format`` and ``quantization_config``;
+    - ``bits``: bits per stored weight code (a class attribute or a dataclass field);
+    - ``needs_calibration``: quantizing needs calibration activations (GPTQ), so load-time quantization refuses it;
+    - ``op_family``: the ``qtune::linear_<op_family>`` op family its layer computes with (a property where it
+      depends on a field);
+    - ``cli_options``: the fields offered as ``qtune quantize`` flags;
+    - ``spec_aliases``: short spec names, e.g. ``{"nf4_dq": {"double_quant": True}}``.
+
+    Everything else (the CLI, recipes, loaders, writers) asks the config or the registry.
     ``compute_dtype`` is the dtype the layer computes in (``None``: the dtype of the float weight;
     ``"auto"``: bf16 where the machine computes it natively, fp32 otherwise, decided when the layer is
     built, see :func:`qtune.hardware.auto_dtype`; the config keeps ``"auto"``, so a saved checkpoint
@@ -53,6 +89,10 @@ class QuantConfig:
     """
 
     format: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    op_family: ClassVar[str] = ""
+    cli_options: ClassVar[tuple[CliOption, ...]] = ()
+    spec_aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     compute_dtype: str | None = None
 
     def __post_init__(self) -> None:

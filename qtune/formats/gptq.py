@@ -62,7 +62,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import QuantConfig, check_weight
+from .base import CliOption, QuantConfig, check_weight
 
 __all__ = [
     "GPTQConfig",
@@ -105,6 +105,14 @@ def _check_bool(value: object, *, what: str) -> None:
         raise ValueError(f"{what}={value!r} must be a bool")
 
 
+# the CLI flags RTN and GPTQ share (same fields, same meaning)
+_GRID_OPTIONS = (
+    CliOption("bits", "code width (default 4)", choices=SUPPORTED_BITS),
+    CliOption("group_size", "-1: one group per row (default 128)"),
+    CliOption("sym", "symmetric grid (default)", type=bool, switch=False),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig(QuantConfig):
     """Settings of GPTQ quantization (names follow AutoGPTQ/GPTQModel ``quantize_config.json``).
@@ -128,6 +136,15 @@ class GPTQConfig(QuantConfig):
     """
 
     format: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    op_family: ClassVar[str] = "gptq"
+    cli_options: ClassVar[tuple[CliOption, ...]] = (
+        *_GRID_OPTIONS,
+        CliOption("desc_act", "GPTQ desc_act: columns by descending Hessian diagonal", flag="--act-order", type=bool),
+        CliOption("static_groups", "with --act-order, keep g_idx = k // group_size", type=bool),
+        CliOption("damp_percent", "fraction of mean(diag H) added to the diagonal (default 0.01)", type=float),
+        CliOption("true_sequential", "calibrate each block's layers group by group (default)", type=bool, switch=False),
+    )
     bits: int = 4
     group_size: int = 128
     desc_act: bool = False
@@ -165,6 +182,8 @@ class RTNConfig(QuantConfig):
     """
 
     format: ClassVar[str] = "rtn"
+    op_family: ClassVar[str] = "gptq"
+    cli_options: ClassVar[tuple[CliOption, ...]] = _GRID_OPTIONS
     bits: int = 4
     group_size: int = 128
     sym: bool = True

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import QuantConfig, check_weight
+from .base import CliOption, QuantConfig, check_weight
 
 _TINY = 1e-12  # keeps all-zero rows/groups finite (their codes are 0 and dequantize to 0)
 ARITHMETICS = ("qtune", "bitsandbytes")
@@ -53,6 +53,7 @@ class Int8Config(QuantConfig):
 
     format: ClassVar[str] = "int8"
     bits: ClassVar[int] = 8
+    op_family: ClassVar[str] = "int8"
     symmetric: bool = True
     group_size: int = -1
 
@@ -76,8 +77,16 @@ class LLMInt8Config(QuantConfig):
 
     format: ClassVar[str] = "llm_int8"
     bits: ClassVar[int] = 8
+    cli_options: ClassVar[tuple[CliOption, ...]] = (
+        CliOption("threshold", "LLM.int8 outlier threshold (default 6.0)", type=float),
+    )
     threshold: float = 6.0
     arithmetic: str = "qtune"
+
+    @property
+    def op_family(self) -> str:  # type: ignore[override]
+        """``llm_int8``, or ``llm_int8_bnb`` for bitsandbytes' arithmetic (checkpoints bitsandbytes wrote)."""
+        return "llm_int8_bnb" if self.arithmetic == "bitsandbytes" else "llm_int8"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
-from .base import QuantConfig, check_weight
+from .base import CliOption, QuantConfig, check_weight
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -92,6 +92,11 @@ class _FourBitConfig(QuantConfig):
     """
 
     bits: ClassVar[int] = 4
+    op_family: ClassVar[str] = "4bit"
+    cli_options: ClassVar[tuple[CliOption, ...]] = (
+        CliOption("double_quant", "NF4/FP4: 8-bit absmax (QLoRA double quantization)", type=bool),
+        CliOption("blocksize", "NF4/FP4 block size (default 64)"),
+    )
     blocksize: int = 64
     double_quant: bool = False
 
@@ -110,6 +115,7 @@ class NF4Config(_FourBitConfig):
     """4-bit NormalFloat with blockwise absmax (QLoRA)."""
 
     format: ClassVar[str] = "nf4"
+    spec_aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {"nf4_dq": {"double_quant": True}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +123,7 @@ class FP4Config(_FourBitConfig):
     """4-bit float (e2m1) with blockwise absmax."""
 
     format: ClassVar[str] = "fp4"
+    spec_aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {"fp4_dq": {"double_quant": True}}
 
 
 @dataclasses.dataclass
