@@ -48,7 +48,7 @@ def layer_table(model: nn.Module, reference: dict[str, Tensor] | None = None) ->
             if name in reference:
                 w = reference[name].float()
                 err = float(torch.linalg.norm(w - m.dequantize(torch.float32)) / torch.linalg.norm(w).clamp_min(1e-30))
-            out.append(LayerInfo(name, m.config.format, int(getattr(m.config, "bits", 8)), m.quantized_bytes(),
+            out.append(LayerInfo(name, m.config.format, int(m.config.bits), m.quantized_bytes(),
                                  m.in_features * m.out_features, err))
         elif name in floats:
             w, _ = float_weight_of(m, name)

@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..calibration import calibration_windows, gptq_quantize_model
     from ..cli.evaluate import load_text
-    from ..cli.quantize import parse_format_spec, resolve_model
+    from ..cli.quantize import resolve_model
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
+    from ..integrations import QTuneConfig
     from ..integrations.checkpoints import load_model
 
     path = resolve_model(args.model)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
 
     def rtn(spec: str) -> Callable:
-        return lambda: load_model(path, parse_format_spec(spec), dtype=torch.float32)
+        return lambda: load_model(path, QTuneConfig.from_spec(spec), dtype=torch.float32)
 
     def gptq(spec: str) -> Callable:
         def build():
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 cal = calibration_windows([load_text(args.calibration)], tokenizer, samples=args.samples,
                                           seq_len=args.cal_seq_len)
             model = float_model()
-            qc = parse_format_spec(spec)
+            qc = QTuneConfig.from_spec(spec)
             gptq_quantize_model(model, cal, qc.default_config(), skip_modules=qc.skip_modules,
                                 overrides=qc.override_configs(), progress=False)
             return model

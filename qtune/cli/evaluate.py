@@ -34,16 +34,18 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
     from ..integrations.checkpoints import load_model, read_config_json
-    from .quantize import parse_format_spec, resolve_model
+    from ..integrations import QTuneConfig
+    from .quantize import resolve_model
 
     check_positive(args, "tokens", "seq_len", minimum=2)
     check_positive(args, "stride", "batch_size", "samples")
     check_positive(args, "cal_seq_len", minimum=2)
     args.dtype = model_dtype(args.dtype)
     text = load_text(args.text)
-    specs = [parse_format_spec(s) for s in args.quant or ()]
-    if any(s.format == "gptq" for s in specs) and not args.calibration:
-        raise ValueError("a gptq --quant spec needs --calibration PATH")
+    specs = [QTuneConfig.from_spec(s) for s in args.quant or ()]
+    calibrated = [s.format for s in specs if s.default_config().needs_calibration]
+    if calibrated and not args.calibration:
+        raise ValueError(f"a {calibrated[0]} --quant spec needs --calibration PATH")
     path = resolve_model(args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                                     trust_remote_code=args.trust_remote_code)
         evaluate(str(base.dtype).removeprefix("torch."), lambda: base)
         for spec, raw in zip(specs, args.quant or ()):
-            if spec.format == "gptq":
+            if spec.default_config().needs_calibration:
                 evaluate(raw, lambda spec=spec: _gptq(base, tokenizer, spec, args))
             else:
                 evaluate(raw, lambda spec=spec: load_model(path, spec, dtype=args.dtype))

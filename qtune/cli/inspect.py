@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..inspect import float_weights, format_table, layer_table, plot, quantized_copy
     from ..integrations.checkpoints import load_model, read_config_json
-    from .quantize import parse_format_spec, resolve_model
+    from ..integrations import QTuneConfig
+    from .quantize import resolve_model
 
     path = resolve_model(args.path)
     args.dtype = model_dtype(args.dtype)
@@ -25,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         reference_path = resolve_model(args.reference)
     if read_config_json(path).get("quantization_config") is None:
-        spec = parse_format_spec(args.format)
-        if spec.format == "gptq":
-            raise ValueError("inspect quantizes float models with round-to-nearest formats; for gptq, "
-                             "inspect the output of `qtune quantize --format gptq` with --reference")
+        spec = QTuneConfig.from_spec(args.format)
+        if spec.default_config().needs_calibration:
+            raise ValueError(f"inspect quantizes float models with round-to-nearest formats; for {spec.format}, "
+                             f"inspect the output of `qtune quantize --format {spec.format}` with --reference")
         if args.layer is not None:
             _check_layer(path, spec, args.layer)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True)

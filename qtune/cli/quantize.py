@@ -20,46 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..formats import CliOption, format_names, get_format
+from ..formats import parse_format_spec as parse_spec
 from . import check_positive, model_dtype, one_line_errors
 
-FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
-
-
-def parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_format_spec(spec: str):
-    """``"name[:key=value,...]"`` → ``QTuneConfig``, e.g. ``"nf4:double_quant=true"``, ``"rtn:bits=4,group_size=128"``,
-    ``"gptq:bits=3,desc_act=true"``. ``nf4-dq``/``fp4-dq`` are short for double quantization.
-
-    Raises:
-        ValueError: unknown format or field, malformed option.
-    """
+    """Deprecated spelling: ``qtune.formats.parse_format_spec`` (a :class:`~qtune.formats.FormatSpec`), or
+    ``QTuneConfig.from_spec`` for a loading config, which this returns."""
     from ..integrations import QTuneConfig
 
-    name, _, rest = spec.partition(":")
-    name = name.strip().lower().replace("-", "_")
-    options: dict[str, Any] = {}
-    if name in ("nf4_dq", "fp4_dq"):
-        name, options["double_quant"] = name[:3], True
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"format spec {spec!r}: option {item!r} is not key=value")
-        options[key.strip().replace("-", "_")] = parse_value(value.strip())
-    compute = options.pop("compute_dtype", None)
-    return QTuneConfig(name, compute_dtype=compute, **options)
+    return QTuneConfig.from_spec(spec)
 
 
 def resolve_model(model: str) -> Path:
@@ -77,31 +47,20 @@ def resolve_model(model: str) -> Path:
 def build_config(args: argparse.Namespace):
     from ..integrations import QTuneConfig
 
-    fmt = args.format
-    options: dict[str, Any] = {}
-    if fmt in ("nf4", "fp4"):
-        options["double_quant"] = bool(args.double_quant)
-        if args.blocksize is not None:
-            options["blocksize"] = args.blocksize
-    elif fmt in ("rtn", "gptq"):
-        options.update(bits=args.bits, group_size=args.group_size, sym=args.sym)
-        if fmt == "gptq":
-            options.update(desc_act=bool(args.act_order), damp_percent=args.damp_percent,
-                           true_sequential=bool(args.true_sequential), static_groups=bool(args.static_groups))
-    elif fmt == "llm_int8" and args.threshold is not None:
-        options["threshold"] = args.threshold
+    cls = get_format(args.format)
+    # the flags the chosen format declares and the user gave; the others belong to other formats
+    options = {o.field: getattr(args, o.field) for o in cls.cli_options if getattr(args, o.field, None) is not None}
     overrides = {}
     for item in args.override or ():
         pattern, eq, spec = item.partition("=")
         if not eq:
             raise ValueError(f"--override {item!r}: expected PATTERN=FORMAT_SPEC (or PATTERN=skip)")
-        overrides[pattern] = None if spec.strip().lower() in ("skip", "none", "float") else parse_format_spec(spec).to_dict()
-    for d in overrides.values():
-        if d is not None:
-            d.pop("quant_method", None)
-            for k in ("skip_modules", "overrides", "layers"):
-                d.pop(k, None)
-    return QTuneConfig(fmt, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
+        if spec.strip().lower() in ("skip", "none", "float"):
+            overrides[pattern] = None
+        else:
+            parsed = parse_spec(spec)
+            overrides[pattern] = {"format": parsed.format, **parsed.options, "compute_dtype": parsed.compute_dtype}
+    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
 
 
 def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
@@ -138,16 +97,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    if args.format == "gptq":
+    calibrated = get_format(args.format).needs_calibration
+    if calibrated:
         if not args.calibration:
-            raise ValueError("--format gptq needs --calibration PATH_OR_DATASET")
+            raise ValueError(f"--format {args.format} needs --calibration PATH_OR_DATASET")
         cal = Path(args.calibration)
         if not args.calibration.startswith("austen:") and (cal.suffix or "/" in args.calibration) and not cal.exists():
             raise FileNotFoundError(f"calibration file {args.calibration} does not exist")
     check_positive(args, "samples", "batch_size")
     check_positive(args, "seq_len", minimum=2)
     args.dtype = model_dtype(args.dtype)
-    if args.format == "gptq" and args.calibration.startswith("austen:"):
+    if calibrated and args.calibration.startswith("austen:"):
         from ..assets import AUSTEN_TEXTS
 
         if args.calibration.split(":", 1)[1] not in AUSTEN_TEXTS:
@@ -162,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     _check_plan(path, qconfig, args.trust_remote_code, args.layout)
     dtype = args.dtype
     start = time.perf_counter()
-    tokenizer = _tokenizer(path, required=args.format == "gptq")
-    if args.format == "gptq":
+    tokenizer = _tokenizer(path, required=calibrated)
+    if calibrated:
         from transformers import AutoModelForCausalLM
 
         from ..calibration import calibration_windows, gptq_quantize_model
@@ -206,29 +166,45 @@ def add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder (off by default)")
 
 
+def add_format_options(p: argparse.ArgumentParser) -> None:
+    """One flag per format option the registered formats declare (``CliOption``), grouped by the formats
+    that take it; each flag's ``dest`` is its config field and its default ``None`` (the config's default).
+
+    Raises:
+        ValueError: two formats declare the same flag differently.
+    """
+    flags: dict[str, tuple[CliOption, list[str]]] = {}
+    for name in format_names():
+        for opt in get_format(name).cli_options:
+            seen = flags.setdefault(opt.cli_flag, (opt, []))
+            if seen[0].field != opt.field or seen[0].type is not opt.type or seen[0].switch != opt.switch:
+                raise ValueError(f"format {name!r} declares {opt.cli_flag} unlike format {seen[1][0]!r}")
+            seen[1].append(name)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (opt, names) in flags.items():
+        title = "/".join(names)
+        g = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        if opt.type is bool:
+            action = "store_true" if opt.switch else argparse.BooleanOptionalAction
+            g.add_argument(flag, dest=opt.field, action=action, default=None, help=opt.help)
+        else:
+            g.add_argument(flag, dest=opt.field, type=opt.type, default=None, help=opt.help,
+                           choices=opt.choices or None)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = one_line_errors(subparsers.add_parser(
         "quantize", help="quantize a model folder (RTN formats or GPTQ with calibration)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", help="model folder (config.json + safetensors), or 'smollm2'")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=format_names())
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--layout", default="qtune", choices=("qtune", "bnb", "gptq"),
                    help="qtune: quant_method 'qtune'; bnb: transformers+bitsandbytes; gptq: GPTQ v1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    g = p.add_argument_group("nf4/fp4/llm_int8")
-    g.add_argument("--double-quant", action="store_true", help="NF4/FP4: 8-bit absmax (QLoRA double quantization)")
-    g.add_argument("--blocksize", type=int, default=None, help="NF4/FP4 block size (default 64)")
-    g.add_argument("--threshold", type=float, default=None, help="LLM.int8 outlier threshold (default 6.0)")
-    g = p.add_argument_group("gptq/rtn")
-    g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    g.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
-    g.add_argument("--act-order", action="store_true", help="GPTQ desc_act: columns by descending Hessian diagonal")
-    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric grid (default)")
-    g.add_argument("--static-groups", action="store_true", help="with --act-order, keep g_idx = k // group_size")
-    g.add_argument("--damp-percent", type=float, default=0.01)
-    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
-                   help="calibrate each block's layers group by group (default)")
+    add_format_options(p)
+    calibrated = "/".join(n for n in format_names() if get_format(n).needs_calibration)
+    g = p.add_argument_group(f"calibration ({calibrated})")
     g.add_argument("--calibration", help="calibration text: .txt/.json/.jsonl/.parquet file, austen:emma, or a "
                                          "dataset name (needs a network)")
     g.add_argument("--samples", type=int, default=128, help="calibration windows")

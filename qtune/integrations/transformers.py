@@ -52,7 +52,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..formats import QuantConfig, config_from_dict
+from ..formats import FormatSpec, QuantConfig, config_from_dict, parse_format_spec
 from ..formats.base import dtype_name
 from ..hardware import auto_compute_dtype
 from ..nn import QuantLinear, config_for, is_conv1d, layer_class_for, linear_modules
@@ -124,6 +124,18 @@ class QTuneConfig(QuantizationConfigMixin):
         self.default_config()  # validate now, not at load time
 
     # -- (de)serialization ------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: str | FormatSpec) -> "QTuneConfig":
+        """A loading config from a format spec (``"nf4:double_quant=true"``, see
+        :func:`qtune.formats.parse_format_spec`): that format for every layer, default skips.
+
+        Raises:
+            ValueError: unknown format or field, malformed option.
+        """
+        if not isinstance(spec, FormatSpec):
+            spec = parse_format_spec(spec)
+        return cls(spec.format, compute_dtype=spec.compute_dtype, **spec.options)
+
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
         config = cls(**dict(config_dict))
@@ -248,7 +260,7 @@ def unshare_buffers(layer: QuantLinear) -> None:
 
 def set_quantized_flags(model: nn.Module) -> None:
     """Set ``is_quantized``, ``quantization_method`` and ``is_loaded_in_4bit``/``_8bit`` from the layers."""
-    bits = {int(getattr(m.config, "bits", 8)) for m in model.modules() if isinstance(m, QuantLinear)}
+    bits = {int(m.config.bits) for m in model.modules() if isinstance(m, QuantLinear)}
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.is_loaded_in_4bit = any(b <= 4 for b in bits)
@@ -432,7 +444,7 @@ class QTuneHfQuantizer(HfQuantizer):
     def param_element_size(self, model: nn.Module, param_name: str, param: torch.Tensor) -> float:
         cfg = self.plan_configs.get(param_name.removesuffix(".weight"))
         if cfg is not None and param_name.endswith(".weight"):
-            return getattr(cfg, "bits", 8) / 8
+            return cfg.bits / 8
         return param.element_size()
 
     def get_quantize_ops(self) -> QTuneQuantize:
@@ -446,10 +458,11 @@ class QTuneHfQuantizer(HfQuantizer):
         headers = headers_by_key(checkpoint_files)  # also rejects corrupt/truncated files before loading
         _skip_parent_init(model, plan)
         if not self.pre_quantized:
-            needs_calibration = sorted(n for n, c in plan.items() if c.format == "gptq")
+            needs_calibration = sorted(n for n, c in plan.items() if c.needs_calibration)
             if needs_calibration:
-                raise ValueError(f"format 'gptq' needs calibration data (layer {needs_calibration[0]}): quantize with "
-                                 "`qtune quantize MODEL --format gptq --calibration FILE` or "
+                fmt = plan[needs_calibration[0]].format
+                raise ValueError(f"format {fmt!r} needs calibration data (layer {needs_calibration[0]}): quantize with "
+                                 f"`qtune quantize MODEL --format {fmt} --calibration FILE` or "
                                  "qtune.calibration.gptq_quantize_model(), or use format='rtn' for round-to-nearest")
             self.plan_configs = plan
             return
