@@ -32,8 +32,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..formats import GPTQConfig, LLMInt8Config, QuantConfig, config_from_dict
+from ..formats import GPTQConfig, QuantConfig, config_from_dict
 from ..formats.base import dtype_name
+from ..integrations.layouts import get_layout, layout_names, save_quantized
 from ..nn import QuantLinear, float_weight_of, layer_class_for
 from .atomic import atomic_output, check_free_space, check_output
 from .merged import MergedLayer, _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
@@ -41,10 +42,11 @@ from .report import ExportResult, LayerError, format_layer_table
 from .source import ExportSource, load_source
 from .verify import check_logits, compare_logits, logits, probe_ids, tolerance, verify_quantized
 
-__all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning", "FORMATS", "LAYOUTS"]
+__all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning"]
 
+# kept for qtune/cli/export.py until it asks the registries (qtune.formats.format_names, layouts.layout_names)
 FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
-LAYOUTS = ("qtune", "bnb", "gptq")
+LAYOUTS = layout_names()
 
 
 def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dtype: torch.dtype) -> QuantConfig:
@@ -73,19 +75,6 @@ def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dt
         if base_cfg.format == qc.format:
             return dataclasses.replace(base_cfg, compute_dtype=compute)
     return config_from_dict({"format": qc.format, **qc.options, "compute_dtype": compute})
-
-
-def check_layout(cfg: QuantConfig, layout: str) -> None:
-    """Refuse layout/format pairs the writers cannot express (before any work is done)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if layout == "gptq" and cfg.format not in ("gptq", "rtn"):
-        raise ValueError(f"--layout gptq holds gptq/rtn layers, not {cfg.format}")
-    if layout == "bnb":
-        if cfg.format not in ("nf4", "fp4", "int8", "llm_int8"):
-            raise ValueError(f"--layout bnb holds nf4/fp4/int8/llm_int8 layers, not {cfg.format}")
-        if cfg.format == "int8" and (not cfg.symmetric or cfg.group_size != -1):
-            raise ValueError("--layout bnb holds symmetric per-row int8 only (int8:symmetric=true,group_size=-1)")
 
 
 def _clone_buffers(layer: QuantLinear) -> None:
@@ -222,8 +211,9 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
 
     start = time.perf_counter()
     out = check_output(out, overwrite=overwrite)
-    if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout not in layout_names():
+        raise ValueError(f"--layout {layout!r} is not one of {', '.join(layout_names())}")
+    writer = get_layout(layout)
     if push_to_hub:
         hub.check_repo(push_to_hub, overwrite=overwrite, token=token)
     src = source if isinstance(source, ExportSource) else load_source(source, base=base, base_format=base_format)
@@ -231,11 +221,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     base_plan = {n.removesuffix(".base_layer"): m.config for n, m in src.model.get_base_model().named_modules()
                  if isinstance(m, QuantLinear)}
     cfg = target_config(format, base_plan, target)
-    if layout == "bnb" and cfg.format == "int8" and cfg.symmetric and cfg.group_size == -1:
-        # bitsandbytes' 8-bit layer is LLM.int8(): the same per-row absmax weights, with the outlier
-        # decomposition at run time; the in-memory model must compute as the reloaded one will
-        cfg = LLMInt8Config(compute_dtype=cfg.compute_dtype, arithmetic="bitsandbytes")
-    check_layout(cfg, layout)
+    cfg = writer.stored_config(cfg)  # the in-memory model must compute as the reloaded one will
+    writer.check(cfg)
     windows = None
     if isinstance(cfg, GPTQConfig):
         windows = _calibration(src, calibration, samples, seq_len, seed)
@@ -259,10 +246,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     names = list(plan)
     if not names:
         raise ValueError("no linear layer to quantize in the merged model")
-    if layout == "gptq":
-        from ..calibration import check_group_sizes
-
-        check_group_sizes(merged, {n: cfg for n in names})
+    writer.check_plan(merged, {n: cfg for n in names})
     merged_logits = logits(merged, ids)
     result.probe["merged fp32 vs trained"] = compare_logits(merged_logits, trained_logits)
     if verify:
@@ -289,7 +273,6 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         result.heldout["quantized"], held_q = held.measure(merged, log, f"re-quantized {cfg.format}")
         result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
 
-    from ..integrations.checkpoints import save_quantized
     from ..integrations.transformers import mark_quantized
 
     mark_quantized(merged)

@@ -304,7 +304,7 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
     Raises:
         ValueError: a layer is missing from the base, or its shape differs (the message names both).
     """
-    from ..integrations.transformers import read_safetensors_header
+    from ..integrations.safetensors_header import read_safetensors_header
 
     header = read_safetensors_header(adapter / ADAPTER_WEIGHTS)
     if not header:

@@ -115,7 +115,7 @@ def verify_quantized(folder: Path, reference: Tensor, ids: Tensor, *, dtype: tor
     Raises:
         VerificationError: the logits differ by more than ``tol`` (relative).
     """
-    from ..integrations.checkpoints import load_model
+    from ..integrations.layouts import load_model
 
     model = load_model(folder, dtype=dtype)
     return check_logits(compare_logits(logits(model, ids), reference), tol, f"{folder} (reloaded)")

@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import struct
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -56,16 +53,10 @@ from ..formats import FormatSpec, QuantConfig, config_from_dict, parse_format_sp
 from ..formats.base import dtype_name
 from ..hardware import auto_compute_dtype
 from ..nn import QuantLinear, config_for, is_conv1d, layer_class_for, linear_modules
+from .safetensors_header import SAFETENSORS_DTYPES, headers_by_key, read_safetensors_header  # noqa: F401  (re-exported)
 
 QUANT_METHOD = "qtune"
 DEFAULT_SKIP = ("lm_head",)
-
-# safetensors dtype strings -> torch dtypes (for header validation)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def _format_dict(value: Any, what: str) -> dict[str, Any] | None:
@@ -274,64 +265,6 @@ def finalize_layers(model: nn.Module) -> None:
             if m.bias is not None and m.bias.device.type != "meta":
                 m.bias = nn.Parameter(m.bias.detach().to(m.compute_dtype), requires_grad=False)
             unshare_buffers(m)
-
-
-# ------------------------------------------------------------------------------------------------
-# safetensors headers
-# ------------------------------------------------------------------------------------------------
-def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The tensor entries of a safetensors file's header, validated against the file size.
-
-    Returns:
-        ``{key: {"dtype": str, "shape": [...], "data_offsets": [begin, end]}}`` (``__metadata__`` dropped).
-    Raises:
-        ValueError: unreadable, truncated or malformed file (the message names the file and, where it
-            applies, the key).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file of {size})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for key, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors header entry for key {key!r}") from None
-        if end > data_size:
-            raise ValueError(f"{path}: truncated safetensors file: key {key!r} needs bytes [{begin}, {end}) of the "
-                             f"data section, which holds {data_size}")
-        if dtype in SAFETENSORS_DTYPES:
-            numel = 1
-            for s in shape:
-                numel *= int(s)
-            if end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
-                raise ValueError(f"{path}: corrupt safetensors file: key {key!r} ({dtype} {shape}) spans "
-                                 f"{end - begin} bytes")
-    return header
-
-
-def headers_by_key(files: list[str] | None) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{key: (file, header entry)}`` over all safetensors ``files`` (non-safetensors files are skipped)."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for f in files or ():
-        if str(f).endswith(".safetensors"):
-            for k, v in read_safetensors_header(f).items():
-                out[k] = (str(f), v)
-    return out
 
 
 def check_layers_against_checkpoint(model: nn.Module, layer_names: list[str], headers: dict[str, tuple[str, dict]]) -> None:

@@ -148,7 +148,7 @@ def load_model(recipe: Recipe, path: Path, tokenizer=None):
     """
     from transformers import AutoModelForCausalLM
 
-    from ..integrations import checkpoints
+    from ..integrations.layouts import load_model as load_quantized_model
     from ..integrations.transformers import QTuneConfig
 
     for line in recipe.resolve_dtypes():
@@ -167,14 +167,14 @@ def load_model(recipe: Recipe, path: Path, tokenizer=None):
     elif fmt == "none":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
     elif fmt == "pretrained":
-        model = checkpoints.load_model(path, None, dtype=dtype, **common)
+        model = load_quantized_model(path, None, dtype=dtype, **common)
     elif fmt == "gptq":
         model = _calibrate_gptq(recipe, path, dtype, common, tokenizer)
     else:
         fields = recipe.format_fields()
         qc = QTuneConfig(fmt, compute_dtype=q["compute_dtype"], skip_modules=q["skip_modules"],
                          overrides=q["overrides"], **fields)
-        model = checkpoints.load_model(path, qc, dtype=dtype, **common)
+        model = load_quantized_model(path, qc, dtype=dtype, **common)
     return model, time.perf_counter() - t0
 
 
@@ -771,7 +771,7 @@ def _gather_checksums(model) -> list[str]:
 
 
 def _save_merged(peft_model, tokenizer, folder: Path, state) -> str:
-    from ..integrations.checkpoints import save_quantized
+    from ..integrations.layouts import save_quantized
     from ..integrations.peft import merge_and_unload
     from ..integrations.transformers import mark_quantized
 

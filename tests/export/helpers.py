@@ -94,7 +94,7 @@ def make_gptq_base(root: Path, model: Path, text: Path, layout: str = "gptq") ->
 
     import qtune
     from qtune.calibration import calibration_windows, gptq_quantize_model
-    from qtune.integrations.checkpoints import save_quantized
+    from qtune.integrations.layouts import save_quantized
     from qtune.integrations.transformers import mark_quantized
 
     out = root / f"base-gptq-{layout}"
@@ -113,7 +113,7 @@ def make_adapter_dir(root: Path, name: str, base: Path, *, seed: int = 1, target
     """A bare PEFT adapter folder (no run around it) trained on the already quantized folder ``base``."""
     from peft import LoraConfig
 
-    from qtune.integrations.checkpoints import load_model
+    from qtune.integrations.layouts import load_model
     from qtune.integrations.peft import get_peft_model
 
     model = load_model(base)

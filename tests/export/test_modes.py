@@ -14,7 +14,7 @@ import torch
 from qtune.export import export_adapter, export_merged, export_quantized, load_source
 from qtune.export.verify import compare_logits, logits, probe_ids, tolerance
 from qtune.formats.base import parse_dtype
-from qtune.integrations.checkpoints import load_model
+from qtune.integrations.layouts import load_model
 from qtune.nn import QuantLinear
 from tests.conftest import bnb_available
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from qtune.integrations import QTuneConfig
-from qtune.integrations.checkpoints import load_model, save_quantized
+from qtune.integrations.layouts import load_model, save_quantized
 from qtune.nn import Linear4bit, LinearGPTQ, LinearLLMInt8, QuantLinear, linear_modules
 from tests.conftest import bnb_available
 from tests.integrations.tiny_models import tokens

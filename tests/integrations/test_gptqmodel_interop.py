@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qtune import GPTQConfig
 from qtune.calibration import gptq_quantize_model
-from qtune.integrations.checkpoints import load_model, save_quantized
+from qtune.integrations.layouts import load_model, save_quantized
 from qtune.integrations.transformers import mark_quantized
 from qtune.nn import LinearGPTQ
 from tests.integrations.tiny_models import make_tiny, make_tokenizer, tokens

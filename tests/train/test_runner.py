@@ -43,7 +43,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert resolved.to_dict() == load_recipe(recipe, ["training.max_steps=3"]).to_dict()
     assert resolved.training["max_steps"] == 3
     # the merged checkpoint reloads as a quantized model
-    from qtune.integrations.checkpoints import load_model
+    from qtune.integrations.layouts import load_model
     from qtune.nn import QuantLinear
     merged = load_model(tmp_path / "run" / "merged")
     assert sum(isinstance(m, QuantLinear) for m in merged.modules()) == 14

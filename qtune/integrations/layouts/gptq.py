@@ -1,0 +1,194 @@
+"""GPTQ checkpoints (``quant_method: "gptq"``, ``checkpoint_format`` ``gptq`` (v1) or ``gptq_v2``).
+
+Reading: any bits in {2, 3, 4, 8}, group size, ``desc_act``, ``sym``; ``qweight``/``qzeros``/``scales``/
+``g_idx`` become ``LinearGPTQ`` buffers (v2 zero points are re-packed as v1). ``W = scales[g_idx]·(q − z)``
+with ``z`` decoded as GPTQModel decodes ``qzeros`` (``+1`` per field; a zero of 0, which GPTQModel writes
+with a whole-word borrow, reads right). Dequantized weights are bit-identical to GPTQModel 7.7's (its own
+checkpoints and qtune's, asserted in ``tests/integrations/test_gptqmodel_interop.py``), logits equal in fp32
+(difference 0.0; the test allows 1e-5) and within 3e-3 of the logits' scale against GPTQModel's own fp16
+forward.
+
+Writing (:func:`gptq_tensors`): v1 tensors, ``quantize_config.json`` and ``config.json``
+``quantization_config``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ...formats import GPTQConfig, QuantConfig, RTNConfig, gptq
+from ...nn import LinearGPTQ, float_weight_of, linear_modules
+from ..safetensors_header import Headers, LazyTensor, TensorReader, header_shape, key_where
+from .base import Layout, dims, float_state_dict, quantized_layers, read_translated, register_layout, unique, \
+    write_json, write_translated
+
+QUANT_METHOD = "gptq"
+
+
+def can_store(cfg: QuantConfig) -> bool:
+    """GPTQ and round-to-nearest layers (both ``LinearGPTQ``: packed ints, scales, zeros, ``g_idx``)."""
+    return isinstance(cfg, (GPTQConfig, RTNConfig))
+
+
+def check_plan(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
+    """The GPTQ layout needs ``group_size`` to divide every layer's ``in_features``: GPTQ loaders' kernels
+    (ExLlama, Marlin) assume whole groups. qtune's own layout and kernels accept a partial last group.
+
+    Raises:
+        ValueError: naming the first layer where it does not.
+    """
+    for name, cfg in plan.items():
+        gs = getattr(cfg, "group_size", -1)
+        if can_store(cfg) and gs != -1:
+            weight, _ = float_weight_of(model.get_submodule(name), name)
+            k = weight.shape[1]
+            if k % gs:
+                raise ValueError(f"layer {name}: group_size {gs} does not divide in_features {k} (the GPTQ layout "
+                                 "needs whole groups; the qtune layout accepts a partial last group)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+def _repack_v2_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return gptq.pack_zeros(gptq.unpack_rows(qzeros.T.contiguous(), bits, n).T, bits)  # v2 stores the zero itself
+
+
+def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+    reader = TensorReader(headers)
+    linears = dict(linear_modules(skeleton))
+    fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+    try:
+        bits = int(qc["bits"])
+        group_size = int(qc.get("group_size", 128))
+        cfg = GPTQConfig(bits=bits, group_size=group_size, desc_act=bool(qc.get("desc_act", False)),
+                         sym=bool(qc.get("sym", True)), static_groups=bool(qc.get("static_groups", False)),
+                         compute_dtype=None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"config.json quantization_config: invalid GPTQ settings ({type(e).__name__}: {e})") from None
+    state: dict[str, Any] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    consumed: set[str] = set()
+    order = {n: i for i, n in enumerate(linears)}
+    qkeys = sorted((k for k in headers if k.endswith(".qweight")), key=lambda k: order.get(k.removesuffix(".qweight"), -1))
+    for qkey in qkeys:
+        name = qkey.removesuffix(".qweight")
+        if name not in linears:
+            raise ValueError(f"{key_where(headers, qkey)}: layer {name} is not a linear layer of {type(skeleton).__name__}")
+        n, k = dims(linears[name])
+        g = 1 if group_size == -1 else math.ceil(k / group_size)
+        expect = {
+            qkey: ((math.ceil(k / 32) * bits, n), ("I32",)),
+            f"{name}.qzeros": ((g, math.ceil(n / 32) * bits), ("I32",)),
+            f"{name}.scales": ((g, n), ("F16", "BF16", "F32")),
+            f"{name}.g_idx": ((k,), ("I32", "I64")),
+        }
+        for key, (shape, dts) in expect.items():
+            if key not in headers:
+                if key.endswith(".g_idx"):
+                    continue  # some writers omit g_idx without act-order: k // group_size is implied
+                raise ValueError(f"layer {name}: key {key!r} is missing from the checkpoint")
+            if header_shape(headers, key) != shape or headers[key][1]["dtype"] not in dts:
+                raise ValueError(f"{key_where(headers, key)} is {headers[key][1]['dtype']} {list(header_shape(headers, key))}, "
+                                 f"expected {dts[0]} {list(shape)} for bits={bits}, group_size={group_size} "
+                                 f"(quantization_config disagrees with the tensors)")
+        state[qkey] = reader.lazy(qkey)
+        zkey = f"{name}.qzeros"
+        if fmt == "gptq_v2":
+            state[zkey] = reader.lazy(zkey, lambda t, n=n: _repack_v2_zeros(t, bits, n))
+        else:
+            state[zkey] = reader.lazy(zkey, lambda t, n=n: gptq.qzeros_from_checkpoint(t, bits, n))
+        state[f"{name}.scales"] = reader.lazy(f"{name}.scales", lambda t: t.to(torch.float16), dtype="F16")
+        gkey = f"{name}.g_idx"
+        if gkey in headers:
+            def load_gidx(t, nm=name, gk=gkey, g=g):
+                t = t.to(torch.int32)
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= g):
+                    raise ValueError(f"{key_where(headers, gk)}: g_idx values out of range [0, {g}) for layer {nm}")
+                return t
+            state[gkey] = reader.lazy(gkey, load_gidx, dtype="I32")
+        else:
+            gs = k if group_size == -1 else group_size
+            state[gkey] = LazyTensor(lambda k=k, gs=gs: (torch.arange(k) // gs).to(torch.int32), "I32", [k])
+        consumed.update(expect)
+        layers[name] = cfg.to_dict()
+    if not layers:
+        raise ValueError("config.json says gptq, but no tensor named *.qweight was found: "
+                         "quantization_config disagrees with the tensors")
+    for key in headers:
+        if key not in consumed:
+            state[key] = reader.lazy(key)
+    return state, layers
+
+
+
+def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """Load a GPTQ folder into qtune ``LinearGPTQ`` layers (lazily translated state dict)."""
+    return read_translated(path, qc, headers, translate, dtype=dtype, kwargs=kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model's state dict in GPTQ v1 layout and its ``quantization_config`` (also ``quantize_config.json``).
+
+    Raises:
+        ValueError: a non-GPTQ layer, or layers with different bits/group size/act-order/symmetry.
+    """
+    layers = quantized_layers(model)
+    bad = [n for n, m in layers.items() if not isinstance(m, LinearGPTQ)]
+    if not layers or bad:
+        raise ValueError(f"GPTQ layout: layer {bad[0]} is {layers[bad[0]].config.format}, not gptq/rtn" if bad
+                         else f"{type(model).__name__} has no quantized layers to write in GPTQ layout")
+    cfgs = [m.config for m in layers.values()]
+    bits = unique({c.bits for c in cfgs}, "bits")
+    group_size = unique({c.group_size for c in cfgs}, "group_size")
+    sym = unique({c.sym for c in cfgs}, "sym")
+    desc_act = unique({bool(getattr(c, "desc_act", False)) for c in cfgs}, "desc_act")
+    static = unique({bool(getattr(c, "static_groups", False)) for c in cfgs}, "static_groups")
+    damp = unique({float(getattr(c, "damp_percent", 0.01)) for c in cfgs}, "damp_percent")
+    true_seq = unique({bool(getattr(c, "true_sequential", True)) for c in cfgs}, "true_sequential")
+    if group_size != -1:
+        for name, m in layers.items():
+            if m.in_features % group_size:
+                raise ValueError(f"GPTQ layout: layer {name}: group_size {group_size} does not divide in_features "
+                                 f"{m.in_features} (GPTQ loaders' kernels need whole groups); save with layout='qtune'")
+    tensors = float_state_dict(model)
+    for name, m in layers.items():
+        tensors[f"{name}.qweight"] = m.qweight.detach()
+        tensors[f"{name}.qzeros"] = gptq.qzeros_to_checkpoint(m.qzeros.detach(), m.bits, m.out_features)
+        tensors[f"{name}.scales"] = m.scales.detach().to(torch.float16)
+        tensors[f"{name}.g_idx"] = m.g_idx.detach().to(torch.int32)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16)
+    qc = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+          "static_groups": static, "true_sequential": true_seq, "damp_percent": damp,
+          "checkpoint_format": "gptq", "pack_dtype": "int32", "quantizer": [f"qtune:{_version()}"],
+          "modules_in_block_to_quantize": None}
+    return tensors, qc
+
+
+def _version() -> str:
+    from ... import __version__
+    return __version__
+
+
+def write(model: nn.Module, folder: Path) -> None:
+    """Write ``model`` in GPTQ v1 layout into ``folder`` (also ``quantize_config.json``)."""
+    tensors, qc = gptq_tensors(model)
+    write_translated(model, folder, tensors, qc)
+    write_json(folder / "quantize_config.json", {k: v for k, v in qc.items() if k != "quant_method"})
+
+
+LAYOUT = register_layout(Layout(name="gptq", quant_method=QUANT_METHOD, holds="gptq/rtn layers", can_store=can_store,
+                                detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD, read=read,
+                                write=write, check_plan=check_plan))
+
+__all__ = ["LAYOUT", "can_store", "check_plan", "translate", "read", "gptq_tensors", "write"]
