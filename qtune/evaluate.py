@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .sources import read_text  # noqa: F401  (text of any source: a file, qtune:austen/<novel>, ...)
 
 
 @dataclasses.dataclass
@@ -144,19 +145,6 @@ def model_bits_per_param(model: nn.Module) -> float:
         bits += 8 * w.numel() * w.element_size()
         params += w.numel()
     return bits / params if params else 0.0
-
-
-def read_text(path: str | Path) -> str:
-    """UTF-8 text of a file (``.gz`` is decompressed). Raises ``FileNotFoundError`` naming the file."""
-    import gzip
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    return data.decode("utf-8")
 
 
 __all__ = ["perplexity", "PerplexityResult", "tokenize_text", "model_bits_per_param", "read_text"]

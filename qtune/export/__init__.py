@@ -3,7 +3,7 @@
 >>> from qtune.export import export
 >>> export("runs/smollm2-135m-qlora-nf4", "out/merged", mode="merged", dtype="bf16")
 >>> export("runs/smollm2-135m-qlora-nf4", "out/gptq", mode="quantized", format="gptq", layout="gptq",
-...        calibration="austen:emma", heldout="austen:persuasion")
+...        calibration="qtune:austen/emma", heldout="qtune:austen/persuasion")
 
 * :func:`export_adapter` (``adapter``): PEFT folder + model card + ``qtune_base.json``.
 * :func:`export_merged` (``merged``): LoRA folded into the dequantized base in fp32; a plain transformers

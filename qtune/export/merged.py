@@ -252,7 +252,7 @@ def export_merged(source: str | Path | ExportSource, out: str | Path, *, dtype: 
         verify: check the merged model's logits against the trained model (dtype tolerance), then reload the folder
             with plain transformers and check it reproduces the merged model.
         max_shard_size: safetensors shard size (``save_pretrained``).
-        heldout: held-out text (``austen:persuasion``, a .txt file...) to report perplexity before/after merging.
+        heldout: held-out text (``qtune:austen/persuasion``, a .txt file...) to report perplexity before/after merging.
         heldout_tokens, heldout_window: tokens of it and window length (default: the recipe's, else 2048/512).
         push_to_hub: upload the folder to this Hub repo id afterwards (``private``, ``token``; see
             :func:`qtune.export.hub.push_folder`).

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..formats import GPTQConfig, QuantConfig, config_from_dict
+from ..formats import QuantConfig, format_names, get_format, parse_format_spec
 from ..formats.base import dtype_name
 from ..integrations.layouts import get_layout, layout_names, save_quantized
 from ..nn import QuantLinear, float_weight_of, layer_class_for
@@ -45,7 +45,7 @@ from .verify import check_logits, compare_logits, logits, probe_ids, tolerance, 
 __all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning"]
 
 # kept for qtune/cli/export.py until it asks the registries (qtune.formats.format_names, layouts.layout_names)
-FORMATS = ("nf4", "fp4", "int8", "llm_int8", "rtn", "gptq")
+FORMATS = format_names()
 LAYOUTS = layout_names()
 
 
@@ -63,18 +63,17 @@ def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dt
     """
     if isinstance(spec, QuantConfig):
         return dataclasses.replace(spec, compute_dtype=spec.compute_dtype or dtype_name(dtype))
-    from ..cli.quantize import parse_format_spec
-
-    qc = parse_format_spec(spec)
-    if qc.format not in FORMATS:
-        raise ValueError(f"--format {spec!r}: {qc.format!r} is not one of {', '.join(FORMATS)}")
+    try:
+        qc = parse_format_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"--format {spec!r}: {e}") from None
     compute = qc.compute_dtype or dtype_name(dtype)
     base_formats = {type(c) for c in base_plan.values()}
     if not qc.options and len(base_formats) == 1:
         base_cfg = next(iter(base_plan.values()))
-        if base_cfg.format == qc.format:
+        if type(base_cfg) is get_format(qc.format):
             return dataclasses.replace(base_cfg, compute_dtype=compute)
-    return config_from_dict({"format": qc.format, **qc.options, "compute_dtype": compute})
+    return qc.config(compute)
 
 
 def _clone_buffers(layer: QuantLinear) -> None:
@@ -111,17 +110,17 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
         model: a transformers model with fp32 ``nn.Linear``/``Conv1D`` layers (the merged model).
         plan: names of the layers to quantize.
         cfg: the target config.
-        calibration: int64 ``[samples, seq_len]`` token ids; required for ``GPTQConfig``.
+        calibration: int64 ``[samples, seq_len]`` token ids; required when ``cfg.needs_calibration`` (GPTQ).
         merged: ``{layer: MergedLayer}`` from :func:`qtune.export.merge_to_float`, for the error against the
             LoRA delta (``rel_delta``, ``kept``).
     Raises:
-        ValueError: GPTQ without calibration.
+        ValueError: a format that needs calibration (GPTQ) without it.
     """
     merged = merged or {}
     errors: list[LayerError] = []
-    if isinstance(cfg, GPTQConfig):
+    if cfg.needs_calibration:
         if calibration is None:
-            raise ValueError("GPTQ re-quantization needs calibration data (--calibration)")
+            raise ValueError(f"{cfg.format} re-quantization needs calibration data (--calibration)")
         from ..calibration import gptq_quantize_model
 
         weights = {n: float_weight_of(model.get_submodule(n), n)[0].float().clone() for n in plan}
@@ -192,7 +191,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         format: target format (see :func:`target_config`).
         layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
-        calibration: GPTQ calibration text (file, ``austen:emma``...; default: the run recipe's).
+        calibration: GPTQ calibration text (a source as in recipes: a file, ``qtune:austen/emma``...; default:
+            the run recipe's).
         samples, seq_len, seed: calibration windows (default: the recipe's, else 128 × 512).
         verify: check the merged model against the trained model (dtype tolerance), and the reloaded folder (qtune's
             loader) against the in-memory re-quantized model.
@@ -224,7 +224,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     cfg = writer.stored_config(cfg)  # the in-memory model must compute as the reloaded one will
     writer.check(cfg)
     windows = None
-    if isinstance(cfg, GPTQConfig):
+    if cfg.needs_calibration:
         windows = _calibration(src, calibration, samples, seq_len, seed)
     result = ExportResult(mode="quantized", out=out, dtype=dtype_name(target), format=cfg.format, layout=layout)
 
@@ -295,6 +295,7 @@ def _calibration(src: ExportSource, calibration: str | None, samples: int | None
                  seed: int) -> torch.Tensor:
     """Calibration windows for GPTQ: ``--calibration``, else the run recipe's GPTQ calibration text."""
     from ..calibration import calibration_windows
+    from ..sources import check_exists, read_text
 
     rc = src.recipe.quantization.get("calibration") or {}
     if src.tokenizer is None:
@@ -305,14 +306,6 @@ def _calibration(src: ExportSource, calibration: str | None, samples: int | None
         calibration = rc.get("source")
         if calibration is None:
             raise ValueError("--format gptq needs calibration text: --calibration PATH (a .txt/.jsonl file, "
-                             "austen:emma, ...)")
-    if calibration.startswith("qtune:") or calibration is rc.get("source"):
-        from ..train.data import read_text  # recipe source syntax, read as training read it
-
-        texts: str | list[str] = [read_text(calibration)]
-    else:
-        p = Path(calibration).expanduser()
-        if not calibration.startswith("austen:") and (p.suffix or "/" in calibration) and not p.exists():
-            raise FileNotFoundError(f"calibration file {calibration} does not exist")
-        texts = calibration
+                             "qtune:austen/emma, ...)")
+    texts = [read_text(check_exists(calibration, "calibration file"))]
     return calibration_windows(texts, src.tokenizer, samples=samples, seq_len=seq_len, seed=seed)

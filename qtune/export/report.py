@@ -139,26 +139,15 @@ def _json_default(value: Any) -> Any:
 # Held-out text
 # ------------------------------------------------------------------------------------------------
 def read_heldout(source: str) -> str:
-    """Text of a held-out source: ``austen:<novel>`` / ``qtune:austen/<novel>`` (bundled), a ``.txt``/``.gz`` file,
-    or a dataset source as in recipes.
+    """Text of a held-out source (:mod:`qtune.sources`: ``qtune:austen/<novel>``, a ``.txt``/``.gz`` file, a
+    dataset as in recipes).
 
     Raises:
         FileNotFoundError: a path that does not exist.
     """
-    if source.startswith("austen:"):
-        from ..assets import austen_text
+    from ..sources import check_exists, read_text
 
-        return austen_text(source.split(":", 1)[1])
-    path = Path(source).expanduser()
-    if path.suffix == ".gz" or (path.suffix in (".txt", ".text", ".md") and path.exists()):
-        from ..evaluate import read_text
-
-        return read_text(path)
-    if (path.suffix or "/" in source) and not source.startswith(("qtune:", "hf:")) and not path.exists():
-        raise FileNotFoundError(f"held-out text {source} does not exist")
-    from ..train.data import read_text as read_source
-
-    return read_source(source)
+    return read_text(check_exists(source, "held-out text"))
 
 
 @dataclasses.dataclass

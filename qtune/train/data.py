@@ -1,12 +1,9 @@
 """Training data for recipes: plain text, prompt/completion and conversational datasets.
 
-A recipe's ``dataset.train`` / ``dataset.eval`` names a *source*:
-
-- ``qtune:austen/<novel>``: a public-domain novel bundled with qtune (``emma``, ``persuasion``);
-- ``qtune:demo/<set>``: a bundled demo set for the preference and RL tasks (``austen-preference``,
-  ``austen-kto``, ``austen-prompts``; see :mod:`qtune.train.demo_data`: demo data, not a benchmark);
-- a local file: ``.txt`` (plain text), ``.json``/``.jsonl``/``.csv``/``.parquet`` (records);
-- ``hf:<dataset id>`` (or a bare id): a Hugging Face Hub dataset, read with ``datasets.load_dataset``.
+A recipe's ``dataset.train`` / ``dataset.eval`` names a text *source* (:mod:`qtune.sources`: one syntax
+everywhere): ``qtune:austen/<novel>`` (bundled novel), ``qtune:demo/<set>`` (bundled demo set for the
+preference and RL tasks, see :mod:`qtune.train.demo_data`: demo data, not a benchmark), a local file
+(``.txt`` plain text; ``.json``/``.jsonl``/``.csv``/``.parquet`` records) or ``hf:<dataset id>``.
 
 Plain text is cut at blank lines into paragraphs (line breaks inside a paragraph become spaces), and
 consecutive paragraphs are joined up to ``chunk_chars`` characters per example; trl's packing then
@@ -19,37 +16,10 @@ The other tasks read records with the columns their trl trainer needs (``require
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from .recipe import ASSET_PREFIX
-
-DEMO_PREFIX = ASSET_PREFIX + "demo/"
-RECORD_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from ..sources import is_plain_text, load_records, read_text  # noqa: F401  (read_text: the one text reader)
 FORMAT_COLUMNS = {"text": None, "prompt_completion": ("prompt", "completion"), "conversational": ("messages",)}
-
-
-def read_text(source: str, *, text_field: str = "text", split: str = "train") -> str:
-    """The raw text of a source (a bundled novel, a .txt file, or the text column of a dataset)."""
-    if source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX):
-        return _asset_text(source)
-    path = Path(source)
-    if path.suffix == ".txt" and path.is_file():
-        return path.read_text(encoding="utf-8")
-    ds = _load_records(source, split)
-    if text_field not in ds.column_names:
-        raise ValueError(f"{source}: no {text_field!r} column to read text from (columns: {ds.column_names})")
-    return "\n\n".join(ds[text_field])
-
-
-def _asset_text(source: str) -> str:
-    name = source[len(ASSET_PREFIX):]
-    kind, _, item = name.partition("/")
-    if kind != "austen" or not item:
-        raise ValueError(f"unknown bundled source {source!r}; use {ASSET_PREFIX}austen/<novel>, e.g. "
-                         f"{ASSET_PREFIX}austen/emma")
-    from .. import assets
-    return assets.austen_text(item)
 
 
 def paragraphs(text: str) -> list[str]:
@@ -72,21 +42,6 @@ def chunk_paragraphs(paras: list[str], chunk_chars: int) -> list[str]:
     if cur:
         out.append(cur)
     return out
-
-
-def _load_records(source: str, split: str):
-    import datasets
-
-    if source.startswith(DEMO_PREFIX):
-        from .demo_data import demo_path
-        return datasets.load_dataset("json", data_files=str(demo_path(source[len(DEMO_PREFIX):])), split="train")
-    path = Path(source)
-    if path.suffix in RECORD_SUFFIXES:
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file {path} does not exist")
-        return datasets.load_dataset(RECORD_SUFFIXES[path.suffix], data_files=str(path), split=split)
-    name = source.removeprefix("hf:")
-    return datasets.load_dataset(name, split=split)
 
 
 def detect_format(columns: list[str], text_field: str = "text") -> str:
@@ -126,23 +81,22 @@ def load_dataset(spec: dict[str, Any], *, required: tuple[str, ...] | None = Non
     import datasets
 
     source, fmt, text_field = spec["source"], spec.get("format", "auto"), spec.get("text_field", "text")
-    path = Path(source)
     if required:
-        if (source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX)) or path.suffix == ".txt":
+        if is_plain_text(source):
             raise MissingColumns(source, list(required), ["text"], required)
-        ds = _load_records(source, spec.get("split", "train"))
+        ds = load_records(source, spec.get("split", "train"))
         missing = [c for c in required if c not in ds.column_names]
         if missing:
             raise MissingColumns(source, missing, list(ds.column_names), required)
         return _select(ds, spec, source)
-    if (source.startswith(ASSET_PREFIX) and not source.startswith(DEMO_PREFIX)) or (path.suffix == ".txt"):
+    if is_plain_text(source):
         if fmt not in ("auto", "text"):
             raise ValueError(f"{source}: plain text can only be used with format 'text', not {fmt!r}")
         chunks = chunk_paragraphs(paragraphs(read_text(source)), spec.get("chunk_chars", 2000))
         ds = datasets.Dataset.from_dict({"text": chunks})
         text_field, fmt = "text", "text"
     else:
-        ds = _load_records(source, spec.get("split", "train"))
+        ds = load_records(source, spec.get("split", "train"))
         found = detect_format(ds.column_names, text_field)
         if fmt == "auto":
             fmt = found

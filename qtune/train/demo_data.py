@@ -21,16 +21,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..assets import demo_dir, demo_path  # noqa: F401  (demo_path: where the sets live, kept importable here)
+
 PROMPT_WORDS = 32
 COMPLETION_WORDS = 16
 PAIRS = 256
 PROMPTS = 128
-SETS = ("austen-preference", "austen-kto", "austen-prompts")
-
-
-def demo_dir() -> Path:
-    """The folder of the bundled demo files (``qtune/data/demo``)."""
-    return Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def _words(name: str, min_words: int) -> list[list[str]]:
@@ -79,21 +75,6 @@ def build(folder: str | Path | None = None) -> dict[str, Path]:
         path.write_text(_jsonl(records), encoding="utf-8")
         out[name] = path
     return out
-
-
-def demo_path(name: str) -> Path:
-    """The bundled file of a demo set.
-
-    Raises:
-        ValueError: unknown name.
-        FileNotFoundError: the package was installed without its data files.
-    """
-    if name not in SETS:
-        raise ValueError(f"unknown demo set {name!r}; available: {', '.join(SETS)}")
-    path = demo_dir() / f"{name}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (qtune installed without its package data?)")
-    return path
 
 
 if __name__ == "__main__":
