@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from .formats import GPTQConfig, QuantConfig, RTNConfig
 from .formats.gptq import GPTQHessian
-from .nn import QuantizationReport, QuantLinear, config_for, float_weight_of, layer_class_for, linear_modules
-from .nn.replace import LayerReport
+from .nn import QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_layer
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".csv": "csv"}
@@ -245,25 +244,6 @@ def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, d
 # ------------------------------------------------------------------------------------------------
 # GPTQ driver
 # ------------------------------------------------------------------------------------------------
-def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=None,
-                overrides: Mapping[str, QuantConfig | None] | None = None) -> dict[str, QuantConfig]:
-    """``{layer name: config}`` for the linear layers to quantize (same matching as :func:`qtune.quantize_model`).
-
-    ``skip_modules=None`` skips ``lm_head`` and the output embeddings; tied and fp32-pinned modules are
-    always skipped.
-    """
-    from .integrations.transformers import DEFAULT_SKIP, unquantizable_modules
-
-    skip = tuple(DEFAULT_SKIP if skip_modules is None else skip_modules)
-    skip += unquantizable_modules(model, output_embeddings=skip_modules is None)
-    plan = {}
-    for name, _ in linear_modules(model):
-        cfg = config_for(name, config, skip, dict(overrides or {}))
-        if cfg is not None:
-            plan[name] = cfg
-    return plan
-
-
 def check_group_sizes(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
     """The GPTQ checkpoint layout needs ``group_size`` to divide every layer's ``in_features``: GPTQ loaders'
     kernels (ExLlama, Marlin) assume whole groups. qtune's own layout and kernels accept a partial last group.
@@ -283,17 +263,8 @@ def check_group_sizes(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None
 
 def _quantize_layer(model: nn.Module, name: str, cfg: QuantConfig, hessian: GPTQHessian | None,
                     report: QuantizationReport) -> None:
-    module = model.get_submodule(name)
-    weight, _ = float_weight_of(module, name)
-    before = weight.numel() * weight.element_size()
-    kwargs = {"hessian": hessian} if isinstance(cfg, GPTQConfig) else {}
-    layer = layer_class_for(cfg).from_float(module, cfg, name=name, **kwargs)
-    for bname, buf in list(layer._buffers.items()):  # private copies (shared code tables break safetensors)
-        if buf is not None:
-            layer._buffers[bname] = buf.clone()
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-    report.layers.append(LayerReport(name, cfg.format, layer.bits_per_parameter(), before, layer.quantized_bytes()))
+    kwargs = {"hessian": hessian} if cfg.needs_calibration else {}
+    report.layers.append(quantize_layer(model, name, cfg, **kwargs))
 
 
 def _hessians_from(module_root: nn.Module, names: list[str], run: Callable[[], Any], device) -> dict[str, GPTQHessian]:
@@ -405,7 +376,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         prefix = f"{blocks_name}.{i}."
         names = [n[len(prefix):] for n in plan if n.startswith(prefix)]
         bar.set_postfix_str(f"{len(names)} layers")
-        calibrated = [n for n in names if isinstance(plan[prefix + n], GPTQConfig)]
+        calibrated = [n for n in names if plan[prefix + n].needs_calibration]
         for n in names:
             if n not in calibrated:
                 _quantize_layer(model, prefix + n, plan[prefix + n], None, report)
@@ -426,7 +397,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
 
     rest = [n for n in plan if not isinstance(model.get_submodule(n), QuantLinear)]
     if rest:
-        gptq_rest = [n for n in rest if isinstance(plan[n], GPTQConfig)]
+        gptq_rest = [n for n in rest if plan[n].needs_calibration]
         hessians = _hessians_from(model, gptq_rest, lambda: [model(input_ids=b, use_cache=False) for b in batches],
                                   first.device) if gptq_rest else {}
         for n in rest:

@@ -83,15 +83,11 @@ def float_weights(model: nn.Module) -> dict[str, Tensor]:
 
 def quantized_copy(model: nn.Module, config: Any) -> nn.Module:
     """A deep copy of a float model quantized with ``config`` (QTuneConfig, QuantConfig or format name), RTN only."""
-    from .integrations.checkpoints import _as_qtune_config
-    from .integrations.transformers import unquantizable_modules
+    from .integrations.layouts.qtune import as_qtune_config
     from .nn import quantize_model
 
-    qc = _as_qtune_config(config)
     q = copy.deepcopy(model)
-    skip = tuple(qc.skip_modules if qc.skip_modules is not None else ("lm_head",))
-    skip += unquantizable_modules(q, output_embeddings=qc.skip_modules is None)
-    quantize_model(q, qc.default_config(), skip_modules=skip, overrides=qc.override_configs())
+    quantize_model(q, None, plan=as_qtune_config(config).layer_plan(q))
     return q
 
 

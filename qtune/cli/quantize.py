@@ -14,15 +14,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ..formats import CliOption, format_names, get_format
 from ..formats import parse_format_spec as parse_spec
 from . import check_positive, model_dtype, one_line_errors
+
 
 def parse_format_spec(spec: str):
     """Deprecated spelling: ``qtune.formats.parse_format_spec`` (a :class:`~qtune.formats.FormatSpec`), or
@@ -64,18 +63,15 @@ def build_config(args: argparse.Namespace):
 
 
 def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
-    """``(skeleton, plan)``: the model of ``path`` on the meta device (no weights read) and the layers
-    ``qconfig`` quantizes in it (``{name: QuantConfig}``)."""
+    """``(skeleton, layer plan)``: the model of ``path`` on the meta device (no weights read) and the
+    :class:`~qtune.nn.LayerPlan` of ``qconfig`` in it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..integrations.transformers import unquantizable_modules
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    always_skip = unquantizable_modules(skeleton, output_embeddings=qconfig.skip_modules is None)
-    return skeleton, qconfig.plan(skeleton, always_skip=always_skip)
+    return skeleton, qconfig.layer_plan(skeleton)
 
 
 def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout: str) -> None:

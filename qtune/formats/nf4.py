@@ -55,8 +55,9 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 code table (``quant_map``) for ``"nf4"`` or ``"fp4"``."""
-    return _code_cpu(quant_type).to(device)
+    """The 16-entry fp32 code table (``quant_map``) for ``"nf4"`` or ``"fp4"``: a new tensor on each call
+    (layers keep it as a buffer; a shared one would alias across layers, which safetensors refuses)."""
+    return _code_cpu(quant_type).to(device, copy=True)
 
 
 @functools.cache
@@ -78,8 +79,9 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map (``nested_quant_map``): fp32 [256], sorted."""
-    return _dynamic_map_cpu().to(device)
+    """bitsandbytes' signed dynamic 8-bit map (``nested_quant_map``): fp32 [256], sorted; a new tensor on each
+    call (see :func:`code_table`)."""
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)

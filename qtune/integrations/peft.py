@@ -53,9 +53,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..formats import gptq as gptq_format
 from ..nn.base import QuantLinear, is_conv1d
-from ..nn.layers import LinearGPTQ
 
 logger = logging.getLogger(__name__)
 
@@ -102,28 +100,14 @@ class RequantizationError:
                    clamped=int(clamped))
 
 
-def _quantized_state(layer: QuantLinear) -> dict[str, Tensor | None]:
+def _quantized_state(layer: QuantLinear) -> dict[str, Tensor]:
     # the buffers themselves: re-quantization assigns new tensors, so no copy is needed to keep these
-    return dict(layer._buffers)
+    return dict(layer.named_buffers(recurse=False))
 
 
-def _restore_state(layer: QuantLinear, state: dict[str, Tensor | None]) -> None:
+def _restore_state(layer: QuantLinear, state: dict[str, Tensor]) -> None:
     for name, buf in state.items():
-        layer._buffers[name] = buf
-
-
-def _requantize_gptq_on_grid(layer: LinearGPTQ, weight: Tensor) -> int:
-    """Re-round ``weight`` [N, K] to the layer's codes, keeping scales, zeros and ``g_idx``. Returns #clamped."""
-    bits, n = layer.bits, layer.out_features
-    maxq = 2**bits - 1
-    g = layer.g_idx.long()
-    scales = layer.scales.float()[g]                                    # [K, N]
-    zeros = gptq_format.unpack_zeros(layer.qzeros, bits, n)[g].float()  # [K, N]
-    codes = torch.round(weight.float().T / scales) + zeros
-    clamped = int(((codes < 0) | (codes > maxq)).sum())
-    codes = codes.clamp_(0, maxq).to(torch.int64)
-    layer.qweight = gptq_format.pack_rows(codes, bits).to(layer.qweight.device)
-    return clamped
+        setattr(layer, name, buf)
 
 
 def requantize_(layer: QuantLinear, weight: Tensor, *, delta: Tensor | None = None,
@@ -147,16 +131,7 @@ def requantize_(layer: QuantLinear, weight: Tensor, *, delta: Tensor | None = No
     weight = weight.detach().float()
     if delta is None:
         delta = weight - layer.dequantize(torch.float32)
-    dtypes = {k: (None if v is None else v.dtype) for k, v in layer._buffers.items()}
-    clamped = 0
-    if isinstance(layer, LinearGPTQ):
-        clamped = _requantize_gptq_on_grid(layer, weight)
-    else:
-        layer._load_quantized(weight, layer.config, name=name or type(layer).__name__)
-    for k, dt in dtypes.items():  # same storage dtypes as before (e.g. fp16 scales)
-        b = layer._buffers.get(k)
-        if b is not None and dt is not None and b.dtype != dt:
-            layer._buffers[k] = b.to(dt)
+    clamped = layer.requantize_(weight, name=name)  # GPTQ: onto its own grid; others: the format's quantizer
     return RequantizationError.measure(layer.dequantize(torch.float32), weight, delta, clamped)
 
 
@@ -379,7 +354,7 @@ def register_lora_config(config: PeftConfig) -> LoraConfig:
     register = getattr(config, "_register_custom_module", None)
     if register is None:
         raise RuntimeError(f"peft {peft.__version__} has no LoraConfig._register_custom_module: qtune cannot attach "
-                           "LoRA to its quantized layers with this version (qtune was written against peft 0.21)")
+                           "LoRA to its quantized layers with this version (qtune needs peft>=0.17, as pyproject.toml says)")
     register({QuantLinear: QuantLoraLinear})
     return config
 

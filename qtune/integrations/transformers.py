@@ -52,11 +52,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..formats import FormatSpec, QuantConfig, config_from_dict, parse_format_spec
 from ..formats.base import dtype_name
 from ..hardware import auto_compute_dtype
-from ..nn import QuantLinear, config_for, is_conv1d, layer_class_for, linear_modules
+from ..nn import LayerPlan, QuantLinear, is_conv1d, layer_class_for, plan_layers, set_submodule
+from ..nn.replace import DEFAULT_SKIP, unquantizable_modules  # noqa: F401  (re-exported)
 from .safetensors_header import SAFETENSORS_DTYPES, headers_by_key, read_safetensors_header  # noqa: F401  (re-exported)
 
 QUANT_METHOD = "qtune"
-DEFAULT_SKIP = ("lm_head",)
 
 
 def _format_dict(value: Any, what: str) -> dict[str, Any] | None:
@@ -161,46 +161,27 @@ class QTuneConfig(QuantizationConfigMixin):
     def override_configs(self) -> dict[str, QuantConfig | None]:
         return {p: None if d is None else self._with_compute_dtype(d) for p, d in self.overrides.items()}
 
-    def plan(self, model: nn.Module, always_skip: tuple[str, ...] = ()) -> dict[str, QuantConfig]:
-        """``{module name: QuantConfig}`` of the layers to quantize in ``model`` (which may live on meta).
+    def layer_plan(self, model: nn.Module) -> LayerPlan:
+        """The :class:`~qtune.nn.LayerPlan` of ``model`` (which may live on meta): the explicit ``layers`` map
+        when there is one, else the default format minus ``skip_modules`` (``None``: ``lm_head`` and the
+        output embeddings), tied and fp32-pinned modules, with ``overrides``.
 
-        Args:
-            model: the float model skeleton.
-            always_skip: module names that can never be quantized (tied, kept in fp32, output embeddings).
         Raises:
             ValueError: an explicit ``layers`` entry names no linear layer of the model.
         """
-        linears = dict(linear_modules(model))
         if self.layers is not None:
-            missing = sorted(n for n in self.layers if n not in linears)
-            if missing:
-                raise ValueError(f"quantization_config.layers names {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                                 f"which are not linear layers of {type(model).__name__}")
-            return {n: self._with_compute_dtype(d) for n, d in self.layers.items() if d is not None}
+            return plan_layers(model, None, layers={n: None if d is None else self._with_compute_dtype(d)
+                                                    for n, d in self.layers.items()})
+        return plan_layers(model, self.default_config(), skip_modules=self.skip_modules,
+                           overrides=self.override_configs())
+
+    def plan(self, model: nn.Module, always_skip: tuple[str, ...] = ()) -> dict[str, QuantConfig]:
+        """Deprecated: :meth:`layer_plan` (``always_skip`` is computed there). ``{module name: QuantConfig}``."""
+        if self.layers is not None:
+            return dict(self.layer_plan(model))
         skip = tuple(self.skip_modules if self.skip_modules is not None else DEFAULT_SKIP) + tuple(always_skip)
-        default, overrides = self.default_config(), self.override_configs()
-        plan = {}
-        for name in linears:
-            cfg = config_for(name, default, skip, overrides)
-            if cfg is not None:
-                plan[name] = cfg
-        return plan
-
-
-def unquantizable_modules(model: nn.Module, *, output_embeddings: bool = True) -> tuple[str, ...]:
-    """Names of modules whose weight must stay float: tied weights, ``_keep_in_fp32_modules``, and
-    (``output_embeddings=True``) the output embedding layer (``lm_head``, GPT-NeoX's ``embed_out``)."""
-    names: set[str] = set()
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    for key in list(tied.keys()) + list(tied.values()):
-        names.add(str(key).removesuffix(".weight"))
-    for pattern in getattr(model, "_keep_in_fp32_modules", None) or ():
-        names.add(pattern)
-    if output_embeddings and hasattr(model, "get_output_embeddings"):
-        out = model.get_output_embeddings()
-        if out is not None:
-            names.update(n for n, m in model.named_modules() if m is out)
-    return tuple(sorted(names))
+        return dict(plan_layers(model, self.default_config(), skip_modules=skip, overrides=self.override_configs(),
+                                model_skips=False))
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -233,22 +214,6 @@ def meta_layer(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype, de
     return layer
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def unshare_buffers(layer: QuantLinear) -> None:
-    """Give a layer private copies of buffers that alias another tensor (e.g. the cached NF4 code table).
-
-    safetensors refuses aliased tensors and transformers would drop the duplicates on save.
-    """
-    for name, buf in list(layer._buffers.items()):
-        if buf is not None and buf.device.type != "meta":
-            layer._buffers[name] = buf.clone()
-
-
 def set_quantized_flags(model: nn.Module) -> None:
     """Set ``is_quantized``, ``quantization_method`` and ``is_loaded_in_4bit``/``_8bit`` from the layers."""
     bits = {int(m.config.bits) for m in model.modules() if isinstance(m, QuantLinear)}
@@ -259,12 +224,11 @@ def set_quantized_flags(model: nn.Module) -> None:
 
 
 def finalize_layers(model: nn.Module) -> None:
-    """Freeze quantized layers' biases in their compute dtype and unshare their buffers."""
+    """Freeze quantized layers' biases in their compute dtype."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             if m.bias is not None and m.bias.device.type != "meta":
                 m.bias = nn.Parameter(m.bias.detach().to(m.compute_dtype), requires_grad=False)
-            unshare_buffers(m)
 
 
 def check_layers_against_checkpoint(model: nn.Module, layer_names: list[str], headers: dict[str, tuple[str, dict]]) -> None:
@@ -336,12 +300,11 @@ class QTuneQuantize(ConversionOps):
             old = model.get_submodule(module_name)
             layer = meta_layer(old, cfg, model_dtype=value.dtype, device=value.device)
             weight = value.t() if layer.from_conv1d else value
-            layer._load_quantized(weight, cfg, name=module_name)
+            layer.quantize_(weight, name=module_name)
             bias = old.bias
             if bias is not None and bias.device.type != "meta":  # the bias was read before the weight
                 layer.bias = nn.Parameter(bias.detach().to(device=value.device, dtype=layer.compute_dtype),
                                           requires_grad=False)
-            unshare_buffers(layer)
             layer._is_hf_initialized = True
             for t in layer.buffers(recurse=False):
                 t._is_hf_initialized = True
@@ -386,8 +349,7 @@ class QTuneHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, device_map: Any = None,
                                              checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
         cfg = self.quantization_config
-        always = unquantizable_modules(model, output_embeddings=cfg.skip_modules is None)
-        plan = cfg.plan(model, always_skip=always)
+        plan = cfg.layer_plan(model)
         headers = headers_by_key(checkpoint_files)  # also rejects corrupt/truncated files before loading
         _skip_parent_init(model, plan)
         if not self.pre_quantized:

@@ -1,9 +1,12 @@
-"""Quantized layers and the model pass."""
+"""Quantized layers, the layer plan and the model pass."""
 from .base import (QuantLinear, float_weight_of, is_conv1d, layer_class_for, packed_storage_parameters, register_layer,
                    set_storage_dtype)
 from .layers import Linear4bit, LinearGPTQ, LinearInt8, LinearLLMInt8
-from .replace import QuantizationReport, config_for, linear_modules, name_matches, quantize_model
+from .replace import (DEFAULT_SKIP, LayerPlan, QuantizationReport, config_for, dequantize_model, linear_modules,
+                      name_matches, plan_layers, quantize_layer, quantize_model, set_submodule, unquantizable_modules)
 
 __all__ = ["QuantLinear", "Linear4bit", "LinearInt8", "LinearLLMInt8", "LinearGPTQ", "quantize_model",
-           "QuantizationReport", "linear_modules", "name_matches", "config_for", "layer_class_for",
-           "register_layer", "float_weight_of", "is_conv1d", "set_storage_dtype", "packed_storage_parameters"]
+           "quantize_layer", "dequantize_model", "QuantizationReport", "LayerPlan", "plan_layers", "DEFAULT_SKIP",
+           "unquantizable_modules", "set_submodule", "linear_modules", "name_matches", "config_for",
+           "layer_class_for", "register_layer", "float_weight_of", "is_conv1d", "set_storage_dtype",
+           "packed_storage_parameters"]

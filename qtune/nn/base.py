@@ -69,13 +69,15 @@ class QuantLinear(nn.Module):
         config: the format config.
         compute_dtype: dtype of the matmul (fp32/fp16/bf16). Inputs are cast to it and outputs cast back.
 
+    A format's layer implements ``__init__`` (empty buffers of the right shapes and dtypes), :meth:`quantize_`
+    and :meth:`weight_args`; :meth:`requantize_` may be overridden (GPTQ re-rounds onto its own grid).
+
     Attributes:
-        op_format: key of the ``qtune::linear_<op_format>`` op.
+        op_family: the ``qtune::linear_<op_family>`` op family (the config's ``op_family``).
         packed_name: the main packed tensor (``weight``, GPTQ's ``qweight``), the one FSDP storage applies to.
         from_conv1d: the layer replaced a GPT-2 ``Conv1D`` (the export writes the weight back transposed).
     """
 
-    op_format: ClassVar[str] = ""
     packed_name: ClassVar[str] = "weight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig, *,
@@ -84,6 +86,7 @@ class QuantLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.config = config
+        self.op_family = config.op_family
         self.compute_dtype = config.torch_compute_dtype or compute_dtype
         self.from_conv1d = False
         if bias:
@@ -106,14 +109,81 @@ class QuantLinear(nn.Module):
         compute_dtype = config.torch_compute_dtype or weight.dtype
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, config, compute_dtype=compute_dtype,
                     device=weight.device)
-        layer._load_quantized(weight, config, name=name or type(module).__name__, **kwargs)
+        layer.quantize_(weight, name=name or type(module).__name__, **kwargs)
         if bias is not None:
             layer.bias.data.copy_(bias.detach().to(layer.compute_dtype))
         layer.from_conv1d = is_conv1d(module)
         return layer
 
-    def _load_quantized(self, weight: Tensor, config: QuantConfig, *, name: str, **kwargs: Any) -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        """Quantize a float weight [out_features, in_features] with ``self.config`` into this layer's buffers,
+        in place (the buffers get the tensors the format's reference quantizer returns, on ``weight``'s device).
+
+        Args:
+            weight: float [out_features, in_features].
+            name: the layer's name, for error messages.
+            kwargs: format-specific extras (GPTQ: ``hessian``).
+        Raises:
+            ValueError: bad shape, NaN/Inf, or missing extras (the message names the layer).
+        """
         raise NotImplementedError
+
+    def load_quantized_(self, weight: Tensor, config: QuantConfig | None = None, *, name: str = "",
+                        **kwargs: Any) -> None:
+        """:meth:`quantize_` for callers that hold the config (it must be the layer's own)."""
+        if config is not None and config != self.config:
+            raise ValueError(f"{name or type(self).__name__}: config {config} is not the layer's {self.config}")
+        self.quantize_(weight, name=name, **kwargs)
+
+    _load_quantized = load_quantized_  # the old private name, until its last caller moves
+
+    def requantize_(self, weight: Tensor, *, name: str = "") -> int:
+        """Replace the quantized weight by the quantization of ``weight`` [out_features, in_features], in place,
+        keeping every buffer's dtype (e.g. fp16 scales). Formats that cannot re-run their quantizer here (GPTQ
+        needs a Hessian) override it.
+
+        Returns:
+            The number of weights clamped to the grid (0 for formats that choose a new grid).
+        Raises:
+            ValueError: ``weight`` has the wrong shape or holds NaN/Inf.
+        """
+        self._check_dense_shape(weight, name)
+        dtypes = {k: b.dtype for k, b in self.named_buffers(recurse=False)}
+        self.quantize_(weight, name=name or type(self).__name__)
+        for k, b in list(self.named_buffers(recurse=False)):
+            if k in dtypes and b.dtype != dtypes[k]:
+                setattr(self, k, b.to(dtypes[k]))
+        return 0
+
+    def _check_dense_shape(self, weight: Tensor, name: str) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{name or type(self).__name__}: new weight has shape {tuple(weight.shape)}, "
+                             f"expected {(self.out_features, self.in_features)}")
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A float ``nn.Linear`` (or ``Conv1D``, for a layer that replaced one) holding the dequantized weight.
+
+        Args:
+            dtype: the new layer's dtype (default: ``compute_dtype``).
+        """
+        w = self.dequantize(dtype or self.compute_dtype)
+        if self.from_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            new = Conv1D(self.out_features, self.in_features)
+            new.weight = nn.Parameter(w.t().contiguous())
+        else:
+            new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                            dtype=w.dtype)
+            new.weight = nn.Parameter(w)
+        if self.bias is not None:
+            new.bias = nn.Parameter(self.bias.detach().to(w.dtype))
+        return new
+
+    @property
+    def op_format(self) -> str:
+        """Deprecated name of :attr:`op_family`."""
+        return self.op_family
 
     # -- storage (FSDP) -------------------------------------------------------------------------
     def packed(self) -> Tensor:
@@ -179,12 +249,12 @@ class QuantLinear(nn.Module):
 
     # -- compute --------------------------------------------------------------------------------
     def weight_args(self) -> tuple:
-        """The positional weight arguments of ``qtune::linear_<op_format>``."""
+        """The positional weight arguments of ``qtune::linear_<op_family>`` (its schema's order)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Dense weight [out_features, in_features] in ``dtype`` (default: ``compute_dtype``)."""
-        return _dequantize(self.op_format, self.weight_args(), dtype or self.compute_dtype)
+        return _dequantize(self.op_family, self.weight_args(), dtype or self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = x Ŵᵀ + b``.
@@ -207,10 +277,10 @@ class QuantLinear(nn.Module):
         bias = self.bias
         b = None if bias is None else bias.to(dtype)
         if not autocast:
-            return quant_linear(self.op_format, x.to(dtype), self.weight_args(), b).to(x.dtype)
+            return quant_linear(self.op_family, x.to(dtype), self.weight_args(), b).to(x.dtype)
         # inside the op, autocast would recast the kernels' own fp32 arithmetic (e.g. exact int8 products)
         with torch.autocast(device_type, enabled=False):
-            return quant_linear(self.op_format, x.to(dtype), self.weight_args(), b)
+            return quant_linear(self.op_family, x.to(dtype), self.weight_args(), b)
 
     # -- reporting ------------------------------------------------------------------------------
     def quantized_bytes(self) -> int:
@@ -225,7 +295,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.config.format}, bits={getattr(self.config, 'bits', '?')}, "
+                f"format={self.config.format}, bits={self.config.bits}, "
                 f"compute_dtype={dtype_name(self.compute_dtype)}")
 
 

@@ -24,8 +24,6 @@ from .base import QuantLinear, register_layer
 class Linear4bit(QuantLinear):
     """NF4/FP4 blockwise-absmax layer (see :mod:`qtune.formats.nf4`)."""
 
-    op_format = "4bit"
-
     def __init__(self, in_features: int, out_features: int, bias: bool, config: NF4Config | FP4Config, **kw: Any) -> None:
         super().__init__(in_features, out_features, bias, config, **kw)
         device = kw.get("device")
@@ -44,7 +42,9 @@ class Linear4bit(QuantLinear):
             for name in ("nested_absmax", "nested_quant_map", "nested_offset"):
                 self.register_buffer(name, None)
 
-    def _load_quantized(self, weight: Tensor, config: NF4Config | FP4Config, *, name: str, **kwargs: Any) -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        config: NF4Config | FP4Config = self.config
+        name = name or type(self).__name__
         _no_extras(kwargs, name)
         t = nf4.quantize_4bit(weight, config, name=name, blocks_fn=torch.ops.qtune.quantize_blocks_4bit)
         self.weight, self.absmax, self.quant_map = t.packed, t.absmax, t.code
@@ -60,8 +60,6 @@ class Linear4bit(QuantLinear):
 class LinearInt8(QuantLinear):
     """8-bit absmax (int8) or zero-point (uint8) layer, per row or per group (see :mod:`qtune.formats.int8`)."""
 
-    op_format = "int8"
-
     def __init__(self, in_features: int, out_features: int, bias: bool, config: Int8Config, **kw: Any) -> None:
         super().__init__(in_features, out_features, bias, config, **kw)
         device = kw.get("device")
@@ -75,7 +73,9 @@ class LinearInt8(QuantLinear):
         else:
             self.register_buffer("zero", torch.zeros(self.out_features, groups, dtype=torch.uint8, device=device))
 
-    def _load_quantized(self, weight: Tensor, config: Int8Config, *, name: str, **kwargs: Any) -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        config: Int8Config = self.config
+        name = name or type(self).__name__
         _no_extras(kwargs, name)
         t = int8.quantize_int8(weight, config, name=name, rows_fn=torch.ops.qtune.quantize_int8_rows)
         self.weight, self.scale, self.zero = t.weight, t.scale, t.zero
@@ -88,18 +88,16 @@ class LinearInt8(QuantLinear):
 class LinearLLMInt8(QuantLinear):
     """LLM.int8(): int8 per-row weights (bitsandbytes' ``weight``/``SCB``), fp16 outlier columns at run time."""
 
-    op_format = "llm_int8"
-
     def __init__(self, in_features: int, out_features: int, bias: bool, config: LLMInt8Config, **kw: Any) -> None:
         super().__init__(in_features, out_features, bias, config, **kw)
         device = kw.get("device")
         self.threshold = float(config.threshold)
-        if config.arithmetic == "bitsandbytes":  # checkpoints bitsandbytes wrote: its arithmetic, bit for bit
-            self.op_format = "llm_int8_bnb"
         self.register_buffer("weight", torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(self.out_features, dtype=torch.float32, device=device))
 
-    def _load_quantized(self, weight: Tensor, config: LLMInt8Config, *, name: str, **kwargs: Any) -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        config: LLMInt8Config = self.config
+        name = name or type(self).__name__
         _no_extras(kwargs, name)
         t = int8.quantize_int8(weight, config, name=name, rows_fn=torch.ops.qtune.quantize_int8_rows)
         self.weight, self.SCB = t.weight, t.scale[:, 0].contiguous()
@@ -112,7 +110,6 @@ class LinearLLMInt8(QuantLinear):
 class LinearGPTQ(QuantLinear):
     """GPTQ-layout int-N layer (GPTQ with calibration, or round-to-nearest), see :mod:`qtune.formats.gptq`."""
 
-    op_format = "gptq"
     packed_name = "qweight"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: GPTQConfig | RTNConfig, **kw: Any) -> None:
@@ -128,8 +125,10 @@ class LinearGPTQ(QuantLinear):
         g = config.group_size if config.group_size != -1 else k
         self.register_buffer("g_idx", (torch.arange(k, device=device) // g).to(torch.int32))
 
-    def _load_quantized(self, weight: Tensor, config: GPTQConfig | RTNConfig, *, name: str,
-                        hessian: Tensor | GPTQHessian | None = None, **kwargs: Any) -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", hessian: Tensor | GPTQHessian | None = None,
+                  **kwargs: Any) -> None:
+        config = self.config
+        name = name or type(self).__name__
         _no_extras(kwargs, name)
         if isinstance(config, GPTQConfig):
             if hessian is None:
@@ -139,6 +138,21 @@ class LinearGPTQ(QuantLinear):
         else:
             t = gptq.quantize_rtn(weight, config, name=name)
         self.qweight, self.qzeros, self.scales, self.g_idx = t.qweight, t.qzeros, t.scales, t.g_idx
+
+    def requantize_(self, weight: Tensor, *, name: str = "") -> int:
+        """Re-round ``weight`` [N, K] onto the layer's own grid (scales, zeros and ``g_idx`` kept: GPTQ cannot
+        re-fit them without its Hessian). Returns the number of codes clamped to ``[0, 2^bits − 1]``."""
+        self._check_dense_shape(weight, name)
+        bits, n = self.bits, self.out_features
+        maxq = 2**bits - 1
+        g = self.g_idx.long()
+        scales = self.scales.float()[g]                             # [K, N]
+        zeros = gptq.unpack_zeros(self.qzeros, bits, n)[g].float()  # [K, N]
+        codes = torch.round(weight.float().T / scales) + zeros
+        clamped = int(((codes < 0) | (codes > maxq)).sum())
+        codes = codes.clamp_(0, maxq).to(torch.int64)
+        self.qweight = gptq.pack_rows(codes, bits).to(self.qweight.device)
+        return clamped
 
     def weight_args(self) -> tuple:
         return (self.packed(), self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)

@@ -1,15 +1,23 @@
-"""The module-swapping pass: replace every linear layer of a model by its ``QuantLinear``."""
+"""The module-swapping pass and the layer plan.
+
+The *layer plan* (:class:`LayerPlan`, built by :func:`plan_layers`) says which linear layers of a model get
+which config and why the others stay float; quantize-on-load, calibration, inspection and
+:func:`quantize_model` all build it here. (``qtune plan`` / :mod:`qtune.plan` is the *memory* plan.)
+"""
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Mapping
+from collections.abc import Mapping as MappingABC
+from typing import Any, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from ..formats.base import QuantConfig
 from .base import QuantLinear, float_weight_of, is_conv1d, layer_class_for
 
+#: module name patterns kept in full precision unless the caller names its own
 DEFAULT_SKIP = ("lm_head",)
 
 
@@ -74,9 +82,99 @@ def config_for(name: str, default: QuantConfig | None, skip_modules: tuple[str, 
     return chosen
 
 
+def unquantizable_modules(model: nn.Module, *, output_embeddings: bool = True) -> tuple[str, ...]:
+    """Names of modules whose weight must stay float: tied weights, ``_keep_in_fp32_modules``, and
+    (``output_embeddings=True``) the output embedding layer (``lm_head``, GPT-NeoX's ``embed_out``)."""
+    return tuple(sorted(_model_skips(model, output_embeddings=output_embeddings)))
+
+
+def _model_skips(model: nn.Module, *, output_embeddings: bool) -> dict[str, str]:
+    """``{name or pattern: reason}`` of what a (transformers) model never lets qtune quantize."""
+    names: dict[str, str] = {}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for key in list(tied.keys()) + list(tied.values()):
+        names.setdefault(str(key).removesuffix(".weight"), "tied weights")
+    for pattern in getattr(model, "_keep_in_fp32_modules", None) or ():
+        names.setdefault(pattern, "kept in fp32 by the model")
+    if output_embeddings and hasattr(model, "get_output_embeddings"):
+        out = model.get_output_embeddings()
+        if out is not None:
+            for n, m in model.named_modules():
+                if m is out:
+                    names.setdefault(n, "output embeddings")
+    return names
+
+
+@dataclasses.dataclass
+class LayerPlan(MappingABC):
+    """Which linear layers get which config (a read-only ``{name: QuantConfig}`` mapping, module order), and
+    why the other linear layers stay float (:attr:`skipped`, ``{name: reason}``)."""
+
+    configs: dict[str, QuantConfig] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> QuantConfig:
+        return self.configs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.configs)
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+
+def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=None,
+                overrides: Mapping[str, QuantConfig | None] | None = None,
+                layers: Mapping[str, QuantConfig | None] | None = None, model_skips: bool = True) -> LayerPlan:
+    """The layer plan of ``model`` (which may live on the meta device).
+
+    Args:
+        model: any ``nn.Module``.
+        config: the default config (``None``: only layers named in ``overrides`` are quantized).
+        skip_modules: name patterns kept in full precision; ``None``: :data:`DEFAULT_SKIP` plus the model's
+            output embeddings.
+        overrides: ``{pattern: config or None}``; the last matching pattern wins, ``None`` skips.
+        layers: an explicit ``{layer name: config or None}`` map, used instead of ``config``/``skip_modules``/
+            ``overrides``.
+        model_skips: also skip what the model never lets qtune quantize (tied weights, ``_keep_in_fp32_modules``).
+    Raises:
+        ValueError: ``layers`` names a module that is not a linear layer of ``model``.
+    """
+    linears = [n for n, _ in linear_modules(model)]
+    plan = LayerPlan()
+    if layers is not None:
+        missing = sorted(set(layers) - set(linears))
+        if missing:
+            raise ValueError(f"quantization_config.layers names {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                             f"which are not linear layers of {type(model).__name__}")
+        for name in layers:
+            if layers[name] is not None:
+                plan.configs[name] = layers[name]
+        plan.skipped.update((n, "not in the explicit layers map") for n in linears if n not in plan.configs)
+        return plan
+    skips = {p: f"skip_modules pattern {p!r}" for p in (DEFAULT_SKIP if skip_modules is None else skip_modules)}
+    if model_skips:
+        for p, why in _model_skips(model, output_embeddings=skip_modules is None).items():
+            skips.setdefault(p, why)
+    overrides = dict(overrides or {})
+    for name in linears:
+        why = next((r for p, r in skips.items() if name_matches(name, p)), None)
+        if why is None:
+            cfg = config_for(name, config, (), overrides)
+            why = "no format (default None)" if cfg is None else None
+            if cfg is None and any(name_matches(name, p) for p in overrides):
+                why = "override None"
+        if why is None:
+            plan.configs[name] = cfg
+        else:
+            plan.skipped[name] = why
+    return plan
+
+
 def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules=DEFAULT_SKIP,
                    overrides: Mapping[str, QuantConfig | None] | None = None,
-                   layer_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> QuantizationReport:
+                   layer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+                   plan: LayerPlan | None = None) -> QuantizationReport:
     """Replace the linear layers of ``model`` in place by quantized layers.
 
     Args:
@@ -86,26 +184,45 @@ def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules
         overrides: ``{pattern: config or None}`` per-module overrides, e.g. ``{"down_proj": Int8Config()}``
             for mixed precision; ``None`` skips the matching layers.
         layer_kwargs: ``{layer name: kwargs}`` passed to ``from_float`` (GPTQ: ``{"hessian": H}``).
+        plan: a :class:`LayerPlan` to apply instead of building one from ``config``/``skip_modules``/``overrides``.
     Returns:
         :class:`QuantizationReport`.
     """
-    overrides = dict(overrides or {})
+    if plan is None:
+        plan = plan_layers(model, config, skip_modules=tuple(skip_modules), overrides=overrides, model_skips=False)
     layer_kwargs = layer_kwargs or {}
     report = QuantizationReport()
-    for name, module in linear_modules(model):
-        cfg = config_for(name, config, tuple(skip_modules), overrides)
-        if cfg is None:
-            report.skipped.append(name)
-            continue
-        weight, bias = float_weight_of(module, name)
-        before = weight.numel() * weight.element_size()
-        qlayer = layer_class_for(cfg).from_float(module, cfg, name=name, **dict(layer_kwargs.get(name, {})))
-        set_submodule(model, name, qlayer)
-        report.layers.append(LayerReport(name, cfg.format, qlayer.bits_per_parameter(), before, qlayer.quantized_bytes()))
+    report.skipped.extend(plan.skipped)
+    for name, cfg in plan.items():
+        report.layers.append(quantize_layer(model, name, cfg, **dict(layer_kwargs.get(name, {}))))
     return report
 
 
+def quantize_layer(model: nn.Module, name: str, config: QuantConfig, **kwargs: Any) -> LayerReport:
+    """Replace the linear layer ``name`` of ``model`` by its quantization with ``config``, in place.
+
+    Args:
+        kwargs: format-specific extras for ``from_float`` (GPTQ: ``hessian``).
+    """
+    module = model.get_submodule(name)
+    weight, _ = float_weight_of(module, name)
+    before = weight.numel() * weight.element_size()
+    layer = layer_class_for(config).from_float(module, config, name=name, **kwargs)
+    set_submodule(model, name, layer)
+    return LayerReport(name, config.format, layer.bits_per_parameter(), before, layer.quantized_bytes())
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``QuantLinear`` by an ``nn.Linear`` (or ``Conv1D``) holding its dequantized weight
+    (:meth:`QuantLinear.to_dense`), in place; returns ``model``."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            set_submodule(model, name, m.to_dense(dtype))
+    return model
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
