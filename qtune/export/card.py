@@ -15,7 +15,7 @@ import yaml
 
 from .report import ExportResult, format_layer_table
 
-# bundled models (qtune.train.runner.BUILTIN_MODELS) and the Hub repositories they come from
+# bundled models (qtune.train.base_model.BUILTIN_MODELS) and the Hub repositories they come from
 HUB_IDS = {"qtune:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -48,14 +48,13 @@ def _quant_text(q: dict[str, Any]) -> str:
     if fmt == "none":
         return "none (full-precision base)"
     if fmt == "pretrained":
+        from ..integrations.layouts import detect_layout
+
         ck = q.get("checkpoint") or {}
         method = ck.get("quant_method", "?")
-        if method == "gptq":
-            detail = f"{ck.get('bits')}-bit, group size {ck.get('group_size')}"
-            detail += ", act-order" if ck.get("desc_act") else ""
-        elif method == "bitsandbytes":
-            detail = ck.get("bnb_4bit_quant_type") if ck.get("load_in_4bit") else "LLM.int8"
-        else:
+        try:
+            detail = detect_layout(ck).describe(ck)
+        except ValueError:  # a layout qtune does not know: say what the checkpoint says
             detail = ck.get("format") or ""
         return f"pre-quantized checkpoint ({method}{', ' + str(detail) if detail else ''})"
     fields = ", ".join(f"{k}={v}" for k, v in q.items() if k not in ("format", "calibration", "checkpoint"))
@@ -162,11 +161,11 @@ def merged_card(source, result: ExportResult) -> str:
 
 def quantized_card(source, result: ExportResult) -> str:
     """README.md of a re-quantized export, with the error table."""
+    from ..formats import get_format
+    from ..integrations.layouts import get_layout, layout_names
+
     q = source.base_quantization
-    layout_note = {"qtune": "qtune layout (`quant_method: qtune`; load with `qtune.load_model` or transformers "
-                            "after `import qtune`)",
-                   "bnb": "bitsandbytes layout (loads with transformers + bitsandbytes, or `qtune.load_model`)",
-                   "gptq": "GPTQ v1 layout (loads with GPTQ loaders such as GPTQModel, or `qtune.load_model`)"}
+    layout_note = get_layout(result.layout).note if result.layout in layout_names() else result.layout
     table = format_layer_table(result.layers, result.total_rel_weight or 0.0) if result.layers else ""
     return (
         _front_matter(source.base_model, "transformers", ["qtune", "lora", "merged", str(result.format)])
@@ -174,8 +173,9 @@ def quantized_card(source, result: ExportResult) -> str:
         f"({result.format})\n\n"
         "The LoRA adapter was folded into the dequantized base in fp32, then the merged weights were quantized "
         f"again to {result.format}"
-        + (" with GPTQ on calibration data (error compensation on the merged weights)" if result.format == "gptq"
-           else " (round to nearest)") + f". Stored in the {layout_note.get(result.layout or '', result.layout)}.\n\n"
+        + (" with GPTQ on calibration data (error compensation on the merged weights)"
+           if get_format(result.format).needs_calibration else " (round to nearest)")
+        + f". Stored in the {layout_note}.\n\n"
         f"- **Base model:** `{source.base_model}`\n"
         f"- **Base quantization during training:** {_quant_text(q)}\n"
         f"- **Re-quantization error vs the merged full-precision model:** ‖Q(W)−W‖/‖W‖ = "

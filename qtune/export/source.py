@@ -29,8 +29,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_FILE = "qtune_base.json"
 SUMMARY = "summary.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 # fields of a run's summary.json worth repeating in a model card
 METRIC_KEYS = ("status", "global_step", "max_steps", "train_loss", "eval_loss", "train_tokens", "tokens_per_s",
                "train_s", "perplexity_before", "perplexity_after", "parameters")
@@ -180,12 +178,13 @@ def _quantization_from_spec(spec: str) -> dict[str, Any]:
     low = spec.strip().lower()
     if low in ("none", "float", "pretrained"):
         return {"format": "none" if low != "pretrained" else "pretrained"}
-    from ..cli.quantize import parse_format_spec
+    from ..formats import parse_format_spec
 
     qc = parse_format_spec(spec)
-    if qc.format == "gptq":
-        raise ValueError("--base-format gptq: a GPTQ base depends on its calibration data; pass the quantized GPTQ "
-                         "folder as --base (with --base-format pretrained), or export from the training run folder")
+    if qc.needs_calibration:
+        raise ValueError(f"--base-format {qc.format}: a {qc.format.upper()} base depends on its calibration data; "
+                         f"pass the quantized {qc.format.upper()} folder as --base (with --base-format pretrained), or "
+                         "export from the training run folder")
     out = {"format": qc.format, **qc.options}
     if qc.compute_dtype:
         out["compute_dtype"] = qc.compute_dtype
@@ -345,7 +344,7 @@ def _tokenizer(adapter: Path, recipe, base_path: Path):
     if any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tok = AutoTokenizer.from_pretrained(adapter, trust_remote_code=recipe.model["trust_remote_code"])
     else:
-        from ..train.runner import load_tokenizer
+        from ..train.base_model import load_tokenizer
 
         try:
             return load_tokenizer(recipe, base_path)
@@ -373,7 +372,7 @@ def load_source(path: str | Path, *, base: str | None = None, base_format: str |
             :func:`check_adapter_fits`.
     """
     from ..integrations.peft import load_adapter
-    from ..train.runner import load_model, resolve_model_path
+    from ..train.base_model import load_base, resolve_model_path
 
     adapter, run = find_adapter(path)
     recipe = resolve_recipe(adapter, run, base=base, base_format=base_format, dtype=_dtype_name(dtype))
@@ -381,9 +380,10 @@ def load_source(path: str | Path, *, base: str | None = None, base_format: str |
     if not (Path(base_path) / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_path}: config.json is missing (not a model folder)")
     tokenizer = _tokenizer(adapter, recipe, Path(base_path))
-    if recipe.quantization["format"] == "gptq" and tokenizer is None:
-        raise ValueError(f"base {base_path}: GPTQ calibration needs a tokenizer, and none was found")
-    model, _ = load_model(recipe, Path(base_path), tokenizer)
+    if recipe.needs_calibration and tokenizer is None:
+        raise ValueError(f"base {base_path}: {recipe.quantization['format'].upper()} calibration needs a tokenizer, "
+                         "and none was found")
+    model = load_base(recipe, path=Path(base_path), tokenizer=tokenizer).model
     check_adapter_fits(model, adapter, f"the base {recipe.model['path']}")
     try:
         model = load_adapter(model, str(adapter))

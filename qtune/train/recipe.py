@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ..formats import CONFIGS
+from ..formats import CONFIGS, FP4Config, LLMInt8Config, NF4Config, get_format
 
 SECTIONS = ("model", "quantization", "lora", "dataset", "training", "output")
 TASK_KEY = "task"
@@ -36,7 +36,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 AUTO = "auto"
 QUANT_FORMATS = tuple(CONFIGS) + ("pretrained", "none")
 ASSET_PREFIX = "qtune:"
-BNB_FORMATS = ("nf4", "fp4", "llm_int8")
+# the formats transformers + bitsandbytes computes itself (quantization.backend: bitsandbytes)
+BNB_BACKEND_CONFIGS = (NF4Config, FP4Config, LLMInt8Config)
 
 _REQUIRED = object()
 
@@ -281,6 +282,12 @@ class Recipe:
     def format_fields(self) -> dict[str, Any]:
         """The fields of the quantization format's config given in ``quantization`` (e.g. ``double_quant``)."""
         return {k: v for k, v in self.quantization.items() if k not in QUANTIZATION}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the base is quantized on calibration data here (``quantization.calibration``; GPTQ)."""
+        fmt = self.quantization["format"]
+        return fmt in CONFIGS and get_format(fmt).needs_calibration
 
     def quant_config(self):
         """The qtune ``QuantConfig`` of ``quantization`` (``None`` for ``pretrained``/``none``).
@@ -550,11 +557,13 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         except (ValueError, TypeError) as e:
             bad = next((k for k in extra if k in str(e) and k in q), "format")
             raise ctx.error(("quantization", bad), str(e)) from None
-    if out["quantization"]["backend"] == "bitsandbytes" and fmt not in BNB_FORMATS:
-        raise ctx.error(("quantization", "backend"), f"bitsandbytes supports formats {', '.join(BNB_FORMATS)}, "
-                        f"not {fmt!r}")
-    if fmt == "gptq" and out["quantization"]["calibration"] is None:
-        raise ctx.error(("quantization", "format"), "gptq needs quantization.calibration "
+    calibrated = fmt in CONFIGS and get_format(fmt).needs_calibration
+    if out["quantization"]["backend"] == "bitsandbytes" and not (
+            fmt in CONFIGS and issubclass(get_format(fmt), BNB_BACKEND_CONFIGS)):
+        raise ctx.error(("quantization", "backend"), "bitsandbytes supports formats "
+                        f"{', '.join(c.format for c in BNB_BACKEND_CONFIGS)}, not {fmt!r}")
+    if calibrated and out["quantization"]["calibration"] is None:
+        raise ctx.error(("quantization", "format"), f"{fmt} needs quantization.calibration "
                         "({source: ..., samples: 128, seq_len: 512}), or use format: pretrained with a GPTQ "
                         "checkpoint, or rtn (no calibration)")
     for pattern, value in out["quantization"]["overrides"].items():
@@ -567,7 +576,7 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
                 raise ctx.error(("quantization", "overrides", pattern), str(e)) from None
     out["training"] = _validate_training(ctx, data.get("training"), task)
     name, section = _validate_task(ctx, data, out)
-    if name == "reward" and (out["quantization"]["backend"] != "qtune" or fmt in ("pretrained", "gptq")):
+    if name == "reward" and (out["quantization"]["backend"] != "qtune" or fmt == "pretrained" or calibrated):
         raise ctx.error(("quantization", "format"), "task reward loads the base as a sequence classifier: "
                         "quantize a float checkpoint while loading (nf4, fp4, int8, ...; backend qtune) or 'none'")
     return Recipe(**out, overrides=tuple(overrides), task=name, task_options=section, origin=ctx)

@@ -9,10 +9,10 @@ task (``task: sft``, ``dpo``, ``kto``, ``reward``, ``grpo``, ``rloo``, ``distill
    the resolved recipe;
 2. :func:`load_data`: datasets (``dataset.train``/``eval``) with the columns the task needs (a missing
    column is a recipe error naming the ``source`` line), before any weights are loaded;
-3. :func:`load_base`: tokenizer and base model: a float checkpoint quantized while loading
-   (``quantization.format``), an already quantized checkpoint (``pretrained``), or GPTQ calibrated here
-   (``gptq``); a causal LM, or a one-output sequence classifier for ``reward`` (:func:`load_model`, which
-   ``qtune export`` uses too);
+3. :func:`load_base`: tokenizer and base model (:mod:`qtune.train.base_model`, which ``qtune export``
+   uses too): a float checkpoint quantized while loading (``quantization.format``), an already quantized
+   checkpoint (``pretrained``), or calibrated here (``gptq``); a causal LM, or a one-output sequence
+   classifier for ``reward``;
 4. :func:`attach_adapter`: a new LoRA config from ``lora``, or the trained adapter of ``model.adapter``
    (trainable);
 5. held-out perplexity before training (``dataset.perplexity``);
@@ -43,12 +43,14 @@ from typing import Any
 import torch
 
 from ..formats.base import parse_dtype
-from .recipe import ASSET_PREFIX, AUTO, Recipe
+from .base_model import SCORE_HEADS, Base, device_map, has_score_head, load_base_model, resolve_model_path
+from .base_model import load_base as _load_base
+from .recipe import Recipe
 from .tasks import TASKS, Task, task_config_kwargs
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"smollm2-135m-instruct": "smollm2_path"}
+load_model = load_base_model  # the name before it was told apart from qtune.load_model (tests/test_plan.py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,157 +111,6 @@ def _sigint_requests(callback):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
-def resolve_model_path(path: str, revision: str | None = None) -> Path:
-    """A local folder for ``model.path``: itself, a bundled model, or a Hub snapshot (downloaded)."""
-    if path.startswith(ASSET_PREFIX):
-        name = path[len(ASSET_PREFIX):]
-        if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown bundled model {path!r}; available: "
-                             + ", ".join(ASSET_PREFIX + n for n in BUILTIN_MODELS))
-        from .. import assets
-        return Path(getattr(assets, BUILTIN_MODELS[name])())
-    local = Path(path).expanduser()
-    if local.exists():
-        return local
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(path, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
-
-
-def _device_map():
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.device.type in ("cuda", "xpu", "mps"):
-        return {"": state.device}
-    return None
-
-
-def load_model(recipe: Recipe, path: Path, tokenizer=None):
-    """The model of ``recipe`` with its quantization applied (``QuantLinear`` layers): a causal LM, or
-    for ``task: reward`` a sequence classifier with one output (its ``score`` head left in float).
-
-    ``auto`` dtypes still in the recipe are resolved first (:meth:`Recipe.resolve_dtypes`).
-
-    Returns:
-        ``(model, seconds)``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from ..integrations.layouts import load_model as load_quantized_model
-    from ..integrations.transformers import QTuneConfig
-
-    for line in recipe.resolve_dtypes():
-        logger.info("%s", line)
-    m, q = recipe.model, recipe.quantization
-    dtype = parse_dtype(m["dtype"])
-    if TASKS[recipe.task].head == "sequence_classification":
-        return _load_classifier(recipe, path, dtype)
-    common: dict[str, Any] = {"device_map": _device_map(), "trust_remote_code": m["trust_remote_code"]}
-    if m["attn_implementation"]:
-        common["attn_implementation"] = m["attn_implementation"]
-    t0 = time.perf_counter()
-    fmt = q["format"]
-    if q["backend"] == "bitsandbytes":
-        model = _load_bitsandbytes(recipe, path, dtype, common)
-    elif fmt == "none":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
-    elif fmt == "pretrained":
-        model = load_quantized_model(path, None, dtype=dtype, **common)
-    elif fmt == "gptq":
-        model = _calibrate_gptq(recipe, path, dtype, common, tokenizer)
-    else:
-        fields = recipe.format_fields()
-        qc = QTuneConfig(fmt, compute_dtype=q["compute_dtype"], skip_modules=q["skip_modules"],
-                         overrides=q["overrides"], **fields)
-        model = load_quantized_model(path, qc, dtype=dtype, **common)
-    return model, time.perf_counter() - t0
-
-
-def _load_classifier(recipe: Recipe, path: Path, dtype):
-    """``AutoModelForSequenceClassification`` (one output: a reward) on the quantized base; ``score`` stays float
-    so that it can train beside the adapter (``modules_to_save``)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from ..integrations.transformers import QTuneConfig
-
-    m, q = recipe.model, recipe.quantization
-    common: dict[str, Any] = {"device_map": _device_map(), "trust_remote_code": m["trust_remote_code"], "num_labels": 1}
-    if m["attn_implementation"]:
-        common["attn_implementation"] = m["attn_implementation"]
-    t0 = time.perf_counter()
-    if q["format"] != "none":
-        skip = list(q["skip_modules"] or []) + [n for n in SCORE_HEADS if n not in (q["skip_modules"] or [])]
-        common["quantization_config"] = QTuneConfig(q["format"], compute_dtype=q["compute_dtype"], skip_modules=skip,
-                                                    overrides=q["overrides"], **recipe.format_fields())
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **common)
-    return model, time.perf_counter() - t0
-
-
-# the classification heads transformers puts on decoder models (kept float and trainable)
-SCORE_HEADS = ("score",)
-
-
-def _load_bitsandbytes(recipe: Recipe, path: Path, dtype, common: dict):
-    """The same format through transformers + bitsandbytes, prepared the way peft documents it
-    (``peft.prepare_model_for_kbit_training``). Used to compare qtune against the usual QLoRA stack."""
-    from peft import prepare_model_for_kbit_training as peft_prepare
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = recipe.quantization
-    compute = parse_dtype(q["compute_dtype"]) or dtype
-    if q["format"] == "llm_int8":
-        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(q.get("threshold", 6.0)),
-                                 llm_int8_skip_modules=q["skip_modules"])
-    else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["format"],
-                                 bnb_4bit_use_double_quant=bool(q.get("double_quant", False)),
-                                 bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=q["skip_modules"])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=bnb, **common)
-    gc = recipe.training.get("activation_checkpointing", recipe.training.get("gradient_checkpointing", True))
-    return peft_prepare(model, use_gradient_checkpointing=bool(gc),
-                        gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _calibrate_gptq(recipe: Recipe, path: Path, dtype, common: dict, tokenizer):
-    """Load the float model and quantize it with GPTQ on the recipe's calibration text."""
-    from transformers import AutoModelForCausalLM
-
-    from ..calibration import quantize_with_calibration
-    from .data import read_text
-
-    cal, q = recipe.quantization["calibration"], recipe.quantization
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
-    overrides = {p: (None if v is None else recipe_format(v, q["compute_dtype"])) for p, v in q["overrides"].items()}
-    report = quantize_with_calibration(model, tokenizer, [read_text(cal["source"])], recipe.quant_config(),
-                                       samples=cal["samples"], seq_len=cal["seq_len"],
-                                       skip_modules=q["skip_modules"], overrides=overrides)
-    logger.info("GPTQ calibration: %s in %.0f s", report.summary(), report.seconds)
-    return model
-
-
-def recipe_format(value, compute_dtype):
-    """A ``quantization.overrides`` value (format name or dict) as a qtune config."""
-    from ..formats import config_from_dict
-
-    d = {"format": value} if isinstance(value, str) else dict(value)
-    d.setdefault("compute_dtype", compute_dtype)
-    return config_from_dict(d)
-
-
-def load_tokenizer(recipe: Recipe, model_path: Path):
-    from transformers import AutoTokenizer
-
-    tok_path = recipe.model["tokenizer"] or model_path
-    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=recipe.model["trust_remote_code"])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-# ------------------------------------------------------------------------------------------------
 # Configs
 # ------------------------------------------------------------------------------------------------
 def lora_config(recipe: Recipe):
@@ -268,7 +119,7 @@ def lora_config(recipe: Recipe):
     from peft import LoraConfig
 
     lo = recipe.lora
-    seq_cls = TASKS[recipe.task].head == "sequence_classification"
+    seq_cls = has_score_head(recipe)
     save = list(lo["modules_to_save"] or [])
     if seq_cls:
         save += [h for h in SCORE_HEADS if h not in save]
@@ -452,16 +303,6 @@ class Run:
             print(*a, **k)
 
 
-@dataclasses.dataclass
-class Base:
-    """A recipe's base model: the local folder, its tokenizer and the (quantized) model."""
-
-    path: Path
-    tokenizer: Any
-    model: Any
-    load_s: float
-
-
 def start_run(recipe: Recipe, *, resume: bool = False) -> Run:
     """Step 1: ``auto`` dtypes resolved (printed once), the run folder checked, the task's trl config built
     (this sets up the distributed state), the seed set, the resolved recipe written to ``recipe.yaml``."""
@@ -510,13 +351,9 @@ def load_data(recipe: Recipe, state=None):
 
 
 def load_base(recipe: Recipe) -> Base:
-    """Step 3: the base as the recipe describes it (what ``qtune export`` rebuilds from a run's recipe)."""
-    path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    tokenizer = load_tokenizer(recipe, path)
-    model, load_s = load_model(recipe, path, tokenizer)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-    return Base(path, tokenizer, model, load_s)
+    """Step 3: the base as the recipe describes it (:func:`qtune.train.base_model.load_base`, which
+    ``qtune export`` uses to rebuild a run's base)."""
+    return _load_base(recipe)
 
 
 def find_adapter_dir(recipe: Recipe) -> Path:
@@ -561,7 +398,7 @@ def _teacher_inputs(run: Run, base: Base) -> dict[str, Any]:
 
     m = run.recipe.model
     path = resolve_model_path(run.recipe.task_options["teacher"] or m["path"], m["revision"])
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(m["dtype"]), device_map=_device_map(),
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(m["dtype"]), device_map=device_map(),
                                                    trust_remote_code=m["trust_remote_code"])
     teacher.requires_grad_(False)
     return {"teacher_model": teacher.eval()}

@@ -64,7 +64,7 @@ def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dor
 
     from qtune.integrations.peft import get_peft_model
     from qtune.train import load_recipe
-    from qtune.train.runner import load_model, load_tokenizer
+    from qtune.train.base_model import load_base_model, load_tokenizer
 
     model = model or make_base(root, arch)
     run = root / name
@@ -73,7 +73,7 @@ def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dor
                                                                 sort_keys=False))
     recipe = load_recipe(recipe_file)
     tok = load_tokenizer(recipe, model)
-    base, _ = load_model(recipe, model, tok)
+    base, _ = load_base_model(recipe, model, tok)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                                  use_dora=use_dora, task_type="CAUSAL_LM"))
     randomize_lora(peft_model, seed, lora_scale)

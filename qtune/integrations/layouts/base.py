@@ -39,6 +39,8 @@ class Layout:
             e.g. bitsandbytes stores symmetric per-row int8 as LLM.int8).
         check_plan: ``(model, {layer: config}) -> None``: refuse, before any work, a plan the writer would
             refuse at the end (optional; e.g. GPTQ's whole groups). Raises ``ValueError`` naming the layer.
+        describe: ``quantization_config dict -> str``: its settings in a few words, for model cards (optional).
+        note: what loads a folder in this layout, for model cards (optional).
     """
 
     name: str
@@ -51,6 +53,8 @@ class Layout:
     refusal: Callable[[QuantConfig], str | None] = lambda cfg: None
     stored_config: Callable[[QuantConfig], QuantConfig] = lambda cfg: cfg
     check_plan: Callable[[nn.Module, Mapping[str, QuantConfig]], None] = lambda model, plan: None
+    describe: Callable[[dict[str, Any]], str] = lambda qc: ""
+    note: str = ""
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.

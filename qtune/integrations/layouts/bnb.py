@@ -42,6 +42,8 @@ from .base import Layout, dims, float_state_dict, quantized_layers, read_transla
 
 QUANT_METHOD = "bitsandbytes"
 BNB_QS_PREFIX = "quant_state.bitsandbytes__"
+# bitsandbytes' 4-bit quant_type names are qtune's format names
+FOUR_BIT = {cls.format: cls for cls in (NF4Config, FP4Config)}
 
 
 def can_store(cfg: QuantConfig) -> bool:
@@ -104,7 +106,7 @@ def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tupl
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: invalid bitsandbytes quant-state JSON ({e})") from None
         qtype = qs.get("quant_type")
-        if qtype not in ("nf4", "fp4") or qs_key.rsplit("__", 1)[1] != qtype:
+        if qtype not in FOUR_BIT or qs_key.rsplit("__", 1)[1] != qtype:
             raise ValueError(f"{where}: quant_type {qtype!r} does not match the key (expected nf4 or fp4)")
         n, k = dims(linears[name])
         if [int(s) for s in qs.get("shape", [])] != [n, k]:
@@ -112,7 +114,7 @@ def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tupl
                              f"[out={n}, in={k}] of the model config")
         blocksize = int(qs.get("blocksize", 0))
         double_quant = f"{name}.weight.nested_absmax" in headers
-        cls = NF4Config if qtype == "nf4" else FP4Config
+        cls = FOUR_BIT[qtype]
         try:
             cfg = cls(blocksize=blocksize, double_quant=double_quant, compute_dtype=compute)
         except ValueError as e:
@@ -276,6 +278,10 @@ def write(model: nn.Module, folder: Path) -> None:
 
 LAYOUT = register_layout(Layout(name="bnb", quant_method=QUANT_METHOD, holds="nf4/fp4/int8/llm_int8 layers",
                                 can_store=can_store, detects=lambda qc: bnb_kind(qc) is not None, read=read,
-                                write=write, refusal=_refusal, stored_config=stored_config))
+                                write=write, refusal=_refusal, stored_config=stored_config,
+                                describe=lambda qc: (qc.get("bnb_4bit_quant_type") if qc.get("load_in_4bit")
+                                                     else "LLM.int8"),
+                                note="bitsandbytes layout (loads with transformers + bitsandbytes, or "
+                                     "`qtune.load_model`)"))
 
 __all__ = ["LAYOUT", "can_store", "stored_config", "bnb_kind", "translate", "read", "bnb_tensors", "write"]

@@ -175,6 +175,10 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, qc
 
 
+def _describe(qc: dict[str, Any]) -> str:
+    return f"{qc.get('bits')}-bit, group size {qc.get('group_size')}" + (", act-order" if qc.get("desc_act") else "")
+
+
 def _version() -> str:
     from ... import __version__
     return __version__
@@ -189,6 +193,7 @@ def write(model: nn.Module, folder: Path) -> None:
 
 LAYOUT = register_layout(Layout(name="gptq", quant_method=QUANT_METHOD, holds="gptq/rtn layers", can_store=can_store,
                                 detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD, read=read,
-                                write=write, check_plan=check_plan))
+                                write=write, check_plan=check_plan, describe=_describe,
+                                note="GPTQ v1 layout (loads with GPTQ loaders such as GPTQModel, or `qtune.load_model`)"))
 
 __all__ = ["LAYOUT", "can_store", "check_plan", "translate", "read", "gptq_tensors", "write"]

@@ -38,8 +38,7 @@ def as_qtune_config(config: Any) -> QTuneConfig:
     if isinstance(config, str):
         return QTuneConfig(config)
     if isinstance(config, dict):
-        d = dict(config)
-        return QTuneConfig(d.pop("format", "nf4"), **d)
+        return QTuneConfig(**config)  # no "format": QTuneConfig's default
     raise TypeError(f"config must be a QTuneConfig, a qtune QuantConfig, a format name or a dict, got {type(config).__name__}")
 
 
@@ -62,6 +61,8 @@ def write(model: nn.Module, folder: Path) -> None:
 
 LAYOUT = register_layout(Layout(name="qtune", quant_method=QUANT_METHOD, holds="every format", can_store=can_store,
                                 detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD, read=read,
-                                write=write))
+                                write=write, describe=lambda qc: str(qc.get("format") or ""),
+                                note="qtune layout (`quant_method: qtune`; load with `qtune.load_model` or "
+                                     "transformers after `import qtune`)"))
 
 __all__ = ["LAYOUT", "can_store", "as_qtune_config", "read", "write"]
