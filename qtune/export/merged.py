@@ -303,7 +303,8 @@ def export_merged(source: str | Path | ExportSource, out: str | Path, *, dtype: 
             src.tokenizer.save_pretrained(tmp)
         if verify:
             # the files: a reload must reproduce the in-memory merged model (same weights, same dtype)
-            result.verify = verify_merged(tmp, merged_logits, ids, dtype=target, tol=RELOAD_TOLERANCE)
+            result.verify = verify_merged(tmp, merged_logits, ids, dtype=target, tol=RELOAD_TOLERANCE,
+                                          auto_class=src.auto_class)
         result.seconds = time.perf_counter() - start
         write_extras(tmp, card.merged_card(src, result), result)
     if push_to_hub:

@@ -280,7 +280,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         check_free_space(tmp, _state_bytes(merged), what="the quantized checkpoint")
         save_quantized(merged, tmp, layout=layout, tokenizer=src.tokenizer, overwrite=True)
         if verify:
-            result.verify = verify_quantized(tmp, quant_logits, ids, dtype=target, tol=tolerance(target))
+            result.verify = verify_quantized(tmp, quant_logits, ids, dtype=target, tol=tolerance(target),
+                                             auto_class=src.auto_class)
         result.seconds = time.perf_counter() - start
         write_extras(tmp, card.quantized_card(src, result), result)
     if push_to_hub:

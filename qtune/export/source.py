@@ -76,6 +76,16 @@ class ExportSource:
         return q
 
     @property
+    def auto_class(self):
+        """The transformers auto class of the trained model: ``AutoModelForSequenceClassification`` for a task
+        with a score head (``reward``), else ``AutoModelForCausalLM``; exports reload with it."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from ..train.base_model import has_score_head
+
+        return AutoModelForSequenceClassification if has_score_head(self.recipe) else AutoModelForCausalLM
+
+    @property
     def float_dtype(self) -> torch.dtype:
         """dtype of the base's float parameters (embeddings, norms)."""
         for p in self.model.get_base_model().parameters():

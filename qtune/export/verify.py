@@ -59,7 +59,8 @@ def probe_ids(tokenizer: Any, vocab_size: int, length: int = 24) -> Tensor:
 
 @torch.no_grad()
 def logits(model: nn.Module, ids: Tensor) -> Tensor:
-    """fp32 logits [B, L, V] of a causal LM (eval mode, no cache)."""
+    """fp32 logits [B, L, V] of a causal LM, or the scores [B, num_labels] of a sequence classifier (eval
+    mode, no cache)."""
     was = model.training
     model.eval()
     try:
@@ -94,28 +95,34 @@ def check_logits(diff: LogitsDiff, tol: float, what: str) -> LogitsDiff:
     return diff
 
 
-def verify_merged(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.dtype, tol: float) -> LogitsDiff:
+def verify_merged(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.dtype, tol: float,
+                  auto_class: Any = None) -> LogitsDiff:
     """Reload a merged export with plain ``transformers`` (no qtune code path) and check its logits.
 
+    Args:
+        auto_class: the transformers auto class of the model (default ``AutoModelForCausalLM``; a reward
+            model's is ``AutoModelForSequenceClassification``, whose "logits" are the ``(batch, 1)`` scores).
     Raises:
         VerificationError: the logits differ by more than ``tol`` (relative), or the folder still carries a
             ``quantization_config``.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(folder, dtype=dtype, use_safetensors=True)
     if getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None):
         raise VerificationError(f"{folder}: the merged export still declares a quantization_config")
     return check_logits(compare_logits(logits(model, ids), reference), tol, f"{folder} (reloaded)")
 
 
-def verify_quantized(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.dtype, tol: float) -> LogitsDiff:
-    """Reload a quantized export with qtune's loader (any layout) and check its logits.
+def verify_quantized(folder: Path, reference: Tensor, ids: Tensor, *, dtype: torch.dtype, tol: float,
+                     auto_class: Any = None) -> LogitsDiff:
+    """Reload a quantized export with qtune's loader (any layout) and check its logits (``auto_class``: as for
+    :func:`verify_merged`).
 
     Raises:
         VerificationError: the logits differ by more than ``tol`` (relative).
     """
     from ..integrations.layouts import load_model
 
-    model = load_model(folder, dtype=dtype)
+    model = load_model(folder, dtype=dtype, auto_class=auto_class)
     return check_logits(compare_logits(logits(model, ids), reference), tol, f"{folder} (reloaded)")

@@ -305,6 +305,46 @@ def test_dpo_continues_from_an_sft_adapter_and_exports(tiny_dir, tmp_path):
     assert any(not torch.equal(moved[k], sft_weights[k]) for k in sft_weights)  # trainable, not frozen
 
 
+def test_reward_run_exports_with_its_score_head(tiny_dir, tmp_path):
+    """A reward run exports like an SFT run: merged (reloaded as a sequence classifier, the trained score head in
+    the checkpoint, the (batch, 1) scores compared), adapter (the head as modules_to_save) and re-quantized."""
+    from transformers import AutoModelForSequenceClassification
+
+    import qtune
+    from qtune.export import export
+    from qtune.export.source import load_source
+    from qtune.export.verify import logits, probe_ids
+
+    run(validate(task_recipe(tiny_dir, tmp_path / "run", "reward")))
+    trained = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))["base_model.model.score.weight"]
+    src = load_source(tmp_path / "run")
+    ids = probe_ids(src.tokenizer, src.model.get_base_model().config.vocab_size)
+    scores = logits(src.model, ids)
+    assert scores.shape == (1, 1)
+
+    res = export(tmp_path / "run", tmp_path / "merged", mode="merged", dtype="fp32", log=lambda s: None)
+    assert res.verify.rel <= 1e-5
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and "quantization_config" not in cfg
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    torch.testing.assert_close(merged["score.weight"], trained, rtol=0, atol=0)  # the trained head, not a new one
+    assert "lm_head.weight" not in merged
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(reloaded, ids), scores, rtol=1e-4, atol=1e-5)
+
+    export(tmp_path / "run", tmp_path / "adapter", mode="adapter", log=lambda s: None)
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["task_type"] == "SEQ_CLS" and "score" in adapter_cfg["modules_to_save"]
+    exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["base_model.model.score.weight"]
+    torch.testing.assert_close(exported, trained, rtol=0, atol=0)
+    assert logits(load_source(tmp_path / "adapter").model, ids).shape == (1, 1)
+
+    export(tmp_path / "run", tmp_path / "q", mode="quantized", format="nf4", log=lambda s: None)
+    q = qtune.load_model(tmp_path / "q", auto_class=AutoModelForSequenceClassification)
+    torch.testing.assert_close(q.score.weight, trained, rtol=0, atol=0)
+    assert logits(q, ids).shape == (1, 1)
+
+
 def test_missing_adapter_folder_names_the_line(tiny_dir, tmp_path):
     data = task_recipe(tiny_dir, tmp_path / "run", "dpo")
     data["model"]["adapter"] = str(tmp_path / "nothing")

@@ -30,8 +30,8 @@ from .qtune import as_qtune_config
 
 
 def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", device_map: Any = None,
-               trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """Load a causal LM with qtune layers from a local folder.
+               trust_remote_code: bool = False, auto_class: Any = None, **kwargs: Any) -> nn.Module:
+    """Load a causal LM (or another transformers model) with qtune layers from a local folder.
 
     Args:
         path: model folder (``config.json`` + safetensors).
@@ -40,6 +40,8 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
         dtype: dtype of the float parameters (``"auto"``: ``config.json``'s ``dtype``, else fp32).
         device_map: passed to ``from_pretrained``.
         trust_remote_code: only when asked for.
+        auto_class: the transformers auto class of the model the folder holds (default
+            ``AutoModelForCausalLM``; e.g. ``AutoModelForSequenceClassification`` for a reward model).
         kwargs: more ``from_pretrained`` arguments.
     Returns:
         The model (``eval()`` mode) with qtune ``QuantLinear`` layers.
@@ -47,6 +49,9 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
         ValueError: missing/corrupt files, unsupported or inconsistent quantization_config (one line
             naming the file/key/layer).
     """
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
     path = Path(path)
     raw = read_config_json(path)
     headers = headers_by_key([str(f) for f in safetensors_files(path)])  # every file checked before anything is built
@@ -56,17 +61,14 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
         if config is None:
             raise ValueError(f"{path / 'config.json'}: the model is not quantized; pass config= (e.g. "
                              "QTuneConfig(format='nf4')) to quantize it while loading")
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=as_qtune_config(config), dtype=dtype,
-                                                    **common)
+        return auto_class.from_pretrained(path, quantization_config=as_qtune_config(config), dtype=dtype, **common)
     if not isinstance(qc, dict):
         raise ValueError(f"{path / 'config.json'}: quantization_config must be a JSON object")
     if config is not None:
         raise ValueError(f"{path}: already quantized ({qc.get('quant_method')}); it cannot be re-quantized on load "
                          "(drop config=)")
     layout = detect_layout(qc, where=str(path / "config.json"))
-    return layout.read(path, qc, headers, dtype=dtype, kwargs=common)
+    return layout.read(path, qc, headers, dtype=dtype, kwargs=common, auto_class=auto_class)
 
 
 def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", tokenizer: Any = None,

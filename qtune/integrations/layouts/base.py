@@ -32,7 +32,8 @@ class Layout:
         holds: what the layout can hold, for messages (``"gptq/rtn layers"``).
         can_store: ``config -> bool``: can a layer with this config be written in this layout?
         detects: ``quantization_config dict -> bool``: is a folder with this config in this layout?
-        read: ``(path, quantization_config, headers, dtype, kwargs) -> model`` (``from_pretrained`` kwargs).
+        read: ``(path, quantization_config, headers, dtype, kwargs, auto_class) -> model`` (``from_pretrained``
+            kwargs; ``auto_class``: the transformers auto class to build, e.g. ``AutoModelForCausalLM``).
         write: ``(model, folder) -> None``: write the model's weights and ``config.json`` into ``folder``.
         refusal: ``config -> str | None``: why a config cannot be stored, beyond :attr:`holds` (optional).
         stored_config: ``config -> config``: the config a layer written with ``config`` reads back as (optional;
@@ -145,14 +146,15 @@ Translate = Callable[[Headers, nn.Module, dict[str, Any]], tuple[dict[str, Any],
 
 
 def read_translated(path: Path, qc: dict[str, Any], headers: Headers, translate: Translate, *, dtype: Any,
-                    kwargs: dict[str, Any]) -> nn.Module:
+                    kwargs: dict[str, Any], auto_class: Any) -> nn.Module:
     """Load a foreign layout through ``from_pretrained`` with a translated, lazily read state dict.
 
     Args:
         translate: ``(headers, meta skeleton, qc) -> (qtune state dict, {layer: format dict})``.
         kwargs: ``from_pretrained`` arguments (``trust_remote_code`` included).
+        auto_class: the transformers auto class whose model the folder holds (``AutoModelForCausalLM``...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from ..transformers import QTuneConfig
 
@@ -161,7 +163,7 @@ def read_translated(path: Path, qc: dict[str, Any], headers: Headers, translate:
     del hf_config.quantization_config
     torch_dtype = _resolve_dtype(dtype, hf_config)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        skeleton = auto_class.from_config(hf_config, trust_remote_code=trust_remote_code)
     state, layers = translate(headers, skeleton, qc)
     for d in layers.values():
         if d.get("compute_dtype") is None:

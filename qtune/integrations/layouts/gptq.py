@@ -128,9 +128,10 @@ def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tupl
 
 
 
-def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any]) -> nn.Module:
+def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any],
+         auto_class: Any) -> nn.Module:
     """Load a GPTQ folder into qtune ``LinearGPTQ`` layers (lazily translated state dict)."""
-    return read_translated(path, qc, headers, translate, dtype=dtype, kwargs=kwargs)
+    return read_translated(path, qc, headers, translate, dtype=dtype, kwargs=kwargs, auto_class=auto_class)
 
 
 # ------------------------------------------------------------------------------------------------

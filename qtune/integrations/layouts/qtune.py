@@ -42,11 +42,10 @@ def as_qtune_config(config: Any) -> QTuneConfig:
     raise TypeError(f"config must be a QTuneConfig, a qtune QuantConfig, a format name or a dict, got {type(config).__name__}")
 
 
-def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any]) -> nn.Module:
+def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any],
+         auto_class: Any) -> nn.Module:
     """Load a qtune folder through ``from_pretrained`` (the quantizer checks the tensors against the config)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return auto_class.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def write(model: nn.Module, folder: Path) -> None:
