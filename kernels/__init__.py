@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from typing import Any
+
+from qtune.ops import library as _library
 
 # public wrapper -> module that defines it
 _WRAPPERS = {
@@ -60,6 +63,9 @@ KERNEL_MODULES = ("dequant_4bit", "dequant_int8", "dequant_gptq", "matmul_4bit",
 
 _registered: list[str] = []
 _registered_devices: list[str] = []
+
+# the slow-path warning of qtune.ops.library asks this module why kernels are missing
+_library.attach_device_kernels(sys.modules[__name__])
 
 
 @functools.cache
@@ -114,13 +120,11 @@ def register(force: bool = False, *, device: str = "cuda", _testing: bool = Fals
     # CUDA first: on a CPU-only machine `import qtune` then never pays for importing Triton
     elif "cuda" in _registered_devices or not (force or cuda_available()) or not triton_available():
         return list(_registered)
-    from qtune.ops.library import register_device_kernel
-
     modules = {name: importlib.import_module(f"{__name__}.{name}") for name in KERNEL_MODULES}
     fns = {op: getattr(modules[mod], "ROUTED")[op] if mod == "routing" else getattr(modules[mod], op)
            for op, mod in OPS.items()}
     for op_name, fn in fns.items():
-        register_device_kernel(op_name, device, fn)
+        _library.register_device_kernel(op_name, device, fn)
         if op_name not in _registered:
             _registered.append(op_name)
     _registered_devices.append(device)

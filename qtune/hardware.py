@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.base import parse_dtype
+from .formats.dtypes import parse_dtype
 
 AUTO = "auto"
 
@@ -206,8 +206,6 @@ def probe_int8_matmul(shape: tuple[int, int, int] = (256, 2048, 1024), repeat: i
     Returns:
         ``{"int_mm_exact": bool, "int_mm_s": float, "fp32_s": float}``.
     """
-    from .formats.int8 import int8_matmul_fp32_chunks
-
     m, k, n = shape
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
@@ -292,3 +290,50 @@ def resolve_dtype(value: str | torch.dtype | None, device: torch.device | str | 
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return auto_dtype(device)
     return parse_dtype(value, what=what), None
+
+
+# Largest K-chunk whose fp32 int8 dot products are exact: 1024 · 128² = 2²⁴ (fp32 holds every integer ≤ 2²⁴)
+FP32_EXACT_CHUNK = 1024
+
+
+def int8_matmul_fp32_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = FP32_EXACT_CHUNK) -> torch.Tensor:
+    """``a @ bᵀ`` of int8 a [M, K], b [N, K] through fp32 matmuls that are provably exact.
+
+    fp32 holds every integer of magnitude ≤ 2²⁴, and every product ``a[m,k]·b[n,k]`` is an integer, so a
+    matmul is exact when all its partial sums (in whatever order a BLAS kernel takes them, FMA or not)
+    stay within ±2²⁴. Two sufficient conditions, tried in this order:
+
+    1. Cauchy–Schwarz: any partial sum is at most ``‖a_m‖₂‖b_n‖₂``; if ``max_m ‖a_m‖ · max_n ‖b_n‖ ≤ 2²⁴``
+       (the fp32 norms inflated by their worst-case summation error ``(K+2)·2⁻²³``) one fp32 matmul over
+       all of K is exact. Typical LLM.int8 operands pass (absmax-scaled Gaussian rows: ‖·‖ ≈ 2,000 at
+       K = 4096); two norm passes cost ~2% of the matmul.
+    2. Otherwise K is split into chunks of at most ``chunk`` ≤ 1024 columns: each product has magnitude
+       ≤ 128² = 2¹⁴, so a chunk's partial sums stay within 1024·2¹⁴ = 2²⁴; each chunk's exact fp32 result
+       is converted to int32 and the chunks are summed in int32.
+
+    Either way the result equals ``torch._int_mm`` bit for bit (both wrap alike only past 2³¹).
+
+    Returns:
+        int32 [M, N].
+    """
+    if not 1 <= chunk <= FP32_EXACT_CHUNK:
+        raise ValueError(f"int8_matmul_fp32_chunks: chunk={chunk} must be in [1, {FP32_EXACT_CHUNK}] to stay exact")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_matmul_fp32_chunks: expected int8 operands, got {a.dtype} and {b.dtype}")
+    af, bf = a.float(), b.float()
+    bt = bf.t()  # [K, N]: a transposed view, which BLAS reads without a copy
+    k = a.shape[1]
+    if k > chunk and a.shape[0] and b.shape[0]:
+        slack = 1.0 + (k + 2) * 2.0 ** -23
+        bound = float(torch.linalg.vector_norm(af, dim=1).max()) * float(torch.linalg.vector_norm(bf, dim=1).max())
+        if bound * slack * slack <= 2.0 ** 24:
+            return torch.mm(af, bt).to(torch.int32)
+    part = torch.mm(af[:, :chunk], bt[:chunk])
+    acc = part.to(torch.int32)
+    if k > chunk:
+        # one fp32 and one int32 scratch for all chunks: fresh [M, N] tensors per chunk cost ~10% more
+        ipart = torch.empty_like(acc)
+        for s in range(chunk, k, chunk):
+            torch.mm(af[:, s:s + chunk], bt[s:s + chunk], out=part)
+            acc += ipart.copy_(part)
+    return acc

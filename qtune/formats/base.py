@@ -12,33 +12,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_DTYPE_NAMES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-
-def parse_dtype(value: str | torch.dtype | None, *, what: str = "dtype") -> torch.dtype | None:
-    """Turn ``"bf16"``/``"bfloat16"``/``torch.bfloat16`` into a float ``torch.dtype`` (``None`` passes)."""
-    if value is None or isinstance(value, torch.dtype):
-        if value is not None and value not in FLOAT_DTYPES:
-            raise TypeError(f"{what} must be a floating dtype, got {value}")
-        return value
-    key = str(value).removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"{what}={value!r} is not one of {sorted(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
-
+from .dtypes import FLOAT_DTYPES, dtype_name, parse_dtype  # noqa: F401  (re-exported)
 
 def _is_auto(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +85,7 @@ class QuantConfig:
         """``compute_dtype`` as a ``torch.dtype``, ``"auto"`` resolved for ``device`` (default: CUDA if
         available, else CPU)."""
         if _is_auto(self.compute_dtype):
-            from ..hardware import auto_dtype  # here, not at import: qtune.hardware imports this module
+            from ..hardware import auto_dtype
             return auto_dtype(device)[0]
         return parse_dtype(self.compute_dtype)
 

@@ -31,14 +31,13 @@ from typing import ClassVar
 
 import torch
 
+from ..hardware import FP32_EXACT_CHUNK, int8_matmul_fp32_chunks  # noqa: F401  (exact fp32 path, re-exported)
 from .base import CliOption, QuantConfig, check_weight
 
 _TINY = 1e-12  # keeps all-zero rows/groups finite (their codes are 0 and dequantize to 0)
 ARITHMETICS = ("qtune", "bitsandbytes")
 BNB_MM_DEQUANT_SCALE = 6.200124e-05       # bitsandbytes' int8_mm_dequant constant (its 1/127²)
 BNB_DEQUANT_SCALE = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant constant (1/127)
-# Largest K-chunk whose fp32 int8 dot products are exact: 1024 · 128² = 2²⁴ (fp32 holds every integer ≤ 2²⁴)
-FP32_EXACT_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +204,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, method: str | None = None) 
         int32 [M, N], equal on every path.
     """
     if method is None:
-        from .. import hardware  # here, not at import: qtune.hardware imports qtune.formats
+        from .. import hardware
         method = hardware.int8_matmul_method(a.device)[0]
     if method not in ("int_mm", "fp32"):
         raise ValueError(f"int8_matmul: method={method!r} is not one of 'int_mm', 'fp32'")
@@ -213,49 +212,6 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, *, method: str | None = None) 
     if method == "int_mm" and m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0:
         return torch._int_mm(a, b.t())
     return int8_matmul_fp32_chunks(a, b)
-
-
-def int8_matmul_fp32_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = FP32_EXACT_CHUNK) -> torch.Tensor:
-    """``a @ bᵀ`` of int8 a [M, K], b [N, K] through fp32 matmuls that are provably exact.
-
-    fp32 holds every integer of magnitude ≤ 2²⁴, and every product ``a[m,k]·b[n,k]`` is an integer, so a
-    matmul is exact when all its partial sums (in whatever order a BLAS kernel takes them, FMA or not)
-    stay within ±2²⁴. Two sufficient conditions, tried in this order:
-
-    1. Cauchy–Schwarz: any partial sum is at most ``‖a_m‖₂‖b_n‖₂``; if ``max_m ‖a_m‖ · max_n ‖b_n‖ ≤ 2²⁴``
-       (the fp32 norms inflated by their worst-case summation error ``(K+2)·2⁻²³``) one fp32 matmul over
-       all of K is exact. Typical LLM.int8 operands pass (absmax-scaled Gaussian rows: ‖·‖ ≈ 2,000 at
-       K = 4096); two norm passes cost ~2% of the matmul.
-    2. Otherwise K is split into chunks of at most ``chunk`` ≤ 1024 columns: each product has magnitude
-       ≤ 128² = 2¹⁴, so a chunk's partial sums stay within 1024·2¹⁴ = 2²⁴; each chunk's exact fp32 result
-       is converted to int32 and the chunks are summed in int32.
-
-    Either way the result equals ``torch._int_mm`` bit for bit (both wrap alike only past 2³¹).
-
-    Returns:
-        int32 [M, N].
-    """
-    if not 1 <= chunk <= FP32_EXACT_CHUNK:
-        raise ValueError(f"int8_matmul_fp32_chunks: chunk={chunk} must be in [1, {FP32_EXACT_CHUNK}] to stay exact")
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"int8_matmul_fp32_chunks: expected int8 operands, got {a.dtype} and {b.dtype}")
-    af, bf = a.float(), b.float()
-    bt = bf.t()  # [K, N]: a transposed view, which BLAS reads without a copy
-    k = a.shape[1]
-    if k > chunk and a.shape[0] and b.shape[0]:
-        slack = 1.0 + (k + 2) * 2.0 ** -23
-        bound = float(torch.linalg.vector_norm(af, dim=1).max()) * float(torch.linalg.vector_norm(bf, dim=1).max())
-        if bound * slack * slack <= 2.0 ** 24:
-            return torch.mm(af, bt).to(torch.int32)
-    part = torch.mm(af[:, :chunk], bt[:chunk])
-    acc = part.to(torch.int32)
-    if k > chunk:
-        # one fp32 and one int32 scratch for all chunks: fresh [M, N] tensors per chunk cost ~10% more
-        ipart = torch.empty_like(acc)
-        for s in range(chunk, k, chunk):
-            torch.mm(af[:, s:s + chunk], bt[s:s + chunk], out=part)
-            acc += ipart.copy_(part)
-    return acc
 
 
 def int8_mm_dequant(acc: torch.Tensor, sx: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,

@@ -388,7 +388,7 @@ class QTuneHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from .checkpoints import dequantize_model
+        from ..nn import dequantize_model
         return dequantize_model(model, dtype=dtype)
 
 

@@ -43,6 +43,15 @@ def registration_failure() -> str | None:
     return _registration_failure[0] if _registration_failure else None
 
 
+_device_kernels: list = []  # the qtune.kernels module, which attaches itself here when imported
+
+
+def attach_device_kernels(module) -> None:
+    """Called by ``qtune.kernels`` at import, so the slow-path warning can ask it (``triton_available()``,
+    ``registered()``) without this lower layer importing it."""
+    _device_kernels.append(module)
+
+
 def slow_path_reason(device_type: str) -> str | None:
     """Why a tensor on ``device_type`` reached a ``qtune::`` reference kernel, and the fix; None when that is
     expected (CPU and meta tensors run the reference or the native CPU kernels by design).
@@ -60,10 +69,9 @@ def slow_path_reason(device_type: str) -> str | None:
         cause = f"registering qtune's Triton kernels failed at import ({failure})"
         fix = "install a Triton that qtune supports (see pyproject.toml) or report the error"
     else:
-        try:
-            from qtune import kernels
-        except ImportError as e:
-            cause, fix = f"qtune.kernels cannot be imported ({e})", "reinstall qtune"
+        kernels = _device_kernels[-1] if _device_kernels else None
+        if kernels is None:
+            cause, fix = "qtune.kernels was not imported (importing it failed)", "reinstall qtune"
         else:
             if not kernels.triton_available():
                 cause = "Triton is not installed (e.g. aarch64 wheels of torch ship without it)"

@@ -73,7 +73,7 @@ class OpFamily:
 OP_FAMILIES: dict[str, OpFamily] = {}
 LINEAR_OPS: dict[str, torch._ops.OpOverload] = {}
 GRAD_INPUT_OPS: dict[str, torch._ops.OpOverload] = {}
-WEIGHT_SCHEMAS: dict[str, str] = {}
+WEIGHT_SCHEMAS: dict[str, str] = {}  # families with their own op pair (what device kernels implement)
 
 
 def dequantize(family: str, weight_args: tuple, dtype: torch.dtype) -> Tensor:
@@ -162,9 +162,9 @@ def register_op_family(family: OpFamily) -> OpFamily:
     if family.linear is not None:
         _check_arguments(family, family.linear, "linear", ("bias",))
     OP_FAMILIES[family.name] = family
-    WEIGHT_SCHEMAS[family.name] = family.schema
     name, schema = family.name, family.schema
     if family.grad_input_of is None:
+        WEIGHT_SCHEMAS[name] = schema
         GRAD_INPUT_OPS[name] = define(f"linear_{name}_grad_input(Tensor grad_out, {schema}) -> Tensor",
                                       _reference_grad_input(family), _fake_grad_input(family))
     else:
