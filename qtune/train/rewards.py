@@ -14,10 +14,24 @@ verifiable, and it rewards a continuation of an Emma passage for staying in *Emm
     reward = clip((E - P) / 2, -1, 1)         (0 for an empty completion)
 
 so a continuation naming two of Emma's characters scores 1, one naming Persuasion's scores below 0.
+
+Names are rare in a short completion, so most completions score 0 and a group of them has no advantage to
+learn from. The built-in ``austen-style`` reward is dense: a tiny classifier, unigram naive Bayes of *Emma*
+against *Persuasion* (both bundled), scores every word::
+
+    c_E(w), c_P(w) = counts of w in Emma and in Persuasion (lower-cased words); V = the union of both vocabularies
+    lo(w)  = log((c_E(w) + 1) / (N_E + |V|)) - log((c_P(w) + 1) / (N_P + |V|))      (add-one smoothing)
+    reward = clip(mean of lo(w) over the first WINDOW_WORDS words, -1, 1)            (0 for an empty completion)
+
+Common words score near 0, words of Emma's world (names, places, its own turns of phrase) above, Persuasion's
+below; the mean rewards a completion's share of Emma-like words whatever its length.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import importlib
+import math
 import re
 from typing import Any, Callable
 
@@ -56,7 +70,33 @@ def austen_emma(prompts: list, completions: list, **columns: Any) -> list[float]
     return [emma_score(_text(c)) for c in completions]
 
 
-REWARDS: dict[str, Callable[..., list[float]]] = {"austen-emma": austen_emma}
+@functools.lru_cache(maxsize=1)
+def style_log_odds() -> dict[str, float]:
+    """``lo(w)`` of the ``austen-style`` classifier for every word of either novel (built once per process)."""
+    from ..assets import austen_text
+
+    emma, persuasion = (collections.Counter(w.lower() for w in _WORD.findall(austen_text(name)))
+                        for name in ("emma", "persuasion"))
+    vocab = emma.keys() | persuasion.keys()
+    n_e, n_p = sum(emma.values()) + len(vocab), sum(persuasion.values()) + len(vocab)
+    return {w: math.log((emma[w] + 1) / n_e) - math.log((persuasion[w] + 1) / n_p) for w in vocab}
+
+
+def style_score(text: str) -> float:
+    """The ``austen-style`` reward of one completion (see the module docstring)."""
+    words = [w.lower() for w in _WORD.findall(text)[:WINDOW_WORDS]]
+    if not words:
+        return 0.0
+    lo = style_log_odds()
+    return max(-1.0, min(1.0, sum(lo.get(w, 0.0) for w in words) / len(words)))
+
+
+def austen_style(prompts: list, completions: list, **columns: Any) -> list[float]:
+    """trl reward function: :func:`style_score` of each completion."""
+    return [style_score(_text(c)) for c in completions]
+
+
+REWARDS: dict[str, Callable[..., list[float]]] = {"austen-emma": austen_emma, "austen-style": austen_style}
 
 
 def check_reward_spec(spec: str) -> str | None:

@@ -86,7 +86,7 @@ def test_task_validation_errors_name_the_line(tmp_path):
     msg = _error(tmp_path, BASE + "grpo:\n  num_generations: 4\n")
     assert msg.startswith("r.yaml:13: grpo.reward: is required")
     msg = _error(tmp_path, BASE + "grpo:\n  reward: nobody\n")
-    assert msg.startswith("r.yaml:14: grpo.reward: 'nobody' is not a built-in reward (austen-emma)")
+    assert msg.startswith("r.yaml:14: grpo.reward: 'nobody' is not a built-in reward (austen-emma, austen-style)")
     msg = _error(tmp_path, BASE + "grpo:\n  reward: austen-emma\n  num_generation: 4\n")
     assert msg.startswith("r.yaml:15: grpo.num_generation: unknown key (did you mean 'num_generations'?)")
     msg = _error(tmp_path, BASE.replace("task: grpo", "task: dpo") + "grpo:\n  reward: austen-emma\n")
@@ -382,6 +382,37 @@ def test_austen_emma_reward_rule():
     assert resolve_reward("tests.train.test_tasks:vowel_reward") is vowel_reward
     with pytest.raises(ValueError, match="no callable 'nothing'"):
         resolve_reward("tests.train.test_tasks:nothing")
+
+
+def test_austen_style_reward_is_the_naive_bayes_log_odds():
+    import collections
+    import math
+    import re
+
+    from qtune.assets import austen_text
+    from qtune.train.rewards import austen_style, resolve_reward, style_log_odds, style_score
+
+    # the classifier from its definition, independently of the module's counting
+    counts = {n: collections.Counter(w.lower() for w in re.findall(r"[A-Za-z]+", austen_text(n)))
+              for n in ("emma", "persuasion")}
+    vocab = set(counts["emma"]) | set(counts["persuasion"])
+    n_e, n_p = (sum(counts[n].values()) + len(vocab) for n in ("emma", "persuasion"))
+    lo = style_log_odds()
+    assert set(lo) == vocab
+    for w in ("the", "emma", "anne", "very", "captain", "hartfield"):
+        want = math.log((counts["emma"][w] + 1) / n_e) - math.log((counts["persuasion"][w] + 1) / n_p)
+        assert lo[w] == pytest.approx(want, rel=1e-12)
+    text = "Mr. Knightley was very much of her opinion."
+    words = re.findall(r"[A-Za-z]+", text.lower())
+    assert style_score(text) == pytest.approx(sum(lo[w] for w in words) / len(words), rel=1e-12)
+    # dense: plain narration scores neither 0 nor the clip; Emma's world above 0, Persuasion's below
+    plain = style_score("She said that it was not so, and walked out.")
+    assert 0 < abs(plain) < 1
+    assert style_score("Emma smiled at Harriet.") == 1.0 and style_score("Anne walked to Kellynch.") == -1.0
+    assert style_score("") == 0.0 and style_score("zzzz") == 0.0  # empty; a word neither novel has
+    assert style_score("the " * 40 + "Emma Emma Emma") == pytest.approx(lo["the"])  # past the length bound
+    assert resolve_reward("austen-style") is austen_style
+    assert austen_style(["p"], [[{"role": "assistant", "content": "Emma and Harriet"}]]) == [1.0]
 
 
 # ------------------------------------------------------------------------------------------------
