@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..formats.base import dtype_name, parse_dtype
-from ..nn import QuantLinear, is_conv1d
+from ..nn import QuantLinear, is_conv1d, set_submodule
 from .atomic import atomic_output, check_free_space, check_output
 from .report import ExportResult, Heldout
 from .source import ExportSource, load_source
@@ -91,11 +91,6 @@ def _dense_module(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool)
     if bias is not None:
         new.bias = nn.Parameter(bias.float(), requires_grad=False)
     return new
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 @torch.no_grad()
@@ -174,13 +169,13 @@ def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
         quantized = isinstance(inner, QuantLinear)
         merged.append(MergedLayer(clean, getattr(inner, "config", None), float(w.norm()), float((w - w0).norm()),
                                   base=inner if quantized else None, factors=None if quantized else factors))
-        _set(base, name, _dense_module(w, bias, conv1d))
+        set_submodule(base, name, _dense_module(w, bias, conv1d))
         del w0
     model = peft_model.unload()  # drops the (now empty) peft wrappers; modules_to_save copies replace originals
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             plan.setdefault(name, module.config)
-            _set(model, name, _dense_module(module.dequantize(torch.float32),
+            set_submodule(model, name, _dense_module(module.dequantize(torch.float32),
                                             None if module.bias is None else module.bias.detach(), module.from_conv1d))
     strip_quantization(model)
     cast_float_params(model, dtype)

@@ -35,7 +35,7 @@ from torch import nn
 from ..formats import QuantConfig, format_names, get_format, parse_format_spec
 from ..formats.base import dtype_name
 from ..integrations.layouts import get_layout, layout_names, save_quantized
-from ..nn import QuantLinear, float_weight_of, layer_class_for
+from ..nn import QuantLinear, float_weight_of, layer_class_for, set_submodule
 from .atomic import atomic_output, check_free_space, check_output
 from .merged import MergedLayer, _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
 from .report import ExportResult, LayerError, format_layer_table
@@ -74,13 +74,6 @@ def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dt
         if type(base_cfg) is get_format(qc.format):
             return dataclasses.replace(base_cfg, compute_dtype=compute)
     return qc.config(compute)
-
-
-def _clone_buffers(layer: QuantLinear) -> None:
-    # code tables are cached and shared between layers; safetensors refuses aliased tensors
-    for name, buf in list(layer._buffers.items()):
-        if buf is not None:
-            layer._buffers[name] = buf.clone()
 
 
 def _error(name: str, layer: QuantLinear, w: torch.Tensor, merged: MergedLayer | None) -> LayerError:
@@ -136,10 +129,8 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
         module = model.get_submodule(n)
         w = float_weight_of(module, n)[0].float()
         layer = layer_class_for(cfg).from_float(module, cfg, name=n)
-        _clone_buffers(layer)
         errors.append(_error(n, layer, w, merged.get(n)))
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        set_submodule(model, n, layer)
     return errors
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +98,7 @@ class ExportResult:
              "layers": [{k: v for k, v in dataclasses.asdict(l).items() if k not in ("err_sq", "w_sq")}
                         for l in self.layers],
              "warnings": list(self.warnings), "hub_url": self.hub_url, "seconds": round(self.seconds, 2)}
-        return json.loads(json.dumps(d, default=_json_default))
+        return json.loads(json.dumps(d, default=str))  # paths, dtypes
 
     def summary(self) -> str:
         lines = [f"qtune export: wrote {self.out} ({self.mode}"
@@ -125,14 +124,6 @@ class ExportResult:
         if self.hub_url:
             lines.append(f"  uploaded to {self.hub_url}")
         return "\n".join(lines)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (Path, torch.dtype)):
-        return str(value)
-    return str(value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,11 +24,13 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from ..formats import CONFIGS, FP4Config, LLMInt8Config, NF4Config, get_format
+from .options import NONE, Opt
+from .options import REQUIRED as _REQUIRED
 
 SECTIONS = ("model", "quantization", "lora", "dataset", "training", "output")
 TASK_KEY = "task"
@@ -39,8 +41,6 @@ ASSET_PREFIX = "qtune:"
 # the formats transformers + bitsandbytes computes itself (quantization.backend: bitsandbytes)
 BNB_BACKEND_CONFIGS = (NF4Config, FP4Config, LLMInt8Config)
 
-_REQUIRED = object()
-
 
 class RecipeError(ValueError):
     """A recipe mistake, located: ``file:line: key: message``."""
@@ -49,20 +49,6 @@ class RecipeError(ValueError):
         self.key, self.where, self.reason = key, where, message
         text = message if not key else f"{key}: {message}"
         super().__init__(f"{where}: {text}" if where else text)
-
-
-@dataclasses.dataclass(frozen=True)
-class Opt:
-    """One recipe key: accepted types, default, allowed values and an optional extra check.
-
-    ``check(value)`` returns an error message or ``None``.
-    """
-
-    types: tuple[type, ...]
-    default: Any = _REQUIRED
-    choices: tuple | None = None
-    check: Callable[[Any], str | None] | None = None
-    doc: str = ""
 
 
 def _positive(v: Any) -> str | None:
@@ -83,7 +69,6 @@ def _str_list(v: Any) -> str | None:
     return None
 
 
-NONE = type(None)
 NUMBER = (int, float)
 
 MODEL = {

@@ -38,7 +38,7 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
-from .recipe import NONE, Opt
+from .options import NONE, Opt
 
 
 def _reward_names(value: Any) -> str | None:

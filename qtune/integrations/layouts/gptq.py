@@ -181,8 +181,13 @@ def _describe(qc: dict[str, Any]) -> str:
 
 
 def _version() -> str:
-    from ... import __version__
-    return __version__
+    # the installed distribution's version (qtune.__version__ would import the package that imports this module)
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("qtune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write(model: nn.Module, folder: Path) -> None:
