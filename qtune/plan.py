@@ -230,8 +230,10 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 
 def _quantization_plan(recipe, model: nn.Module, quant: dict | None) -> dict:
-    """``{layer name: QuantConfig}`` as the runner would quantize."""
-    from .integrations.transformers import QTuneConfig, unquantizable_modules
+    """``{layer name: QuantConfig}`` as the runner would quantize (the runner's ``QTuneConfig`` and the one
+    layer plan, :meth:`QTuneConfig.layer_plan`)."""
+    from .integrations.transformers import QTuneConfig
+    from .train.base_model import qtune_config
 
     q = recipe.quantization
     fmt = q["format"]
@@ -247,17 +249,15 @@ def _quantization_plan(recipe, model: nn.Module, quant: dict | None) -> dict:
             fields = {k: v for k, v in quant.items() if k != "format"}
             qc = QTuneConfig(quant["format"], compute_dtype=_compute_dtype(q), **fields)
     else:
-        fields = recipe.format_fields()
-        qc = QTuneConfig(fmt, compute_dtype=_compute_dtype(q), skip_modules=q["skip_modules"],
-                         overrides=q["overrides"], **fields)
-    return qc.plan(model, always_skip=unquantizable_modules(model))
+        qc = qtune_config(recipe, compute_dtype=_compute_dtype(q))
+    return dict(qc.layer_plan(model))
 
 
 def _compute_dtype(q: dict) -> str | None:
     return AUTO_PLAN_DTYPE if q["compute_dtype"] == "auto" else q["compute_dtype"]
 
 
-def _lora_targets(model: nn.Module, target_modules, quantized: dict) -> list[tuple[str, int, int]]:
+def _lora_targets(model: nn.Module, target_modules) -> list[tuple[str, int, int]]:
     """``(name, in, out)`` of the layers LoRA wraps (peft's matching rules; ``all-linear`` as qtune expands it)."""
     from .nn.base import is_conv1d
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -310,8 +310,8 @@ def task_option(recipe, key: str) -> Any:
     return f.default
 
 
-def task_extras(recipe, config, *, tokens: int, e: int, vocab: int, float_bytes: int,
-                quantized_bytes: int) -> tuple[dict[str, int], dict[str, Any]]:
+def task_extras(recipe, config, *, tokens: int, e: int, vocab: int,
+                float_bytes: int) -> tuple[dict[str, int], dict[str, Any]]:
     """``({item: bytes}, {count: value})`` that the recipe's task adds to an SFT step of ``tokens`` tokens
     (see the module docstring). ``tokens`` already counts chosen + rejected for pair tasks."""
     from .train.tasks import TASKS
@@ -413,7 +413,7 @@ def plan_recipe(recipe) -> MemoryPlan:
     lo, tr = recipe.lora, recipe.training
     a_dtype = adapter_dtype_for(recipe, bool(qplan))
     ea = _dtype_bytes(a_dtype)
-    targets = _lora_targets(model, lo["target_modules"], qplan)
+    targets = _lora_targets(model, lo["target_modules"])
     r = lo["r"]
     trainable = sum(r * (k + n) for _, k, n in targets)
     if lo["use_dora"]:
@@ -451,8 +451,7 @@ def plan_recipe(recipe) -> MemoryPlan:
     full = tokens * (layers * per_layer + logits)
     checkpointed = tokens * (layers * e * h + per_layer + logits)
     gc = bool(tr.get("activation_checkpointing", tr.get("gradient_checkpointing", True)))
-    extra, counts = task_extras(recipe, config, tokens=tokens, e=e, vocab=vocab, float_bytes=float_bytes,
-                                quantized_bytes=quantized_bytes)
+    extra, counts = task_extras(recipe, config, tokens=tokens, e=e, vocab=vocab, float_bytes=float_bytes)
     return MemoryPlan(task=recipe.task, task_extra=extra, model=recipe.model["path"], tokens=tokens, quantized_weights=quantized_bytes,
                       float_weights=float_bytes, lora_params=lora_bytes, gradients=lora_bytes,
                       optimizer_state=optimizer_bytes, activations_checkpointed=checkpointed, activations_full=full,

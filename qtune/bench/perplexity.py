@@ -101,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
 
     from ..calibration import calibration_windows, gptq_quantize_model
-    from ..cli.evaluate import load_text
     from ..cli.quantize import resolve_model
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
+    from ..sources import read_text
     from ..integrations import QTuneConfig
     from ..integrations.checkpoints import load_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenize_text(load_text(args.text), tokenizer, tokens=args.tokens)
+    ids = tokenize_text(read_text(args.text), tokenizer, tokens=args.tokens)
     cal = None
 
     def float_model():
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         def build():
             nonlocal cal
             if cal is None:
-                cal = calibration_windows([load_text(args.calibration)], tokenizer, samples=args.samples,
+                cal = calibration_windows([read_text(args.calibration)], tokenizer, samples=args.samples,
                                           seq_len=args.cal_seq_len)
             model = float_model()
             qc = QTuneConfig.from_spec(spec)

@@ -7,7 +7,7 @@ it is. Format specs: ``nf4``, ``nf4-dq`` (or ``nf4:double_quant=true``), ``fp4``
 
 Example::
 
-    qtune eval smollm2 --text austen:persuasion --tokens 16384 --seq-len 512 --quant nf4 llm_int8 rtn:group_size=128
+    qtune eval smollm2 --text qtune:austen/persuasion --tokens 16384 --seq-len 512 --quant nf4 llm_int8 rtn:group_size=128
 """
 from __future__ import annotations
 
@@ -19,29 +19,20 @@ import time
 from . import check_positive, model_dtype, one_line_errors
 
 
-def load_text(spec: str) -> str:
-    """A text file, or ``austen:NAME`` for a bundled novel."""
-    from ..assets import austen_text
-    from ..evaluate import read_text
-
-    if spec.startswith("austen:"):
-        return austen_text(spec.split(":", 1)[1])
-    return read_text(spec)
-
-
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
     from ..integrations.checkpoints import load_model, read_config_json
     from ..integrations import QTuneConfig
+    from ..sources import read_text
     from .quantize import resolve_model
 
     check_positive(args, "tokens", "seq_len", minimum=2)
     check_positive(args, "stride", "batch_size", "samples")
     check_positive(args, "cal_seq_len", minimum=2)
     args.dtype = model_dtype(args.dtype)
-    text = load_text(args.text)
+    text = read_text(args.text)
     specs = [QTuneConfig.from_spec(s) for s in args.quant or ()]
     calibrated = [s.format for s in specs if s.default_config().needs_calibration]
     if calibrated and not args.calibration:
@@ -115,7 +106,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="perplexity and tokens/s of a model and its quantized variants",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", help="model folder (float or quantized), or 'smollm2'")
-    p.add_argument("--text", required=True, help="UTF-8 text file (.txt or .gz), or austen:emma / austen:persuasion")
+    p.add_argument("--text", required=True, help="UTF-8 text file (.txt or .gz), or qtune:austen/emma / qtune:austen/persuasion")
     p.add_argument("--quant", nargs="*", metavar="SPEC", help="formats to compare (float models only)")
     p.add_argument("--tokens", type=int, default=None, help="evaluate the first N tokens (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="window length")

@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from .. import sources
 from ..formats import CliOption, format_names, get_format
+from ..integrations.layouts import get_layout, layout_names
 from ..formats import parse_format_spec as parse_spec
 from . import check_positive, model_dtype, one_line_errors
 
@@ -74,16 +77,15 @@ def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
     return skeleton, qconfig.layer_plan(skeleton)
 
 
-def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout: str) -> None:
-    """The plan against the model's layer shapes, on a meta skeleton (no weights read): something to quantize,
-    and whole groups for the GPTQ layout."""
-    from ..calibration import check_group_sizes
-
+def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
+    """The layer plan against the model's layer shapes, on a meta skeleton (no weights read): something to
+    quantize, every layer's config storable in ``layout``, and the layout's own checks (whole GPTQ groups)."""
     skeleton, plan = planned_layers(path, qconfig, trust_remote_code)
     if not plan:
         raise ValueError(f"{path}: no linear layer left to quantize (check --skip/--override)")
-    if layout == "gptq":
-        check_group_sizes(skeleton, plan)
+    for cfg in dict.fromkeys(plan.values()):
+        layout.check(cfg)
+    layout.check_plan(skeleton, plan)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,25 +99,22 @@ def run(args: argparse.Namespace) -> int:
     if calibrated:
         if not args.calibration:
             raise ValueError(f"--format {args.format} needs --calibration PATH_OR_DATASET")
-        cal = Path(args.calibration)
-        if not args.calibration.startswith("austen:") and (cal.suffix or "/" in args.calibration) and not cal.exists():
-            raise FileNotFoundError(f"calibration file {args.calibration} does not exist")
+        with warnings.catch_warnings():  # the old `austen:` spelling warns once, when the text is read
+            warnings.simplefilter("ignore", FutureWarning)
+            calibration = sources.check_exists(args.calibration, "calibration file")
     check_positive(args, "samples", "batch_size")
     check_positive(args, "seq_len", minimum=2)
     args.dtype = model_dtype(args.dtype)
-    if calibrated and args.calibration.startswith("austen:"):
-        from ..assets import AUSTEN_TEXTS
-
-        if args.calibration.split(":", 1)[1] not in AUSTEN_TEXTS:
-            raise ValueError(f"--calibration {args.calibration}: the bundled texts are "
-                             f"{', '.join('austen:' + n for n in AUSTEN_TEXTS)}")
-    if args.layout == "gptq" and args.format not in ("gptq", "rtn"):
-        raise ValueError(f"--layout gptq holds gptq/rtn layers, not {args.format}")
-    if args.layout == "bnb" and args.format in ("gptq", "rtn"):
-        raise ValueError(f"--layout bnb holds nf4/fp4/int8/llm_int8 layers, not {args.format}")
-    path = resolve_model(args.model)
+    if calibrated and calibration.startswith(sources.PREFIX):
+        try:
+            sources.bundled_text(calibration)  # an unknown bundled text fails now, not after loading
+        except ValueError as e:
+            raise ValueError(f"--calibration {args.calibration}: {e}") from None
+    layout = get_layout(args.layout)
     qconfig = build_config(args)
-    _check_plan(path, qconfig, args.trust_remote_code, args.layout)
+    layout.check(qconfig.default_config())
+    path = resolve_model(args.model)
+    _check_plan(path, qconfig, args.trust_remote_code, layout)
     dtype = args.dtype
     start = time.perf_counter()
     tokenizer = _tokenizer(path, required=calibrated)
@@ -195,13 +194,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder (config.json + safetensors), or 'smollm2'")
     p.add_argument("--format", required=True, choices=format_names())
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--layout", default="qtune", choices=("qtune", "bnb", "gptq"),
+    p.add_argument("--layout", default="qtune", choices=layout_names(),
                    help="qtune: quant_method 'qtune'; bnb: transformers+bitsandbytes; gptq: GPTQ v1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_format_options(p)
     calibrated = "/".join(n for n in format_names() if get_format(n).needs_calibration)
     g = p.add_argument_group(f"calibration ({calibrated})")
-    g.add_argument("--calibration", help="calibration text: .txt/.json/.jsonl/.parquet file, austen:emma, or a "
+    g.add_argument("--calibration", help="calibration text: .txt/.json/.jsonl/.parquet file, qtune:austen/emma, or a "
                                          "dataset name (needs a network)")
     g.add_argument("--samples", type=int, default=128, help="calibration windows")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
