@@ -22,7 +22,8 @@ def test_bundled_novel_in_the_one_syntax():
 
 
 def test_old_spelling_reads_with_a_deprecation_message():
-    with pytest.warns(FutureWarning, match=r"'austen:persuasion' is deprecated spelling; write 'qtune:austen/persuasion'"):
+    with pytest.warns(FutureWarning, match=r"'austen:persuasion' is deprecated spelling; "
+                                           r"write 'qtune:austen/persuasion'"):
         text = sources.read_text("austen:persuasion")
     assert text == assets.austen_text("persuasion")
     with pytest.warns(FutureWarning):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,7 +20,7 @@ from torch import nn
 from ...formats import QuantConfig
 from ...formats.base import dtype_name, parse_dtype
 from ...nn import QuantLinear
-from ..safetensors_header import Headers
+from ..safetensors_header import Headers, TensorReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +143,22 @@ def _resolve_dtype(dtype: Any, config) -> torch.dtype:
     return parse_dtype(dtype)
 
 
-Translate = Callable[[Headers, nn.Module, dict[str, Any]], tuple[dict[str, Any], dict[str, dict]]]
+# (headers, meta skeleton, qc) -> (qtune state dict of the quantized layers, {layer: format dict}, checkpoint keys used)
+Translate = Callable[[Headers, nn.Module, dict[str, Any]], tuple[dict[str, Any], dict[str, dict], set[str]]]
 
 
-def read_translated(path: Path, qc: dict[str, Any], headers: Headers, translate: Translate, *, dtype: Any,
+def translated_reader(translate: Translate) -> Callable[..., nn.Module]:
+    """The ``read`` of a foreign layout: :func:`read_translated` with the layout's ``translate``."""
+    return functools.partial(read_translated, translate=translate)
+
+
+def read_translated(path: Path, qc: dict[str, Any], headers: Headers, *, translate: Translate, dtype: Any,
                     kwargs: dict[str, Any], auto_class: Any) -> nn.Module:
-    """Load a foreign layout through ``from_pretrained`` with a translated, lazily read state dict.
+    """Load a foreign layout through ``from_pretrained`` with a translated, lazily read state dict (the
+    checkpoint's other tensors are passed through under their own names).
 
     Args:
-        translate: ``(headers, meta skeleton, qc) -> (qtune state dict, {layer: format dict})``.
+        translate: see :data:`Translate`.
         kwargs: ``from_pretrained`` arguments (``trust_remote_code`` included).
         auto_class: the transformers auto class whose model the folder holds (``AutoModelForCausalLM``...).
     """
@@ -164,7 +172,11 @@ def read_translated(path: Path, qc: dict[str, Any], headers: Headers, translate:
     torch_dtype = _resolve_dtype(dtype, hf_config)
     with torch.device("meta"):
         skeleton = auto_class.from_config(hf_config, trust_remote_code=trust_remote_code)
-    state, layers = translate(headers, skeleton, qc)
+    state, layers, consumed = translate(headers, skeleton, qc)
+    reader = TensorReader(headers)
+    for key in headers:
+        if key not in consumed:
+            state[key] = reader.lazy(key)
     for d in layers.values():
         if d.get("compute_dtype") is None:
             d["compute_dtype"] = dtype_name(torch_dtype)
@@ -238,5 +250,5 @@ def unique(values: set, what: str) -> Any:
 
 
 __all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "storing_layouts",
-           "read_config_json", "dims", "read_translated", "quantized_layers", "float_state_dict", "write_json",
-           "write_translated", "unique"]
+           "read_config_json", "dims", "read_translated", "translated_reader", "quantized_layers", "float_state_dict",
+           "write_json", "write_translated", "unique"]

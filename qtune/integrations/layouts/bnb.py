@@ -37,7 +37,7 @@ from ...formats import FP4Config, Int8Config, LLMInt8Config, NF4Config, QuantCon
 from ...formats.base import dtype_name, parse_dtype
 from ...nn import Linear4bit, LinearInt8, LinearLLMInt8, linear_modules
 from ..safetensors_header import SAFETENSORS_DTYPES, Headers, LazyTensor, TensorReader, header_shape, key_where
-from .base import Layout, dims, float_state_dict, quantized_layers, read_translated, register_layout, unique, \
+from .base import Layout, dims, float_state_dict, quantized_layers, register_layout, translated_reader, unique, \
     write_translated
 
 QUANT_METHOD = "bitsandbytes"
@@ -82,8 +82,10 @@ def bnb_kind(qc: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
-def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Translate a bitsandbytes checkpoint: (lazy qtune state dict, ``{layer: format dict}``)."""
+def translate(headers: Headers, skeleton: nn.Module,
+              qc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict], set[str]]:
+    """Translate a bitsandbytes checkpoint: (lazy qtune tensors of its quantized layers, ``{layer: format dict}``,
+    the checkpoint keys they used)."""
     reader = TensorReader(headers)
     linears = dict(linear_modules(skeleton))
     compute = qc.get("bnb_4bit_compute_dtype") or "float32"
@@ -189,16 +191,7 @@ def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tupl
     if want_4bit != bool(qs_keys):
         raise ValueError(f"config.json says load_in_4bit={want_4bit} but the checkpoint holds "
                          f"{'4-bit' if qs_keys else '8-bit'} tensors: quantization_config disagrees with the tensors")
-    for key in headers:
-        if key not in consumed:
-            state[key] = reader.lazy(key)
-    return state, layers
-
-
-def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any],
-         auto_class: Any) -> nn.Module:
-    """Load a bitsandbytes folder into qtune layers (lazily translated state dict)."""
-    return read_translated(path, qc, headers, translate, dtype=dtype, kwargs=kwargs, auto_class=auto_class)
+    return state, layers, consumed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,11 +271,12 @@ def write(model: nn.Module, folder: Path) -> None:
 
 
 LAYOUT = register_layout(Layout(name="bnb", quant_method=QUANT_METHOD, holds="nf4/fp4/int8/llm_int8 layers",
-                                can_store=can_store, detects=lambda qc: bnb_kind(qc) is not None, read=read,
-                                write=write, refusal=_refusal, stored_config=stored_config,
+                                can_store=can_store, detects=lambda qc: bnb_kind(qc) is not None,
+                                read=translated_reader(translate), write=write, refusal=_refusal,
+                                stored_config=stored_config,
                                 describe=lambda qc: (qc.get("bnb_4bit_quant_type") if qc.get("load_in_4bit")
                                                      else "LLM.int8"),
                                 note="bitsandbytes layout (loads with transformers + bitsandbytes, or "
                                      "`qtune.load_model`)"))
 
-__all__ = ["LAYOUT", "can_store", "stored_config", "bnb_kind", "translate", "read", "bnb_tensors", "write"]
+__all__ = ["LAYOUT", "can_store", "stored_config", "bnb_kind", "translate", "bnb_tensors", "write"]

@@ -23,7 +23,7 @@ from torch import nn
 from ...formats import GPTQConfig, QuantConfig, RTNConfig, gptq
 from ...nn import LinearGPTQ, float_weight_of, linear_modules
 from ..safetensors_header import Headers, LazyTensor, TensorReader, header_shape, key_where
-from .base import Layout, dims, float_state_dict, quantized_layers, read_translated, register_layout, unique, \
+from .base import Layout, dims, float_state_dict, quantized_layers, register_layout, translated_reader, unique, \
     write_json, write_translated
 
 QUANT_METHOD = "gptq"
@@ -58,7 +58,8 @@ def _repack_v2_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return gptq.pack_zeros(gptq.unpack_rows(qzeros.T.contiguous(), bits, n).T, bits)  # v2 stores the zero itself
 
 
-def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+def translate(headers: Headers, skeleton: nn.Module,
+              qc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict], set[str]]:
     reader = TensorReader(headers)
     linears = dict(linear_modules(skeleton))
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
@@ -121,17 +122,7 @@ def translate(headers: Headers, skeleton: nn.Module, qc: dict[str, Any]) -> tupl
     if not layers:
         raise ValueError("config.json says gptq, but no tensor named *.qweight was found: "
                          "quantization_config disagrees with the tensors")
-    for key in headers:
-        if key not in consumed:
-            state[key] = reader.lazy(key)
-    return state, layers
-
-
-
-def read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwargs: dict[str, Any],
-         auto_class: Any) -> nn.Module:
-    """Load a GPTQ folder into qtune ``LinearGPTQ`` layers (lazily translated state dict)."""
-    return read_translated(path, qc, headers, translate, dtype=dtype, kwargs=kwargs, auto_class=auto_class)
+    return state, layers, consumed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,8 +189,10 @@ def write(model: nn.Module, folder: Path) -> None:
 
 
 LAYOUT = register_layout(Layout(name="gptq", quant_method=QUANT_METHOD, holds="gptq/rtn layers", can_store=can_store,
-                                detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD, read=read,
-                                write=write, check_plan=check_plan, describe=_describe,
-                                note="GPTQ v1 layout (loads with GPTQ loaders such as GPTQModel, or `qtune.load_model`)"))
+                                detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD,
+                                read=translated_reader(translate), write=write, check_plan=check_plan,
+                                describe=_describe,
+                                note="GPTQ v1 layout (loads with GPTQ loaders such as GPTQModel, or "
+                                     "`qtune.load_model`)"))
 
-__all__ = ["LAYOUT", "can_store", "check_plan", "translate", "read", "gptq_tensors", "write"]
+__all__ = ["LAYOUT", "can_store", "check_plan", "translate", "gptq_tensors", "write"]
