@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
 from typing import Any
 
 from qtune.ops import library as _library
@@ -63,9 +62,6 @@ KERNEL_MODULES = ("dequant_4bit", "dequant_int8", "dequant_gptq", "matmul_4bit",
 
 _registered: list[str] = []
 _registered_devices: list[str] = []
-
-# the slow-path warning of qtune.ops.library asks this module why kernels are missing
-_library.attach_device_kernels(sys.modules[__name__])
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Per-layer inspection of a (quantized) model: format, bits, bytes, bits/parameter, quantization error, plots.
+"""Per-layer inspection of a model (``qtune inspect``): format, bits, bytes, bits/parameter, error, plots.
 
 ``bytes`` of a quantized layer are its packed weight and scales (buffers), without the bias;
 ``bits/param = 8·bytes / (in_features·out_features)``. A float layer reports its weight's dtype. The

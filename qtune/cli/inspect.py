@@ -15,7 +15,7 @@ from . import model_dtype, one_line_errors
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    from ..inspect import float_weights, format_table, layer_table, plot, quantized_copy
+    from ..inspection import float_weights, format_table, layer_table, plot, quantized_copy
     from ..integrations.checkpoints import load_model, read_config_json
     from ..integrations import QTuneConfig
     from .quantize import resolve_model

@@ -22,16 +22,8 @@ from pathlib import Path
 from .. import sources
 from ..formats import CliOption, format_names, get_format
 from ..integrations.layouts import get_layout, layout_names
-from ..formats import parse_format_spec as parse_spec
+from ..formats import parse_format_spec
 from . import check_positive, model_dtype, one_line_errors
-
-
-def parse_format_spec(spec: str):
-    """Deprecated spelling: ``qtune.formats.parse_format_spec`` (a :class:`~qtune.formats.FormatSpec`), or
-    ``QTuneConfig.from_spec`` for a loading config, which this returns."""
-    from ..integrations import QTuneConfig
-
-    return QTuneConfig.from_spec(spec)
 
 
 def resolve_model(model: str) -> Path:
@@ -60,7 +52,7 @@ def build_config(args: argparse.Namespace):
         if spec.strip().lower() in ("skip", "none", "float"):
             overrides[pattern] = None
         else:
-            parsed = parse_spec(spec)
+            parsed = parse_format_spec(spec)
             overrides[pattern] = {"format": parsed.format, **parsed.options, "compute_dtype": parsed.compute_dtype}
     return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
 

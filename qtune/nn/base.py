@@ -135,8 +135,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name or type(self).__name__}: config {config} is not the layer's {self.config}")
         self.quantize_(weight, name=name, **kwargs)
 
-    _load_quantized = load_quantized_  # the old private name, until its last caller moves
-
     def requantize_(self, weight: Tensor, *, name: str = "") -> int:
         """Replace the quantized weight by the quantization of ``weight`` [out_features, in_features], in place,
         keeping every buffer's dtype (e.g. fp16 scales). Formats that cannot re-run their quantizer here (GPTQ
@@ -179,11 +177,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             new.bias = nn.Parameter(self.bias.detach().to(w.dtype))
         return new
-
-    @property
-    def op_format(self) -> str:
-        """Deprecated name of :attr:`op_family`."""
-        return self.op_family
 
     # -- storage (FSDP) -------------------------------------------------------------------------
     def packed(self) -> Tensor:

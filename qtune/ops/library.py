@@ -7,6 +7,8 @@ device works. Faster kernels (``kernels/``, Triton) override it per device with
 """
 from __future__ import annotations
 
+import sys
+
 from typing import Callable
 
 import torch
@@ -43,15 +45,6 @@ def registration_failure() -> str | None:
     return _registration_failure[0] if _registration_failure else None
 
 
-_device_kernels: list = []  # the qtune.kernels module, which attaches itself here when imported
-
-
-def attach_device_kernels(module) -> None:
-    """Called by ``qtune.kernels`` at import, so the slow-path warning can ask it (``triton_available()``,
-    ``registered()``) without this lower layer importing it."""
-    _device_kernels.append(module)
-
-
 def slow_path_reason(device_type: str) -> str | None:
     """Why a tensor on ``device_type`` reached a ``qtune::`` reference kernel, and the fix; None when that is
     expected (CPU and meta tensors run the reference or the native CPU kernels by design).
@@ -69,7 +62,8 @@ def slow_path_reason(device_type: str) -> str | None:
         cause = f"registering qtune's Triton kernels failed at import ({failure})"
         fix = "install a Triton that qtune supports (see pyproject.toml) or report the error"
     else:
-        kernels = _device_kernels[-1] if _device_kernels else None
+        # the kernels sit above this module: ask the loaded package (``import qtune`` imports it), never import it
+        kernels = sys.modules.get("qtune.kernels")
         if kernels is None:
             cause, fix = "qtune.kernels was not imported (importing it failed)", "reinstall qtune"
         else:

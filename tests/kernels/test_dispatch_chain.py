@@ -82,7 +82,7 @@ CHAIN = textwrap.dedent(r"""
     def run(dtype, check_layers):
         model = build(dtype)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        fams = {m.op_format for m in layers.values()}
+        fams = {m.op_family for m in layers.values()}
         assert fams == {"4bit", "int8", "llm_int8", "gptq"}, fams
         calls = []
         if check_layers:
@@ -99,7 +99,7 @@ CHAIN = textwrap.dedent(r"""
         for kind, name, mod, a, b in calls:
             w32 = mod.dequantize(torch.float32)
             if kind == "fwd":
-                if mod.op_format == "llm_int8":
+                if mod.op_family == "llm_int8":
                     outliers += int((a.abs() >= mod.threshold).any(dim=tuple(range(a.dim() - 1))).sum())
                     weight, scb, threshold = mod.weight_args()
                     assert_llm_int8_close(b, a, weight, scb, threshold, mod.bias, f"{name} {dtype}")

@@ -16,18 +16,18 @@ def layer(request):
 def test_opcheck_linear_ops(layer):
     x = torch.randn(3, 5, 64, requires_grad=True)
     bias = torch.randn(48, requires_grad=True)
-    torch.library.opcheck(LINEAR_OPS[layer.op_format], (x, *layer.weight_args(), bias))
-    torch.library.opcheck(LINEAR_OPS[layer.op_format], (x.detach(), *layer.weight_args(), None))
-    torch.library.opcheck(GRAD_INPUT_OPS[layer.op_format], (torch.randn(3, 5, 48), *layer.weight_args()))
+    torch.library.opcheck(LINEAR_OPS[layer.op_family], (x, *layer.weight_args(), bias))
+    torch.library.opcheck(LINEAR_OPS[layer.op_family], (x.detach(), *layer.weight_args(), None))
+    torch.library.opcheck(GRAD_INPUT_OPS[layer.op_family], (torch.randn(3, 5, 48), *layer.weight_args()))
 
 
 def test_opcheck_dequantize_ops():
     for key in ("nf4", "nf4-dq", "int8-zp-g32", "gptq3-act"):
         lay = make_layer(key, nn.Linear(64, 48))
         w = lay.weight_args()
-        if lay.op_format == "4bit":
+        if lay.op_family == "4bit":
             torch.library.opcheck(torch.ops.qtune.dequantize_4bit.default, (*w, torch.bfloat16))
-        elif lay.op_format == "int8":
+        elif lay.op_family == "int8":
             torch.library.opcheck(torch.ops.qtune.dequantize_int8.default, (*w, torch.float16))
         else:
             torch.library.opcheck(torch.ops.qtune.dequantize_gptq.default, (*w, torch.float32))
@@ -36,7 +36,7 @@ def test_opcheck_dequantize_ops():
 def test_fake_tensor_shapes(layer):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y = LINEAR_OPS[layer.op_format](torch.empty(2, 7, 64), *layer.weight_args(), None)
+        y = LINEAR_OPS[layer.op_family](torch.empty(2, 7, 64), *layer.weight_args(), None)
     assert tuple(y.shape) == (2, 7, 48)
 
 
@@ -119,7 +119,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(key):
         y_lin = lin(x)
     assert y.dtype == y_lin.dtype == torch.bfloat16
     # the same op on bf16 inputs outside autocast: the layer really computed in bf16 (not fp32, then cast)
-    expect = LINEAR_OPS[lay.op_format](x.to(torch.bfloat16), *lay.weight_args(), lay.bias.to(torch.bfloat16))
+    expect = LINEAR_OPS[lay.op_family](x.to(torch.bfloat16), *lay.weight_args(), lay.bias.to(torch.bfloat16))
     assert torch.equal(y, expect)
     fp32 = lay(x)
     assert fp32.dtype == torch.float32 and not torch.equal(fp32.to(torch.bfloat16), y)
