@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..formats import CONFIGS, FP4Config, LLMInt8Config, NF4Config, get_format
+from ..sources import PREFIX as ASSET_PREFIX  # noqa: F401  (bundled models and texts: qtune:<name>)
 from .options import NONE, Opt
 from .options import REQUIRED as _REQUIRED
 
@@ -36,10 +37,15 @@ SECTIONS = ("model", "quantization", "lora", "dataset", "training", "output")
 TASK_KEY = "task"
 DTYPES = ("float32", "bfloat16", "float16")
 AUTO = "auto"
-QUANT_FORMATS = tuple(CONFIGS) + ("pretrained", "none")
-ASSET_PREFIX = "qtune:"
+RECIPE_ONLY_FORMATS = ("pretrained", "none")  # no quantization while loading: already quantized, or float
 # the formats transformers + bitsandbytes computes itself (quantization.backend: bitsandbytes)
 BNB_BACKEND_CONFIGS = (NF4Config, FP4Config, LLMInt8Config)
+
+
+def quant_formats() -> tuple[str, ...]:
+    """What ``quantization.format`` accepts: every registered format (asked when a recipe is validated, so a
+    format registered after import works too), then ``pretrained`` and ``none``."""
+    return tuple(CONFIGS) + RECIPE_ONLY_FORMATS
 
 
 class RecipeError(ValueError):
@@ -86,7 +92,8 @@ MODEL = {
 }
 
 QUANTIZATION = {
-    "format": Opt((str,), choices=QUANT_FORMATS,
+    "format": Opt((str,), check=lambda v: None if v in quant_formats() else
+                  f"{v!r} is not one of {_fmt_choices(quant_formats())}",
                   doc="qtune format to quantize the float checkpoint into while loading; 'pretrained': the "
                       "checkpoint is already quantized (qtune, bitsandbytes or GPTQ); 'none': no quantization"),
     "compute_dtype": Opt((str, NONE), None, (None, AUTO) + DTYPES),
@@ -520,12 +527,12 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
     # quantization: the format decides which more keys are allowed (the format config's fields)
     q = data.get("quantization")
     if q is None:
-        raise ctx.error(("quantization",), "section is required (format: " + ", ".join(QUANT_FORMATS) + ")")
+        raise ctx.error(("quantization",), "section is required (format: " + ", ".join(quant_formats()) + ")")
     if not isinstance(q, dict):
         raise ctx.error(("quantization",), f"expected a mapping, got {q!r}")
     fmt = q.get("format")
     if fmt is None:
-        raise ctx.error(("quantization", "format"), f"is required; one of {_fmt_choices(QUANT_FORMATS)}")
+        raise ctx.error(("quantization", "format"), f"is required; one of {_fmt_choices(quant_formats())}")
     _check_value(ctx, ("quantization", "format"), QUANTIZATION["format"], fmt)
     extra: dict[str, Opt] = {}
     if fmt in CONFIGS:

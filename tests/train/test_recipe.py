@@ -81,6 +81,24 @@ def test_unknown_section_and_missing(tmp_path):
     assert "output: section is required" in str(e)
 
 
+def test_a_format_registered_after_import_is_a_recipe_format(tmp_path, monkeypatch):
+    import dataclasses
+    from typing import ClassVar
+
+    from qtune.formats import NF4Config, registry
+
+    @dataclasses.dataclass(frozen=True)
+    class LateConfig(NF4Config):
+        format: ClassVar[str] = "late"
+
+    monkeypatch.setitem(registry._FORMATS, "late", LateConfig)  # registered for this test only
+    r = load_recipe(_write(tmp_path, GOOD.replace("  format: nf4", "  format: late")))
+    assert isinstance(r.quant_config(), LateConfig) and r.quant_config().double_quant is True
+    monkeypatch.delitem(registry._FORMATS, "late")
+    e = _error(tmp_path, GOOD.replace("  format: nf4", "  format: late"))
+    assert ":5: quantization.format: 'late' is not one of 'nf4', 'fp4'" in str(e)
+
+
 def test_quantization_format_fields(tmp_path):
     e = _error(tmp_path, GOOD.replace("  format: nf4", "  format: nf5"))
     assert ":5: quantization.format: 'nf5' is not one of 'nf4', 'fp4'" in str(e) and "'pretrained'" in str(e)
