@@ -53,12 +53,9 @@ _WRAPPERS = {
     "linear_llm_int8": "matmul_llm_int8",
 }
 
-# qtune op name -> function registered for it: the dequantize wrappers, and routing.py's dispatching
-# wrappers for the linear ops
-OPS = {name: ("routing" if name.startswith("linear_") else _WRAPPERS[name]) for name in _WRAPPERS}
-
-KERNEL_MODULES = ("dequant_4bit", "dequant_int8", "dequant_gptq", "matmul_4bit", "matmul_gptq", "matmul_int8",
-                  "matmul_llm_int8", "routing")
+# qtune op name -> the module whose function of the same name is registered for it: the dequantize
+# wrappers themselves, and routing.py's dispatching wrappers for the linear ops
+OPS = {name: ("routing" if name.startswith("linear_") else module) for name, module in _WRAPPERS.items()}
 
 _registered: list[str] = []
 _registered_devices: list[str] = []
@@ -116,9 +113,8 @@ def register(force: bool = False, *, device: str = "cuda", _testing: bool = Fals
     # CUDA first: on a CPU-only machine `import qtune` then never pays for importing Triton
     elif "cuda" in _registered_devices or not (force or cuda_available()) or not triton_available():
         return list(_registered)
-    modules = {name: importlib.import_module(f"{__name__}.{name}") for name in KERNEL_MODULES}
-    fns = {op: getattr(modules[mod], "ROUTED")[op] if mod == "routing" else getattr(modules[mod], op)
-           for op, mod in OPS.items()}
+    modules = {name: importlib.import_module(f"{__name__}.{name}") for name in {*_WRAPPERS.values(), "routing"}}
+    fns = {op: getattr(modules[mod], op) for op, mod in OPS.items()}
     for op_name, fn in fns.items():
         _library.register_device_kernel(op_name, device, fn)
         if op_name not in _registered:
@@ -141,4 +137,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["register", "registered", "triton_available", "cuda_available", "OPS", "KERNEL_MODULES", *_WRAPPERS]
+__all__ = ["register", "registered", "triton_available", "cuda_available", "OPS", *_WRAPPERS]

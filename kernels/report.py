@@ -59,9 +59,6 @@ def _b8(zero: bool, per_row: bool) -> float:
     return 1 + (5 if zero else 4) / INT8_G
 
 
-_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One kernel specialization to compile."""

@@ -142,10 +142,3 @@ def linear_gptq_grad_input(grad_out: torch.Tensor, qweight: torch.Tensor, qzeros
     n, k = check_gptq_args(*w, "linear_gptq_grad_input")
     return _dense_grad_input(grad_out, lambda out: dequantize_gptq(*w, grad_out.dtype, out=out), n, k)
 
-
-ROUTED = {
-    "linear_4bit": linear_4bit, "linear_4bit_grad_input": linear_4bit_grad_input,
-    "linear_int8": linear_int8, "linear_int8_grad_input": linear_int8_grad_input,
-    "linear_llm_int8": linear_llm_int8, "linear_llm_int8_grad_input": linear_llm_int8_grad_input,
-    "linear_gptq": linear_gptq, "linear_gptq_grad_input": linear_gptq_grad_input,
-}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import bench_command, default_dir, load_average, write_results
+from .results import load_average, write_and_report
 
 DEMO_RECIPE = "recipes/smollm2-135m/qlora-nf4.yaml"
 BACKENDS = ("qtune", "bitsandbytes")
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ratios_qtune_over_bitsandbytes"] = ratios(runs[0], runs[1])
         print("qtune / bitsandbytes: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                    results["ratios_qtune_over_bitsandbytes"].items()))
-    out = write_results("demo", results, args.out if args.out else default_dir() / "demo.json",
-                        command=bench_command("qtune.bench.demo", argv))
-    print(f"wrote {out}")
-    return 0
+    return write_and_report("demo", results, args.out, argv)
 
 
 if __name__ == "__main__":

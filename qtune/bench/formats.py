@@ -25,7 +25,7 @@ from torch import nn
 from ..formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig, parse_dtype
 from ..formats.gptq import GPTQHessian
 from ..nn import layer_class_for
-from .results import bench_command, default_dir, load_average, write_results
+from .results import load_average, write_and_report
 
 
 def quiet_bitsandbytes() -> None:
@@ -188,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                             "dtype": args.dtype, "repeat": args.repeat},
                "threads": torch.get_num_threads(), "load_average_start": load_start,
                "dense_ms": {"forward": dense_fwd, "fwd+bwd": dense_fb}, "rows": rows}
-    out = write_results("formats", results, args.out if args.out else default_dir() / "formats.json",
-                        command=bench_command("qtune.bench.formats", argv))
-    print(f"wrote {out}")
-    return 0
+    return write_and_report("formats", results, args.out, argv)
 
 
 if __name__ == "__main__":

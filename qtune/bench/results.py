@@ -167,6 +167,15 @@ def write_results(benchmark: str, results: Any, out: str | os.PathLike | None = 
     return path
 
 
+def write_and_report(benchmark: str, results: Any, out: str | os.PathLike | None, argv: list[str] | None) -> int:
+    """The end of a bench's ``main(argv)``: :func:`write_results` (to ``out``, default
+    ``bench/results/<benchmark>.json``) with the ``python -m qtune.bench.<benchmark>`` command, print the
+    path; returns the exit status 0."""
+    path = write_results(benchmark, results, out or None, command=bench_command(f"qtune.bench.{benchmark}", argv))
+    print(f"wrote {path}")
+    return 0
+
+
 def read_results(path: str | os.PathLike, benchmark: str | None = None) -> dict[str, Any]:
     """Load a results file and check that it has the common schema.
 

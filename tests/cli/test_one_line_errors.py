@@ -88,27 +88,34 @@ class _CurrentStderr:
 
 
 R = "{root}"
+
+
+def to_o(*argv: str) -> list[str]:
+    """``argv`` writing to ``{root}/o`` (which must never appear)."""
+    return [*argv, "--out", R + "/o"]
+
+
 CASES = {
     "quantize": [
-        ([R + "/missing", "--format", "nf4", "--out", R + "/o"], r"missing does not exist"),
-        ([R + "/not-a-model", "--format", "nf4", "--out", R + "/o"], r"config\.json"),
-        ([R + "/truncated", "--format", "nf4", "--out", R + "/o"], r"truncated safetensors file"),
-        ([R + "/model", "--format", "bogus", "--out", R + "/o"], r"invalid choice: 'bogus'"),
+        (to_o(R + "/missing", "--format", "nf4"), r"missing does not exist"),
+        (to_o(R + "/not-a-model", "--format", "nf4"), r"config\.json"),
+        (to_o(R + "/truncated", "--format", "nf4"), r"truncated safetensors file"),
+        (to_o(R + "/model", "--format", "bogus"), r"invalid choice: 'bogus'"),
         ([R + "/model", "--format", "nf4"], r"--out"),
-        ([R + "/model", "--format", "rtn", "--bits", "5", "--out", R + "/o"], r"--bits: invalid choice"),
-        ([R + "/model", "--format", "nf4", "--blocksize", "48", "--out", R + "/o"], r"blocksize"),
-        ([R + "/model", "--format", "nf4", "--blocksize", "x", "--out", R + "/o"], r"--blocksize: invalid int"),
-        ([R + "/model", "--format", "nf4", "--dtype", "float8", "--out", R + "/o"], r"--dtype='float8'"),
-        ([R + "/model", "--format", "nf4", "--override", "down_proj", "--out", R + "/o"], r"down_proj"),
-        ([R + "/model", "--format", "nf4", "--override", "down_proj=bogus", "--out", R + "/o"], r"bogus"),
-        ([R + "/model", "--format", "nf4", "--layout", "gptq", "--out", R + "/o"], r"--layout gptq holds"),
-        ([R + "/model", "--format", "gptq", "--out", R + "/o"], r"needs --calibration"),
-        ([R + "/model", "--format", "gptq", "--calibration", R + "/missing.txt", "--out", R + "/o"],
+        (to_o(R + "/model", "--format", "rtn", "--bits", "5"), r"--bits: invalid choice"),
+        (to_o(R + "/model", "--format", "nf4", "--blocksize", "48"), r"blocksize"),
+        (to_o(R + "/model", "--format", "nf4", "--blocksize", "x"), r"--blocksize: invalid int"),
+        (to_o(R + "/model", "--format", "nf4", "--dtype", "float8"), r"--dtype='float8'"),
+        (to_o(R + "/model", "--format", "nf4", "--override", "down_proj"), r"down_proj"),
+        (to_o(R + "/model", "--format", "nf4", "--override", "down_proj=bogus"), r"bogus"),
+        (to_o(R + "/model", "--format", "nf4", "--layout", "gptq"), r"--layout gptq holds"),
+        (to_o(R + "/model", "--format", "gptq"), r"needs --calibration"),
+        (to_o(R + "/model", "--format", "gptq", "--calibration", R + "/missing.txt"),
          r"missing\.txt does not exist"),
-        ([R + "/model", "--format", "gptq", "--calibration", "austen:nope", "--out", R + "/o"], r"nope"),
-        ([R + "/model", "--format", "gptq", "--calibration", R + "/text.txt", "--samples", "0", "--out", R + "/o"],
+        (to_o(R + "/model", "--format", "gptq", "--calibration", "austen:nope"), r"nope"),
+        (to_o(R + "/model", "--format", "gptq", "--calibration", R + "/text.txt", "--samples", "0"),
          r"--samples must be ≥ 1"),
-        ([R + "/model", "--format", "rtn", "--group-size", "48", "--layout", "gptq", "--out", R + "/o"],
+        (to_o(R + "/model", "--format", "rtn", "--group-size", "48", "--layout", "gptq"),
          r"group_size 48 does not divide"),
         ([R + "/model", "--format", "nf4", "--out", R + "/taken"], r"already exists"),
     ],
@@ -155,13 +162,13 @@ CASES = {
         ([R + "/no-model.yaml"], r"gone"),
     ],
     "export": [
-        ([R + "/missing", "--mode", "adapter", "--out", R + "/o"], r"missing: does not exist"),
-        ([R + "/not-a-model", "--mode", "merged", "--out", R + "/o"], r"neither a training run folder"),
-        ([R + "/adapter", "--mode", "adapter", "--out", R + "/o"], r"adapter_model\.safetensors"),
-        ([R + "/adapter", "--mode", "bogus", "--out", R + "/o"], r"--mode: invalid choice"),
+        (to_o(R + "/missing", "--mode", "adapter"), r"missing: does not exist"),
+        (to_o(R + "/not-a-model", "--mode", "merged"), r"neither a training run folder"),
+        (to_o(R + "/adapter", "--mode", "adapter"), r"adapter_model\.safetensors"),
+        (to_o(R + "/adapter", "--mode", "bogus"), r"--mode: invalid choice"),
         ([R + "/adapter", "--mode", "adapter"], r"--out"),
-        ([R + "/adapter", "--mode", "adapter", "--format", "nf4", "--out", R + "/o"], r"--format applies to --mode"),
-        ([R + "/adapter", "--mode", "adapter", "--private", "--out", R + "/o"], r"--private applies"),
+        (to_o(R + "/adapter", "--mode", "adapter", "--format", "nf4"), r"--format applies to --mode"),
+        (to_o(R + "/adapter", "--mode", "adapter", "--private"), r"--private applies"),
         ([R + "/adapter", "--mode", "adapter", "--out", R + "/taken"], r"already exists"),
     ],
 }
