@@ -173,9 +173,6 @@ def task_config(recipe: Recipe):
     return task.config_class()(output_dir=recipe.output["dir"], report_to=report_to(recipe), **kwargs)
 
 
-sft_config = task_config  # the name before there were tasks
-
-
 def adapter_dtype(recipe: Recipe):
     d = recipe.lora["dtype"]
     return None if d == "auto" else parse_dtype(d)

@@ -136,12 +136,3 @@ TASK_NAMES = tuple(TASKS)
 def task_config_kwargs(task: Task, section: Mapping[str, Any]) -> dict[str, Any]:
     """The trl config fields of a validated task section (its qtune-only keys removed)."""
     return {k: v for k, v in section.items() if k not in task.options}
-
-
-def check_columns(task: Task, columns: list[str]) -> str | None:
-    """An error message when a dataset lacks the columns ``task`` needs, else ``None``."""
-    missing = [c for c in task.columns if c not in columns]
-    if not missing:
-        return None
-    return (f"task {task.name!r} needs column(s) {', '.join(missing)}; the dataset has "
-            f"{', '.join(columns) or 'none'} (required: {', '.join(task.columns)})")
