@@ -29,15 +29,14 @@ def register_format(config_cls: type[QuantConfig]) -> type[QuantConfig]:
     """Register a format's config class under its ``format`` name (usable as a class decorator).
 
     Raises:
-        TypeError: not a frozen ``QuantConfig`` dataclass, or a declaration has the wrong type.
+        TypeError: not a ``QuantConfig`` dataclass (those are frozen: configs are hashable), or
+            ``needs_calibration`` is not a bool.
         ValueError: the class declares no ``format`` name, no ``bits`` or no ``op_family``, or the name is
             taken by another class.
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, QuantConfig)
             and dataclasses.is_dataclass(config_cls)):
         raise TypeError(f"register_format: expected a QuantConfig dataclass, got {config_cls!r}")
-    if not config_cls.__dataclass_params__.frozen:
-        raise TypeError(f"register_format: {config_cls.__name__} must be a frozen dataclass (configs are hashable)")
     name = config_cls.__dict__.get("format", "")
     if not isinstance(name, str) or not name or name != name.lower() or "-" in name or ":" in name:
         raise ValueError(f"register_format: {config_cls.__name__}.format={name!r} must be a lower-case name "

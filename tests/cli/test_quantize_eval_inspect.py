@@ -134,3 +134,27 @@ def test_existing_output_and_corrupt_model(model_dir, tmp_path, capsys):
     assert code == 1 and "model.safetensors: truncated safetensors file" in err and not (tmp_path / "o").exists()
     code, _, err = run(capsys, "eval", model_dir, "--text", tmp_path / "none.txt")
     assert code == 1 and "none.txt does not exist" in err
+
+
+def test_quantize_flags_come_from_the_format_registry(capsys):
+    import argparse
+
+    from qtune.cli.quantize import add_format_options
+    from qtune.formats import GPTQConfig, format_names, get_format
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for title, flags in {"nf4/fp4:": ("--double-quant", "--blocksize"), "gptq/rtn:": ("--bits", "--group-size", "--sym"),
+                         "gptq:": ("--act-order", "--damp-percent"), "llm_int8:": ("--threshold",),
+                         "calibration (gptq):": ("--calibration",)}.items():
+        section = out[out.index("\n" + title):]
+        assert all(f in section.split("\n\n")[0] for f in flags), (title, section[:300])
+    for name in format_names():
+        for opt in get_format(name).cli_options:
+            assert opt.cli_flag in out
+    assert GPTQConfig.cli_options[3].cli_flag == "--act-order"
+    p = argparse.ArgumentParser()
+    add_format_options(p)
+    args = p.parse_args(["--act-order", "--no-sym", "--bits", "3"])
+    assert (args.desc_act, args.sym, args.bits, args.blocksize, args.true_sequential) == (True, False, 3, None, None)

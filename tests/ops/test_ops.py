@@ -127,3 +127,22 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(key):
     with torch.autocast("cpu", torch.bfloat16):
         lay(xg).float().sum().backward()
     assert xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
+
+
+# -- op families ----------------------------------------------------------------------------------------
+def test_op_families_are_named_records():
+    from qtune.ops import OP_FAMILIES, OpFamily, register_op_family
+
+    assert set(OP_FAMILIES) == {"4bit", "int8", "llm_int8", "gptq", "llm_int8_bnb"}
+    assert OP_FAMILIES["gptq"].arg_names == ("qweight", "qzeros", "scales", "g_idx", "bits", "in_features")
+    assert OP_FAMILIES["4bit"].arg_names[-2:] == ("blocksize", "shape")
+    for key in ("nf4-dq", "int8-zp-g32", "llm_int8", "gptq3-act"):
+        lay = make_layer(key, nn.Linear(64, 48))
+        fam = OP_FAMILIES[lay.op_family]
+        assert fam.shape(**fam.named(lay.weight_args())) == (48, 64)
+    with pytest.raises(ValueError, match="already registered"):
+        register_op_family(OP_FAMILIES["int8"])
+    with pytest.raises(TypeError, match=r"dequantize does not take the schema's argument\(s\) \['scale'\]"):
+        register_op_family(OpFamily("test_mismatch", "Tensor codes, Tensor scale",
+                                    dequantize=lambda codes, dtype: codes.to(dtype), shape=lambda codes, scale: codes.shape))
+    assert "test_mismatch" not in OP_FAMILIES
