@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig, parse_dtype
+from ..formats import (FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, QuantConfig, RTNConfig,
+                       parse_dtype)
 from ..formats.gptq import GPTQHessian
 from ..nn import layer_class_for
 from .results import load_average, write_and_report
@@ -79,8 +80,8 @@ def _qtune_fns(cfg, linear: nn.Linear, x: torch.Tensor, **kw) -> dict[str, Calla
             "forward": fwd, "fwd+bwd": fb}
 
 
-def _bnb_fns(name: str, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callable] | None:
-    """bitsandbytes' callables for the format ``name``; None where it has no such format or is absent."""
+def _bnb_fns(cfg: QuantConfig, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callable] | None:
+    """bitsandbytes' callables for the config ``cfg``; None where it has no such format or is absent."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as BF
@@ -88,8 +89,8 @@ def _bnb_fns(name: str, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callabl
         return None
     w = linear.weight.detach()
     n, k = w.shape
-    if name in ("nf4", "nf4-dq", "fp4"):
-        qt, dq = ("fp4" if name == "fp4" else "nf4"), name == "nf4-dq"
+    if isinstance(cfg, (NF4Config, FP4Config)):
+        qt, dq = cfg.quant_type, cfg.double_quant
         packed, state = BF.quantize_4bit(w, quant_type=qt, compress_statistics=dq)
         layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=x.dtype, quant_type=qt, compress_statistics=dq)
         layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qt, compress_statistics=dq).to("cpu")
@@ -97,9 +98,9 @@ def _bnb_fns(name: str, linear: nn.Linear, x: torch.Tensor) -> dict[str, Callabl
         fwd, fb = _layer_fns(layer, x)
         return {"quantize": lambda: BF.quantize_4bit(w, quant_type=qt, compress_statistics=dq),
                 "dequantize": lambda: BF.dequantize_4bit(packed, state), "forward": fwd, "fwd+bwd": fb}
-    if name in ("int8", "llm_int8"):
+    if isinstance(cfg, LLMInt8Config):
         cb, scb, _ = BF.int8_vectorwise_quant(w.half())
-        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=0.0 if name == "int8" else 6.0)
+        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=cfg.threshold)
         layer.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
         layer = layer.to("cpu").eval()  # eval: the int8 matmul path (train() on CPU dequantizes instead)
         fwd, fb = _layer_fns(layer, x)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name, cfg in formats.items():
         ours = _qtune_fns(cfg, linear, x, **kwargs.get(name, {}))
-        theirs = _bnb_fns(name, linear, x)
+        theirs = _bnb_fns(cfg, linear, x)
         row, ref = {}, {}
         for c in METRICS:
             reps = max(1, args.repeat // 2) if c == "quantize" else args.repeat

@@ -38,14 +38,17 @@ from .results import bench_command, default_dir, load_average, read_results, wri
 SETTINGS = ("model", "text", "calibration", "tokens", "seq_len", "samples", "cal_seq_len", "batch_size")
 
 
-def _bnb_config(name: str):
+def _bnb_config(spec: str):
+    """transformers' ``BitsAndBytesConfig`` for a format spec bitsandbytes computes (``nf4-dq``, ``llm_int8``...)."""
     from transformers import BitsAndBytesConfig
 
-    if name == "llm_int8":
+    from ..formats import LLMInt8Config, parse_format_spec
+
+    cfg = parse_format_spec(spec).config()
+    if isinstance(cfg, LLMInt8Config):
         return BitsAndBytesConfig(load_in_8bit=True)
-    qt = "fp4" if name == "fp4" else "nf4"
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=name == "nf4-dq",
-                              bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=torch.float32)
 
 
 def _bnb_bits_per_param(model) -> float:
