@@ -159,11 +159,10 @@ class Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        if self.family == "4bit":
-            return tuple(self.args[7])
-        if self.family == "gptq":
-            return (self.args[2].shape[1], self.args[5])
-        return tuple(self.args[0].shape)
+        from ..ops.linear import OP_FAMILIES
+
+        fam = OP_FAMILIES[self.family]
+        return tuple(fam.shape(**fam.named(self.args)))
 
     @property
     def nbytes(self) -> int:
