@@ -12,7 +12,8 @@ share a byte, the first in the high nibble: ``byte_i = code[2i] << 4 | code[2i+1
 Double quantization (QLoRA §3) stores the fp32 absmax itself in 8 bits: with ``c = mean(a)``,
 ``a − c`` is quantized blockwise (blocks of 256) with bitsandbytes' signed dynamic 8-bit map ``D``
 and an fp32 absmax ``s`` per 256 blocks, so ``a_b ≈ D[q_b] · s_{b//256} + c``. That costs
-8 + 32/256 bits per block instead of 32.
+8 + 32/256 bits per block instead of 32. The blockwise-absmax core and that 8-bit code live in
+:mod:`qtune.formats.blockwise`.
 
 Layout (identical bytes to ``bitsandbytes.functional.quantize_4bit``): ``packed`` uint8, ``absmax``
 fp32 [n_blocks] (uint8 with double quant), ``nested_absmax`` fp32 [ceil(n_blocks/256)],
@@ -29,9 +30,10 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .base import CliOption, QuantConfig, check_weight
+from .blockwise import NESTED_BLOCKSIZE, absmax_scaled_blocks, nearest_code
+from .blockwise import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit  # noqa: F401  (also nf4.*)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
 
 # The NF4 table of QLoRA (quantiles of N(0,1), normalized to [-1, 1]), as fp32 values.
 _NF4 = (
@@ -58,30 +60,6 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     """The 16-entry fp32 code table (``quant_map``) for ``"nf4"`` or ``"fp4"``: a new tensor on each call
     (layers keep it as a buffer; a shared one would alias across layers, which safetensors refuses)."""
     return _code_cpu(quant_type).to(device, copy=True)
-
-
-@functools.cache
-def _dynamic_map_cpu() -> torch.Tensor:
-    # bitsandbytes' signed dynamic map (Dettmers 2016, 8-bit approximations): 7 exponent levels,
-    # each a linear grid of fraction values, plus 0 and 1; 256 sorted fp32 entries.
-    data: list[float] = []
-    max_exp, non_sign = 7, 7
-    for i in range(max_exp):
-        items = 2 ** (i + non_sign - max_exp) + 1
-        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += ((10 ** (-(max_exp - 1) + i)) * means).tolist()
-        data += (-(10 ** (-(max_exp - 1) + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (256 - len(data))
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
-
-
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map (``nested_quant_map``): fp32 [256], sorted; a new tensor on each
-    call (see :func:`code_table`)."""
-    return _dynamic_map_cpu().to(device, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,49 +137,6 @@ def n_blocks(shape: tuple[int, int], blocksize: int) -> int:
     return math.ceil(shape[0] * shape[1] / blocksize)
 
 
-def _blockwise_absmax_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax and the values scaled into [-1, 1], with bitsandbytes' exact arithmetic."""
-    n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=-1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
-    if full < n:
-        # bitsandbytes divides (not multiplies by the reciprocal) in the partial last block
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
-    return absmax, scaled
-
-
-def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest ``code`` entry (ties to the lower sorted entry), int64."""
-    order = torch.argsort(code)
-    sorted_code = code[order]
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    q = torch.bucketize(scaled, midpoints)
-    return q if torch.equal(order, torch.arange(code.numel(), device=code.device)) else order[q]
-
-
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization with the dynamic map (used for double quantization).
-
-    Args:
-        x: fp32 [n] values.
-    Returns:
-        (uint8 [n] codes, fp32 [ceil(n/blocksize)] absmax).
-    """
-    absmax, scaled = _blockwise_absmax_scaled(x.float().reshape(-1), blocksize)
-    return _nearest_code(scaled, dynamic_map(x.device)).to(torch.uint8), absmax
-
-
-def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_8bit`: fp32 [n] = code[q] · absmax[i // blocksize]."""
-    vals = code[q.reshape(-1).long()]
-    idx = torch.arange(vals.numel(), device=vals.device) // blocksize
-    return vals * absmax[idx]
-
-
 def quantize_blocks_4bit(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference blockwise 4-bit quantization of a flat fp32 tensor (the spec of the native CPU kernel).
 
@@ -210,10 +145,10 @@ def quantize_blocks_4bit(flat: torch.Tensor, blocksize: int, code: torch.Tensor)
     Returns:
         (uint8 [ceil(n/2)] packed codes, high nibble first; fp32 [ceil(n/blocksize)] absmax).
     """
-    absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
+    absmax, scaled = absmax_scaled_blocks(flat, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble encodes 0.0, as in bitsandbytes
-    q = _nearest_code(scaled, code).to(torch.uint8)
+    q = nearest_code(scaled, code).to(torch.uint8)
     return (q[0::2] << 4) | q[1::2], absmax
 
 
