@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .formats import GPTQConfig, QuantConfig, RTNConfig
+from .formats import QuantConfig
 from .formats.gptq import GPTQHessian
 from .nn import QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_layer
 
@@ -245,20 +245,15 @@ def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, d
 # GPTQ driver
 # ------------------------------------------------------------------------------------------------
 def check_group_sizes(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
-    """The GPTQ checkpoint layout needs ``group_size`` to divide every layer's ``in_features``: GPTQ loaders'
-    kernels (ExLlama, Marlin) assume whole groups. qtune's own layout and kernels accept a partial last group.
+    """The GPTQ checkpoint layout's check that ``group_size`` divides every planned layer's ``in_features``
+    (:func:`qtune.integrations.layouts.gptq.check_plan`).
 
     Raises:
         ValueError: naming the first layer where it does not.
     """
-    for name, cfg in plan.items():
-        gs = getattr(cfg, "group_size", -1)
-        if isinstance(cfg, (GPTQConfig, RTNConfig)) and gs != -1:
-            weight, _ = float_weight_of(model.get_submodule(name), name)
-            k = weight.shape[1]
-            if k % gs:
-                raise ValueError(f"layer {name}: group_size {gs} does not divide in_features {k} (the GPTQ layout "
-                                 "needs whole groups; the qtune layout accepts a partial last group)")
+    from .integrations.layouts.gptq import check_plan
+
+    check_plan(model, plan)
 
 
 def _quantize_layer(model: nn.Module, name: str, cfg: QuantConfig, hessian: GPTQHessian | None,

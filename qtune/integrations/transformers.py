@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -177,6 +178,8 @@ class QTuneConfig(QuantizationConfigMixin):
 
     def plan(self, model: nn.Module, always_skip: tuple[str, ...] = ()) -> dict[str, QuantConfig]:
         """Deprecated: :meth:`layer_plan` (``always_skip`` is computed there). ``{module name: QuantConfig}``."""
+        warnings.warn("QTuneConfig.plan(model, always_skip) is deprecated: use QTuneConfig.layer_plan(model)",
+                      DeprecationWarning, stacklevel=2)
         if self.layers is not None:
             return dict(self.layer_plan(model))
         skip = tuple(self.skip_modules if self.skip_modules is not None else DEFAULT_SKIP) + tuple(always_skip)
