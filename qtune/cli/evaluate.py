@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
-    from ..integrations.checkpoints import load_model, read_config_json
+    from ..integrations.layouts import load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..sources import read_text
     from .quantize import resolve_model

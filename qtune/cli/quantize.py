@@ -20,9 +20,8 @@ import warnings
 from pathlib import Path
 
 from .. import sources
-from ..formats import CliOption, format_names, get_format
+from ..formats import CliOption, format_names, get_format, parse_format_spec
 from ..integrations.layouts import get_layout, layout_names
-from ..formats import parse_format_spec
 from . import check_positive, model_dtype, one_line_errors
 
 
@@ -81,7 +80,7 @@ def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.checkpoints import load_model, save_quantized
+    from ..integrations.layouts import load_model, save_quantized
     from ..nn import QuantLinear
 
     out = Path(args.out)
