@@ -53,7 +53,8 @@ def build_config(args: argparse.Namespace):
         else:
             parsed = parse_format_spec(spec)
             overrides[pattern] = {"format": parsed.format, **parsed.options, "compute_dtype": parsed.compute_dtype}
-    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
+    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides,
+                       **options)
 
 
 def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
