@@ -69,7 +69,7 @@ def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
     return skeleton, qconfig.layer_plan(skeleton)
 
 
-def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
+def _check_layer_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
     """The layer plan against the model's layer shapes, on a meta skeleton (no weights read): something to
     quantize, every layer's config storable in ``layout``, and the layout's own checks (whole GPTQ groups)."""
     skeleton, plan = planned_layers(path, qconfig, trust_remote_code)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     qconfig = build_config(args)
     layout.check(qconfig.default_config())
     path = resolve_model(args.model)
-    _check_plan(path, qconfig, args.trust_remote_code, layout)
+    _check_layer_plan(path, qconfig, args.trust_remote_code, layout)
     dtype = args.dtype
     start = time.perf_counter()
     tokenizer = _tokenizer(path, required=calibrated)
