@@ -43,6 +43,8 @@ class Layout:
             refuse at the end (optional; e.g. GPTQ's whole groups). Raises ``ValueError`` naming the layer.
         describe: ``quantization_config dict -> str``: its settings in a few words, for model cards (optional).
         note: what loads a folder in this layout, for model cards (optional).
+        claims_path: ``path -> bool``: a path in this layout that is not a Hugging Face folder (a GGUF file),
+            read with ``read(path, {}, {}, ...)`` (optional).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Layout:
     check_plan: Callable[[nn.Module, Mapping[str, QuantConfig]], None] = lambda model, plan: None
     describe: Callable[[dict[str, Any]], str] = lambda qc: ""
     note: str = ""
+    claims_path: Callable[[Path], bool] = lambda path: False
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.
@@ -104,6 +107,11 @@ def detect_layout(qc: dict[str, Any], where: str = "config.json") -> Layout:
             return layout
     methods = ", ".join(dict.fromkeys(l.quant_method for l in _LAYOUTS.values()))
     raise ValueError(f"{where}: quant_method {str(qc.get('quant_method', ''))!r} is not supported ({methods})")
+
+
+def layout_claiming(path: str | Path) -> Layout | None:
+    """The layout that reads ``path`` as a file of its own (e.g. a ``.gguf`` file), or None."""
+    return next((l for l in _LAYOUTS.values() if l.claims_path(Path(path))), None)
 
 
 def storing_layouts(cfg: QuantConfig) -> tuple[str, ...]:
@@ -249,6 +257,6 @@ def unique(values: set, what: str) -> Any:
     return next(iter(values))
 
 
-__all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "storing_layouts",
+__all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "layout_claiming", "storing_layouts",
            "read_config_json", "dims", "read_translated", "translated_reader", "quantized_layers", "float_state_dict",
            "write_json", "write_translated", "unique"]
