@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
     from ..sources import read_text
     from ..integrations import QTuneConfig
-    from ..integrations.checkpoints import load_model
+    from ..integrations.layouts import load_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,9 +20,8 @@ import warnings
 from pathlib import Path
 
 from .. import sources
-from ..formats import CliOption, format_names, get_format
+from ..formats import CliOption, format_names, get_format, parse_format_spec
 from ..integrations.layouts import get_layout, layout_names
-from ..formats import parse_format_spec
 from . import check_positive, model_dtype, one_line_errors
 
 
@@ -54,7 +53,8 @@ def build_config(args: argparse.Namespace):
         else:
             parsed = parse_format_spec(spec)
             overrides[pattern] = {"format": parsed.format, **parsed.options, "compute_dtype": parsed.compute_dtype}
-    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
+    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides,
+                       **options)
 
 
 def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
@@ -69,7 +69,7 @@ def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
     return skeleton, qconfig.layer_plan(skeleton)
 
 
-def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
+def _check_layer_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
     """The layer plan against the model's layer shapes, on a meta skeleton (no weights read): something to
     quantize, every layer's config storable in ``layout``, and the layout's own checks (whole GPTQ groups)."""
     skeleton, plan = planned_layers(path, qconfig, trust_remote_code)
@@ -81,7 +81,7 @@ def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.checkpoints import load_model, save_quantized
+    from ..integrations.layouts import load_model, save_quantized
     from ..nn import QuantLinear
 
     out = Path(args.out)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     qconfig = build_config(args)
     layout.check(qconfig.default_config())
     path = resolve_model(args.model)
-    _check_plan(path, qconfig, args.trust_remote_code, layout)
+    _check_layer_plan(path, qconfig, args.trust_remote_code, layout)
     dtype = args.dtype
     start = time.perf_counter()
     tokenizer = _tokenizer(path, required=calibrated)
