@@ -50,6 +50,13 @@ def write_tiny_llama(path: Path, types=None, *, seed: int = 0, tied: bool = True
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_vocab_size(VOCAB)
+    tokens = [chr(c) for c in range(33, 33 + VOCAB - 1)] + ["ab"]  # a byte-level BPE with one merge
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
     w.add_tensor("token_embd.weight", (rng.standard_normal((VOCAB, HIDDEN)) * 0.5).astype(np.float32))
     shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // HEADS * KV_HEADS, HIDDEN),
               "attn_v": (HIDDEN // HEADS * KV_HEADS, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
@@ -127,6 +134,49 @@ def test_gguf_model_saves_in_the_qtune_layout_and_reloads(tiny_gguf, tmp_path):
     ids = torch.arange(20).view(1, -1)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_recipe_trains_from_a_gguf_file(tiny_gguf, tmp_path):
+    from qtune.train.base_model import load_base
+    from qtune.train.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""\
+model:
+  path: {tiny_gguf}
+  dtype: float32
+quantization:
+  format: pretrained
+lora:
+  r: 4
+dataset:
+  train:
+    source: data.jsonl
+training:
+  max_steps: 1
+output:
+  dir: {tmp_path / "out"}
+""")
+    base = load_base(load_recipe(recipe))
+    assert sum(isinstance(m, LinearGGUF) for m in base.model.modules()) == 7 * LAYERS
+    assert base.tokenizer("ab!").input_ids == [95, 0]  # the GGUF's own vocabulary and merge
+    assert base.tokenizer.pad_token == base.tokenizer.eos_token
+
+
+def test_a_float_model_quantizes_to_gguf_types_while_loading(tmp_path):
+    from tests.train.models import save_tiny_model_dir
+
+    float_dir = save_tiny_model_dir(tmp_path / "float")
+    model = qtune.load_model(float_dir, qtune.QTuneConfig("gguf_q5_1", compute_dtype="float32"), dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, LinearGGUF)]
+    assert layers and {m.config.format for m in layers} == {"gguf_q5_1"}
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    name = next(n for n, m in model.named_modules() if isinstance(m, LinearGGUF))
+    w = ref.get_submodule(name).weight.detach()
+    expected = gguf.quants.quantize(w.numpy(), T.Q5_1)
+    assert np.array_equal(model.get_submodule(name).weight.numpy(), expected)
 
 
 def test_gguf_layout_reads_and_does_not_write_yet():

@@ -29,7 +29,8 @@ class Layout:
 
     Attributes:
         name: the ``layout=`` / ``--layout`` value (``qtune``, ``bnb``, ``gptq``).
-        quant_method: what ``config.json``'s ``quantization_config.quant_method`` says for this layout.
+        quant_method: what ``config.json``'s ``quantization_config.quant_method`` says for this layout (``""``
+            for a layout of files that are not Hugging Face folders, such as GGUF).
         holds: what the layout can hold, for messages (``"gptq/rtn layers"``).
         can_store: ``config -> bool``: can a layer with this config be written in this layout?
         detects: ``quantization_config dict -> bool``: is a folder with this config in this layout?
@@ -45,6 +46,7 @@ class Layout:
         note: what loads a folder in this layout, for model cards (optional).
         claims_path: ``path -> bool``: a path in this layout that is not a Hugging Face folder (a GGUF file),
             read with ``read(path, {}, {}, ...)`` (optional).
+        tokenizer: ``(path, **from_pretrained kwargs) -> tokenizer`` for the paths it claims (optional).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Layout:
     describe: Callable[[dict[str, Any]], str] = lambda qc: ""
     note: str = ""
     claims_path: Callable[[Path], bool] = lambda path: False
+    tokenizer: Callable[..., Any] | None = None
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.
@@ -105,7 +108,7 @@ def detect_layout(qc: dict[str, Any], where: str = "config.json") -> Layout:
     for layout in _LAYOUTS.values():
         if layout.detects(qc):
             return layout
-    methods = ", ".join(dict.fromkeys(l.quant_method for l in _LAYOUTS.values()))
+    methods = ", ".join(dict.fromkeys(l.quant_method for l in _LAYOUTS.values() if l.quant_method))
     raise ValueError(f"{where}: quant_method {str(qc.get('quant_method', ''))!r} is not supported ({methods})")
 
 

@@ -203,10 +203,10 @@ def _write(model: nn.Module, folder: Path) -> None:
 
 
 LAYOUT = register_layout(Layout(
-    name="gguf", quant_method="gguf", holds="nothing yet (GGUF files are read, not written)",
+    name="gguf", quant_method="", holds="nothing yet (GGUF files are read, not written)",
     can_store=lambda cfg: False, detects=lambda qc: False, read=_read, write=_write,
     refusal=lambda cfg: "--layout gguf: writing GGUF files is not implemented yet (qtune reads them)",
-    claims_path=is_gguf_path,
+    claims_path=is_gguf_path, tokenizer=load_tokenizer,
     note="GGUF file (llama.cpp); load with `qtune.load_model(file.gguf)`"))
 
 __all__ = ["LAYOUT", "is_gguf_path", "open_reader", "load_tokenizer", "read_file", "translate"]
