@@ -179,6 +179,20 @@ def test_a_float_model_quantizes_to_gguf_types_while_loading(tmp_path):
     assert np.array_equal(model.get_submodule(name).weight.numpy(), expected)
 
 
+def test_qtune_eval_reads_a_gguf_file(tiny_gguf, tmp_path, capsys):
+    from qtune.cli.main import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc def ghi! " * 200)
+    code = main(["eval", str(tiny_gguf), "--text", str(text), "--tokens", "256", "--seq-len", "64", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = out.splitlines()[2:]
+    assert len(rows) == 1 and rows[0].split()[:2] == ["gguf", "tiny.gguf"] and float(rows[0].split()[3]) > 1
+    code = main(["eval", str(tmp_path / "missing.gguf"), "--text", str(text)])
+    assert code != 0 and "missing.gguf does not exist" in capsys.readouterr().err
+
+
 def test_gguf_layout_reads_and_does_not_write_yet():
     from qtune.formats.gguf import GGUFQ4_1Config
 
