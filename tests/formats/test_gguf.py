@@ -52,6 +52,8 @@ def test_dequantize_is_bit_equal_to_gguf_on_random_blocks(cfg):
     # through the op (the path kernels override), in another dtype: the fp32 result cast
     op = torch.ops.qtune.dequantize_gguf(torch.from_numpy(raw), cfg.ggml_type, k, torch.bfloat16)
     assert torch.equal(op, got.to(torch.bfloat16))
+    torch.library.opcheck(torch.ops.qtune.dequantize_gguf.default, (torch.from_numpy(raw), cfg.ggml_type, k,
+                                                                      torch.float32))
 
 
 def test_dequantize_fails_on_a_broken_layout():
