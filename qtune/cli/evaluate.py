@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..integrations.layouts import layout_claiming, load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..sources import read_text
-    from .quantize import resolve_model
+    from ..assets import resolve_model
 
     check_positive(args, "tokens", "seq_len", minimum=2)
     check_positive(args, "stride", "batch_size", "samples")

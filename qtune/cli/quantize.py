@@ -20,27 +20,10 @@ import warnings
 from pathlib import Path
 
 from .. import sources
+from ..assets import resolve_model
 from ..formats import CliOption, format_names, get_format, parse_format_spec
 from ..integrations.layouts import get_layout, layout_names
 from . import check_positive, model_dtype, one_line_errors
-
-
-def resolve_model(model: str) -> Path:
-    """A model folder (or a file a layout reads, e.g. ``.gguf``); ``smollm2`` names the bundled
-    SmolLM2-135M-Instruct (converted once, cached)."""
-    if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        from ..assets import smollm2_path
-
-        return smollm2_path()
-    path = Path(model)
-    if path.is_file():
-        from ..integrations.layouts import layout_claiming
-
-        if layout_claiming(path) is not None:  # a file a layout reads (a .gguf file)
-            return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {model} does not exist (only local folders and .gguf files are read)")
-    return path
 
 
 def build_config(args: argparse.Namespace):
