@@ -35,11 +35,12 @@ def _k_blocks(rng, qtype, n: int, k: int) -> np.ndarray:
     return blocks.reshape(n, cfg.row_bytes(k))
 
 
-def write_tiny_llama(path: Path, types=None, *, seed: int = 0, tied: bool = True) -> Path:
-    """A 2-block Llama GGUF with random weights, linear weights in ``types`` (per GGUF tensor kind)."""
+def write_tiny_llama(path: Path, types=None, *, seed: int = 0, tied: bool = True, arch: str = "llama") -> Path:
+    """A 2-block Llama GGUF with random weights, linear weights in ``types`` (per GGUF tensor kind); with
+    ``arch="qwen2"`` a Qwen2 (the same tensors plus q/k/v biases)."""
     rng = np.random.default_rng(seed)
     types = {**TYPES, **(types or {})}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
     w.add_embedding_length(HIDDEN)
@@ -64,6 +65,9 @@ def write_tiny_llama(path: Path, types=None, *, seed: int = 0, tied: bool = True
     for i in range(LAYERS):
         w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        if arch == "qwen2":
+            for kind in ("attn_q", "attn_k", "attn_v"):
+                w.add_tensor(f"blk.{i}.{kind}.bias", (0.1 * rng.standard_normal(shapes[kind][0])).astype(np.float32))
         for kind, (n, k) in shapes.items():
             qtype = (SECOND_BLOCK.get(kind, types[kind]) if i == 1 else types[kind])
             name = f"blk.{i}.{kind}.weight"
@@ -124,6 +128,18 @@ def test_tiny_gguf_loads_with_every_block_type_and_gives_transformers_logits(tin
     with torch.no_grad():
         a, b = model(ids).logits, ref(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_gguf_with_biases(tmp_path):
+    path = write_tiny_llama(tmp_path / "qwen.gguf", arch="qwen2")
+    model = qtune.load_model(path, dtype=torch.float32)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LinearGGUF) and q.bias is not None and q.bias.abs().sum() > 0
+    ref = _transformers_model(path)
+    assert torch.equal(q.bias, ref.model.layers[0].self_attn.q_proj.bias)
+    ids = torch.arange(20).view(1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_gguf_model_saves_in_the_qtune_layout_and_reloads(tiny_gguf, tmp_path):
@@ -256,6 +272,18 @@ def test_unknown_tensor_type_names_the_file_and_tensor(tmp_path):
     weird.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"weird\.gguf: not a readable GGUF file"):
         qtune.load_model(weird)
+
+
+def test_architectures_whose_tensors_transformers_rewrites_are_refused(tiny_gguf):
+    from transformers.modeling_gguf_pytorch_utils import Gemma2TensorProcessor
+
+    from qtune.integrations.layouts import gguf as layout
+
+    model = _transformers_model(tiny_gguf)
+    with pytest.raises(ValueError, match=r"tiny\.gguf: tensor blk\.0\.attn_q\.weight: transformers rewrites 'gemma2' "
+                                         r"tensors \(Gemma2TensorProcessor\)"):
+        layout.translate(tiny_gguf, layout.open_reader(tiny_gguf), model, Gemma2TensorProcessor(config={}), "gemma2",
+                         torch.float32)
 
 
 def test_config_is_refused_for_a_gguf_file(tiny_gguf):
