@@ -94,16 +94,19 @@ def smollm2_path() -> Path:
 
 def resolve_model(model: str) -> Path:
     """A model folder for the CLI's MODEL argument: ``smollm2`` (or ``smollm2-135m[-instruct]``) names the bundled
-    SmolLM2-135M-Instruct (converted once, cached); anything else must be a local folder.
+    SmolLM2-135M-Instruct (converted once, cached); anything else must be a local folder or a ``.gguf`` file
+    (read by ``qtune.load_model`` with its blocks kept).
 
     Raises:
-        FileNotFoundError: not a bundled name and not a folder (only local folders are read).
+        FileNotFoundError: not a bundled name, a folder or a GGUF file (only local files are read).
     """
     if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         return smollm2_path()
     path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder {model} does not exist (only local folders are read)")
+        raise FileNotFoundError(f"model folder {model} does not exist (only local folders and .gguf files are read)")
     return path
 
 

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from qtune.formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig
+from qtune.formats.gguf import GGUFQ4_1Config, GGUFQ5_0Config, GGUFQ8_0Config
 from qtune.formats.gptq import GPTQHessian
 from qtune.nn import layer_class_for
 
@@ -17,6 +18,9 @@ FORMAT_CONFIGS = {
     "gptq3-act": GPTQConfig(bits=3, group_size=32, desc_act=True),
     "rtn2": RTNConfig(bits=2, group_size=32),
     "rtn8": RTNConfig(bits=8, group_size=-1),
+    "gguf_q4_1": GGUFQ4_1Config(),
+    "gguf_q5_0": GGUFQ5_0Config(),
+    "gguf_q8_0": GGUFQ8_0Config(),
 }
 
 

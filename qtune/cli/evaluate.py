@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
-    from ..integrations.layouts import load_model, read_config_json
+    from ..integrations.layouts import layout_claiming, load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..sources import read_text
     from ..assets import resolve_model
@@ -38,14 +38,17 @@ def run(args: argparse.Namespace) -> int:
     if calibrated and not args.calibration:
         raise ValueError(f"a {calibrated[0]} --quant spec needs --calibration PATH")
     path = resolve_model(args.model)
+    own = layout_claiming(path)  # a file holding its quantized weights and tokenizer (GGUF)
+    load_tokenizer = own.tokenizer if own is not None and own.tokenizer and not args.tokenizer else \
+        AutoTokenizer.from_pretrained
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
+        tokenizer = load_tokenizer(args.tokenizer or path)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{args.tokenizer or path}: no tokenizer ({type(e).__name__}); pass --tokenizer DIR") from None
     ids = tokenize_text(text, tokenizer, tokens=args.tokens)
     if ids.numel() < 2:
         raise ValueError(f"--text {args.text}: {ids.numel()} tokens, at least 2 are needed for a perplexity")
-    quantized = read_config_json(path).get("quantization_config") is not None
+    quantized = own is not None or read_config_json(path).get("quantization_config") is not None
     if quantized and specs:
         raise ValueError(f"{path} is already quantized; --quant applies to float models only")
 
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {label}: perplexity {res.perplexity:.4f} ({res.tokens_per_s:.0f} tokens/s)", file=sys.stderr)
 
     if quantized:
-        evaluate(_label(read_config_json(path)["quantization_config"]), lambda: load_model(path, dtype=args.dtype))
+        label = f"{own.name} {path.name}" if own is not None else _label(read_config_json(path)["quantization_config"])
+        evaluate(label, lambda: load_model(path, dtype=args.dtype))
     else:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, use_safetensors=True,
                                                     trust_remote_code=args.trust_remote_code)
@@ -105,7 +109,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = one_line_errors(subparsers.add_parser(
         "eval", help="perplexity and tokens/s of a model and its quantized variants",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("model", help="model folder (float or quantized), or 'smollm2'")
+    p.add_argument("model", help="model folder (float or quantized), a .gguf file, or 'smollm2'")
     p.add_argument("--text", required=True,
                    help="UTF-8 text file (.txt or .gz), or qtune:austen/emma / qtune:austen/persuasion")
     p.add_argument("--quant", nargs="*", metavar="SPEC", help="formats to compare (float models only)")

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import gptq, int8, nf4
+from ..formats import gguf, gptq, int8, nf4
+from ..formats.gguf import GGUF_CONFIGS, GGUFConfig
 from ..formats.gptq import GPTQConfig, GPTQHessian, RTNConfig
 from ..formats.int8 import Int8Config, LLMInt8Config
 from ..formats.nf4 import FP4Config, NF4Config
@@ -156,6 +157,47 @@ class LinearGPTQ(QuantLinear):
 
     def weight_args(self) -> tuple:
         return (self.packed(), self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+
+
+@register_layer(*GGUF_CONFIGS)
+class LinearGGUF(QuantLinear):
+    """A GGUF block-format layer (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q4_K/Q5_K/Q6_K; see :mod:`qtune.formats.gguf`).
+
+    ``weight`` holds the GGUF file's bytes for this tensor unchanged: uint8 [out_features, in_features /
+    block_size · type_size], row by row. :meth:`load_blocks_` sets them (the GGUF reader); :meth:`quantize_`
+    writes the bytes the gguf package's quantizer would (32-weight types only).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: GGUFConfig, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        if self.in_features % config.block_size:
+            raise ValueError(f"{config.format}: in_features={self.in_features} is not a multiple of the "
+                             f"{config.type_name} block size {config.block_size}")
+        self.ggml_type = config.ggml_type
+        self.register_buffer("weight", torch.zeros(self.out_features, config.row_bytes(self.in_features),
+                                                   dtype=torch.uint8, device=kw.get("device")))
+
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        name = name or type(self).__name__
+        _no_extras(kwargs, name)
+        self.weight = gguf.quantize_gguf(weight, self.ggml_type, name=name)
+
+    def load_blocks_(self, blocks: Tensor, *, name: str = "") -> None:
+        """Take a GGUF tensor's bytes as they are.
+
+        Args:
+            blocks: uint8 [out_features, in_features / block_size · type_size].
+        Raises:
+            ValueError: wrong dtype or shape (the message names ``name``).
+        """
+        expected = (self.out_features, self.config.row_bytes(self.in_features))
+        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != expected:
+            raise ValueError(f"{name or type(self).__name__}: {self.config.type_name} blocks must be uint8 {expected}, "
+                             f"got {blocks.dtype} {tuple(blocks.shape)}")
+        self.weight = blocks.to(self.weight.device).contiguous()
+
+    def weight_args(self) -> tuple:
+        return (self.packed(), self.ggml_type, self.in_features)
 
 
 def _no_extras(kwargs: dict, name: str) -> None:

@@ -1,7 +1,7 @@
 """Dequantize operators (packed weight → dense ``[out_features, in_features]``) and the 4-bit block quantizer.
 
-``qtune::dequantize_4bit``, ``qtune::dequantize_int8`` and ``qtune::dequantize_gptq`` wrap the
-reference functions of :mod:`qtune.formats`, which define the maths.
+``qtune::dequantize_4bit``, ``qtune::dequantize_int8``, ``qtune::dequantize_gptq`` and
+``qtune::dequantize_gguf`` wrap the reference functions of :mod:`qtune.formats`, which define the maths.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..formats import gptq, int8, nf4
+from ..formats import gguf, gptq, int8, nf4
 from .library import define
 
 
@@ -62,6 +62,16 @@ dequantize_gptq = define(
     "dequantize_gptq(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, int in_features, "
     "ScalarType dtype) -> Tensor",
     _dequantize_gptq_ref, _dequantize_gptq_fake)
+
+
+def _dequantize_gguf_fake(blocks, ggml_type, in_features, dtype):
+    torch._check(blocks.dtype == torch.uint8, lambda: f"GGUF blocks must be uint8, got {blocks.dtype}")
+    return blocks.new_empty((blocks.shape[0], in_features), dtype=dtype)
+
+
+# every GGUF block type through one op: device kernels override it per device and branch on ggml_type
+dequantize_gguf = define("dequantize_gguf(Tensor blocks, int ggml_type, int in_features, ScalarType dtype) -> Tensor",
+                         gguf.dequantize_gguf, _dequantize_gguf_fake)
 
 
 def _quantize_blocks_4bit_fake(flat, blocksize, code):

@@ -215,6 +215,11 @@ for _family in (
     # Backward is LLM.int8's (``dx = dy · CB·SCB/127``), with its device kernels.
     OpFamily("llm_int8_bnb", _LLM_INT8_SCHEMA, dequantize=_llm_int8_dequantize, shape=_llm_int8_shape,
              linear=_llm_int8_linear("bitsandbytes"), grad_input_of="llm_int8"),
+    # GGUF block types (qtune.formats.gguf): the file's blocks, uint8 [N, K/block·bytes], and the GGML type
+    OpFamily("gguf", "Tensor weight, int ggml_type, int in_features",
+             dequantize=lambda weight, ggml_type, in_features, dtype:
+                 dq.dequantize_gguf(weight, ggml_type, in_features, dtype),
+             shape=lambda weight, in_features, **_: (weight.shape[0], in_features)),
 ):
     register_op_family(_family)
 

@@ -5,8 +5,8 @@ the local folder (:func:`resolve_model_path`: a folder, a bundled model, or a Hu
 and the model (:func:`load_base_model`):
 
 * ``format: none``: the float model;
-* ``format: pretrained``: an already quantized folder, in any registered checkpoint layout
-  (:func:`qtune.integrations.layouts.load_model`);
+* ``format: pretrained``: an already quantized folder, in any registered checkpoint layout, or a GGUF file
+  (:func:`qtune.integrations.layouts.load_model`; the tokenizer then comes from the file too);
 * a format that needs calibration (GPTQ): the float model quantized here on ``quantization.calibration``;
 * any other format: quantized while loading (:func:`qtune_config`, the recipe's one ``QTuneConfig``);
 * ``backend: bitsandbytes``: the same format through transformers + bitsandbytes (for comparisons);
@@ -194,8 +194,12 @@ def load_tokenizer(recipe: Recipe, model_path: Path):
     """``model.tokenizer`` (or the model folder's tokenizer), with ``pad_token`` set to ``eos`` when absent."""
     from transformers import AutoTokenizer
 
+    from ..integrations.layouts import layout_claiming
+
     tok_path = recipe.model["tokenizer"] or model_path
-    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=recipe.model["trust_remote_code"])
+    own = layout_claiming(tok_path)  # a file that holds its tokenizer (GGUF)
+    load = own.tokenizer if own is not None and own.tokenizer is not None else AutoTokenizer.from_pretrained
+    tok = load(tok_path, trust_remote_code=recipe.model["trust_remote_code"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -78,7 +78,8 @@ def _str_list(v: Any) -> str | None:
 NUMBER = (int, float)
 
 MODEL = {
-    "path": Opt((str,), doc="local folder, Hugging Face Hub id, or qtune:smollm2-135m-instruct (bundled demo model)"),
+    "path": Opt((str,), doc="local folder, a .gguf file (with quantization.format: pretrained), Hugging Face "
+                            "Hub id, or qtune:smollm2-135m-instruct (bundled demo model)"),
     "tokenizer": Opt((str, NONE), None, doc="tokenizer folder/id (default: model.path)"),
     "dtype": Opt((str,), "bfloat16", (AUTO,) + DTYPES,
                  doc="dtype of the float parameters (embeddings, norms, head); auto: bf16 where the hardware has "

@@ -8,8 +8,9 @@ from qtune.formats import (CONFIGS, CliOption, FormatSpec, FP4Config, GPTQConfig
                            QuantConfig, RTNConfig, config_from_dict, format_names, get_format, parse_format_spec,
                            register_format)
 
+GGUF_FORMATS = ("gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_q8_0", "gguf_q4_k", "gguf_q5_k", "gguf_q6_k")
 
-BUILTIN = ("nf4", "fp4", "int8", "llm_int8", "gptq", "rtn")  # other test modules may register more after these
+BUILTIN = ("nf4", "fp4", "int8", "llm_int8", "gptq", "rtn", *GGUF_FORMATS)  # test modules may register more after
 
 
 def test_every_builtin_format_declares_bits_calibration_and_op_family():
@@ -21,12 +22,12 @@ def test_every_builtin_format_declares_bits_calibration_and_op_family():
         assert cls.format == name and isinstance(cfg.bits, int) and cfg.op_family
         assert cfg.needs_calibration is (cls is GPTQConfig)
     assert NF4Config().bits == FP4Config().bits == 4 and GPTQConfig(bits=3).bits == 3
-    assert {get_format(n)().op_family for n in BUILTIN} == {"4bit", "int8", "llm_int8", "gptq"}
+    assert {get_format(n)().op_family for n in BUILTIN} == {"4bit", "int8", "llm_int8", "gptq", "gguf"}
     assert LLMInt8Config(arithmetic="bitsandbytes").op_family == "llm_int8_bnb"
 
 
 def test_get_format_and_config_from_dict_name_the_allowed_values():
-    with pytest.raises(ValueError, match=r"'bogus' is not one of \['fp4', 'gptq'"):
+    with pytest.raises(ValueError, match=r"'bogus' is not one of \['fp4', 'gguf_q4_0'"):
         get_format("bogus")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['bits'\] for format 'nf4'"):
         config_from_dict({"format": "nf4", "bits": 4})

@@ -23,9 +23,9 @@ from typing import Any
 from torch import nn
 
 from ..safetensors_header import headers_by_key, safetensors_files
-from . import qtune, bnb, gptq  # noqa: F401  (registers the layouts; detection and listing follow this order)
-from .base import (Layout, detect_layout, get_layout, layout_names, read_config_json, register_layout,
-                   storing_layouts)
+from . import qtune, bnb, gptq, gguf  # noqa: F401  (registers the layouts; detection and listing follow this order)
+from .base import (Layout, detect_layout, get_layout, layout_claiming, layout_names, read_config_json,
+                   register_layout, storing_layouts)
 from .qtune import as_qtune_config
 
 
@@ -34,7 +34,8 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
     """Load a causal LM (or another transformers model) with qtune layers from a local folder.
 
     Args:
-        path: model folder (``config.json`` + safetensors).
+        path: model folder (``config.json`` + safetensors), or a file a layout claims (``model.gguf``: its
+            linear weights stay in their GGUF block types, see :mod:`.gguf`).
         config: for a float checkpoint, the quantization to apply while loading (``QTuneConfig``, a qtune
             ``QuantConfig``, a format name or a dict); must be ``None`` for an already quantized folder.
         dtype: dtype of the float parameters (``"auto"``: ``config.json``'s ``dtype``, else fp32).
@@ -53,10 +54,15 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
 
     auto_class = auto_class or AutoModelForCausalLM
     path = Path(path)
+    common = dict(device_map=device_map, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    own = layout_claiming(path)
+    if own is not None:  # a file in a layout of its own (GGUF): its linear weights are already quantized
+        if config is not None:
+            raise ValueError(f"{path}: already quantized ({own.name}); it cannot be re-quantized on load (drop config=)")
+        return own.read(path, {}, {}, dtype=dtype, kwargs=common, auto_class=auto_class)
     raw = read_config_json(path)
     headers = headers_by_key([str(f) for f in safetensors_files(path)])  # every file checked before anything is built
     qc = raw.get("quantization_config")
-    common = dict(device_map=device_map, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
     if qc is None:
         if config is None:
             raise ValueError(f"{path / 'config.json'}: the model is not quantized; pass config= (e.g. "
@@ -98,4 +104,4 @@ def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", 
 
 
 __all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "storing_layouts",
-           "load_model", "save_quantized", "read_config_json", "as_qtune_config"]
+           "load_model", "save_quantized", "read_config_json", "as_qtune_config", "layout_claiming"]

@@ -29,7 +29,8 @@ class Layout:
 
     Attributes:
         name: the ``layout=`` / ``--layout`` value (``qtune``, ``bnb``, ``gptq``).
-        quant_method: what ``config.json``'s ``quantization_config.quant_method`` says for this layout.
+        quant_method: what ``config.json``'s ``quantization_config.quant_method`` says for this layout (``""``
+            for a layout of files that are not Hugging Face folders, such as GGUF).
         holds: what the layout can hold, for messages (``"gptq/rtn layers"``).
         can_store: ``config -> bool``: can a layer with this config be written in this layout?
         detects: ``quantization_config dict -> bool``: is a folder with this config in this layout?
@@ -47,6 +48,9 @@ class Layout:
             config may differ per layer), read from ``config.json`` alone, without the weights; for the memory
             plan (optional: ``None`` when the layout cannot tell without reading the tensors).
         note: what loads a folder in this layout, for model cards (optional).
+        claims_path: ``path -> bool``: a path in this layout that is not a Hugging Face folder (a GGUF file),
+            read with ``read(path, {}, {}, ...)`` (optional).
+        tokenizer: ``(path, **from_pretrained kwargs) -> tokenizer`` for the paths it claims (optional).
     """
 
     name: str
@@ -62,6 +66,8 @@ class Layout:
     describe: Callable[[dict[str, Any]], str] = lambda qc: ""
     declares: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda qc: None
     note: str = ""
+    claims_path: Callable[[Path], bool] = lambda path: False
+    tokenizer: Callable[..., Any] | None = None
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.
@@ -107,8 +113,13 @@ def detect_layout(qc: dict[str, Any], where: str = "config.json") -> Layout:
     for layout in _LAYOUTS.values():
         if layout.detects(qc):
             return layout
-    methods = ", ".join(dict.fromkeys(l.quant_method for l in _LAYOUTS.values()))
+    methods = ", ".join(dict.fromkeys(l.quant_method for l in _LAYOUTS.values() if l.quant_method))
     raise ValueError(f"{where}: quant_method {str(qc.get('quant_method', ''))!r} is not supported ({methods})")
+
+
+def layout_claiming(path: str | Path) -> Layout | None:
+    """The layout that reads ``path`` as a file of its own (e.g. a ``.gguf`` file), or None."""
+    return next((l for l in _LAYOUTS.values() if l.claims_path(Path(path))), None)
 
 
 def storing_layouts(cfg: QuantConfig) -> tuple[str, ...]:
@@ -254,6 +265,6 @@ def unique(values: set, what: str) -> Any:
     return next(iter(values))
 
 
-__all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "storing_layouts",
+__all__ = ["Layout", "register_layout", "get_layout", "layout_names", "detect_layout", "layout_claiming", "storing_layouts",
            "read_config_json", "dims", "read_translated", "translated_reader", "quantized_layers", "float_state_dict",
            "write_json", "write_translated", "unique"]
