@@ -58,10 +58,16 @@ def calibration_texts(source: str | Path, *, text_field: str | None = None, spli
 
     source = sources.normalize(source)  # the old austen:<novel> spelling warns and becomes qtune:austen/<novel>
     if str(source).startswith(sources.BUNDLED_TEXT):  # a bundled novel, handy for demos and tests
-        return [sources.bundled_text(str(source))]
+        return [sources.bundled_text(str(source))[:max_chars]]
+    hub = str(source).startswith("hf:")  # the one source syntax: hf:<dataset> is a Hub dataset, never a path
+    if str(source).startswith(sources.DEMO_PREFIX):  # a bundled demo set: its records file
+        from .assets import demo_path
+
+        source = str(demo_path(str(source)[len(sources.DEMO_PREFIX):]))
+    source = str(source).removeprefix("hf:")
     path = Path(source)
-    looks_like_path = path.suffix.lower() in TEXT_SUFFIXES or "/" in str(source) or str(source).startswith(".")
-    if path.exists():
+    looks_like_path = not hub and (path.suffix.lower() in TEXT_SUFFIXES or "/" in source or source.startswith("."))
+    if path.exists() and not hub:
         if path.is_dir():
             raise ValueError(f"calibration source {source} is a folder; give a .txt/.json/.jsonl/.parquet file")
         builder = TEXT_SUFFIXES.get(path.suffix.lower())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.dtypes import parse_dtype
+from .dtypes import parse_dtype
 
 AUTO = "auto"
 
@@ -157,7 +157,7 @@ _INT8_VNNI_FLAGS = ("avx512_vnni", "amx_int8", "avx_vnni")
 
 def int8_matmul_method(device: torch.device | str | None = None) -> tuple[str, str]:
     """Which exact int8×int8→int32 matmul is fast here: ``"int_mm"`` (``torch._int_mm``) or ``"fp32"``
-    (fp32 matmuls over K-chunks of 1024, exact; see :func:`qtune.formats.int8.int8_matmul_fp32_chunks`).
+    (fp32 matmuls over K-chunks of 1024, exact; see :func:`int8_matmul_fp32_chunks`).
 
     ``QTUNE_INT8_MATMUL=int_mm|fp32`` forces one. CUDA: ``int_mm``. x86 CPUs without VNNI int8
     instructions (or with oneDNN capped below them): ``fp32``, because ``torch._int_mm`` then runs a

@@ -145,3 +145,16 @@ def test_partial_groups_quantize_but_gptq_layout_needs_whole_groups(tiny):
     assert isinstance(q, LinearGPTQ) and q.scales.shape == (2, 64)
     with pytest.raises(ValueError, match="calibration must be an integer tensor"):
         gptq_quantize_model(model, torch.randn(2, 8), GPTQConfig(), progress=False)
+
+
+def test_calibration_texts_read_the_one_source_syntax():
+    import json
+
+    from qtune.assets import austen_text, demo_path
+    from qtune.calibration import calibration_texts
+
+    assert calibration_texts("qtune:austen/emma", max_chars=1000) == [austen_text("emma")[:1000]]
+    with pytest.warns(FutureWarning, match="qtune:austen/emma"):
+        assert calibration_texts("austen:emma", max_chars=50) == [austen_text("emma")[:50]]
+    prompts = [json.loads(line)["prompt"] for line in demo_path("austen-prompts").read_text().splitlines() if line]
+    assert calibration_texts("qtune:demo/austen-prompts") == [p for p in prompts if p]

@@ -26,11 +26,13 @@ import argparse
 import gc
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .. import sources
 from .formats import quiet_bitsandbytes
 from .results import bench_command, default_dir, load_average, read_results, write_results
 
@@ -216,8 +218,15 @@ def _previous_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not out.exists():
         raise SystemExit(f"--merge: {out} does not exist (run the full table first)")
     prev = read_results(out, benchmark="perplexity")
+    def same(k: str, a: Any, b: Any) -> bool:  # text sources compare in the one syntax (austen:x == qtune:austen/x)
+        if k in ("text", "calibration") and isinstance(a, str) and isinstance(b, str):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return sources.normalize(a) == sources.normalize(b)
+        return a == b
+
     differ = {k: (prev["results"]["settings"].get(k), v) for k, v in settings.items()
-              if prev["results"]["settings"].get(k) != v}
+              if not same(k, prev["results"]["settings"].get(k), v)}
     if differ:
         raise SystemExit(f"--merge: {out} was measured with other settings (file, now): {differ}")
     if not prev["results"].get("complete"):

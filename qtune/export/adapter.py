@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_output, check_output
+from ..atomic import atomic_output, check_output
 from .report import ExportResult
 from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, ExportSource, load_source
 from .verify import VerificationError, compare_logits, logits, probe_ids

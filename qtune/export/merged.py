@@ -23,7 +23,7 @@ from torch import nn
 
 from ..formats.base import dtype_name, parse_dtype
 from ..nn import QuantLinear, is_conv1d, set_submodule
-from .atomic import atomic_output, check_free_space, check_output
+from ..atomic import atomic_output, check_free_space, check_output
 from .report import ExportResult, Heldout
 from .source import ExportSource, load_source
 from .verify import RELOAD_TOLERANCE, check_logits, compare_logits, logits, probe_ids, tolerance, verify_merged

@@ -36,7 +36,7 @@ from ..formats import QuantConfig, get_format, parse_format_spec
 from ..formats.base import dtype_name
 from ..integrations.layouts import get_layout, layout_names, save_quantized
 from ..nn import QuantLinear, float_weight_of, layer_class_for, set_submodule
-from .atomic import atomic_output, check_free_space, check_output
+from ..atomic import atomic_output, check_free_space, check_output
 from .merged import MergedLayer, _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
 from .report import ExportResult, LayerError, format_layer_table
 from .source import ExportSource, load_source
@@ -283,7 +283,7 @@ def _calibration(src: ExportSource, calibration: str | None, samples: int | None
                  seed: int) -> torch.Tensor:
     """Calibration windows for GPTQ: ``--calibration``, else the run recipe's GPTQ calibration text."""
     from ..calibration import calibration_windows
-    from ..sources import check_exists, read_text
+    from ..sources import PREFIX, check_exists, normalize, read_text
 
     rc = src.recipe.quantization.get("calibration") or {}
     if src.tokenizer is None:
@@ -295,5 +295,8 @@ def _calibration(src: ExportSource, calibration: str | None, samples: int | None
         if calibration is None:
             raise ValueError("--format gptq needs calibration text: --calibration PATH (a .txt/.jsonl file, "
                              "qtune:austen/emma, ...)")
-    texts = [read_text(check_exists(calibration, "calibration file"))]
+    if calibration is rc.get("source") or normalize(calibration).startswith(PREFIX):
+        texts: str | list[str] = [read_text(calibration)]  # the recipe's source syntax, read as training read it
+    else:  # a file or dataset given for calibration: read as `qtune quantize --calibration` reads it (first
+        texts = check_exists(calibration, "calibration file")  # string column if no `text`, capped in size)
     return calibration_windows(texts, src.tokenizer, samples=samples, seq_len=seq_len, seed=seed)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from .dtypes import FLOAT_DTYPES, dtype_name, parse_dtype  # noqa: F401  (re-exported)
+from ..dtypes import FLOAT_DTYPES, dtype_name, parse_dtype  # noqa: F401  (re-exported)
 
 def _is_auto(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"

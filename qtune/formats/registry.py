@@ -51,8 +51,11 @@ def register_format(config_cls: type[QuantConfig]) -> type[QuantConfig]:
         if not isinstance(opt, CliOption) or opt.field not in {f.name for f in dataclasses.fields(config_cls)}:
             raise ValueError(f"register_format: {config_cls.__name__}.cli_options: {opt!r} does not name a field")
     old = _FORMATS.get(name)
-    if old is not None and old is not config_cls and old.__qualname__ != config_cls.__qualname__:
-        raise ValueError(f"register_format: format {name!r} is already registered by {old.__qualname__}")
+    # the same class again (e.g. its module reloaded) replaces itself; any other class may not take the name
+    if old is not None and old is not config_cls and (old.__module__, old.__qualname__) != (
+            config_cls.__module__, config_cls.__qualname__):
+        raise ValueError(f"register_format: format {name!r} is already registered by "
+                         f"{old.__module__}.{old.__qualname__}")
     _FORMATS[name] = config_cls
     return config_cls
 

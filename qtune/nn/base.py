@@ -241,6 +241,14 @@ class QuantLinear(nn.Module):
             self._parameters[name] = nn.Parameter(self._parameters[name].detach().view(float_dtype), requires_grad=False)
 
     # -- compute --------------------------------------------------------------------------------
+    @property
+    def op_format(self) -> str:
+        """Former name of :attr:`op_family` (deprecated)."""
+        import warnings
+
+        warnings.warn("QuantLinear.op_format is deprecated; use op_family", DeprecationWarning, stacklevel=2)
+        return self.op_family
+
     def weight_args(self) -> tuple:
         """The positional weight arguments of ``qtune::linear_<op_family>`` (its schema's order)."""
         raise NotImplementedError

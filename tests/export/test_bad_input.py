@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import qtune.export.atomic as atomic
+import qtune.atomic as atomic
 from qtune.cli.main import main
 from qtune.export import VerificationError, export, export_merged, load_source
 from qtune.export.verify import TOLERANCE

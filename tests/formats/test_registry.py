@@ -70,8 +70,12 @@ def test_register_format_checks_the_declarations():
 
     with pytest.raises(ValueError, match="op_family"):
         register_format(NoFamily)
-    with pytest.raises(ValueError, match="already registered by NF4Config"):
+    with pytest.raises(ValueError, match="already registered by qtune.formats.nf4.NF4Config"):
         register_format(Clash)
+    Impostor = type("NF4Config", (Clash,), {"__module__": __name__, "__qualname__": "NF4Config",  # same name
+                                            "format": "nf4", "__annotations__": {"format": ClassVar[str]}})
+    with pytest.raises(ValueError, match="already registered by qtune.formats.nf4.NF4Config"):
+        register_format(dataclasses.dataclass(frozen=True)(Impostor))
     with pytest.raises(ValueError, match="does not name a field"):
         register_format(BadOption)
     with pytest.raises(TypeError):

@@ -13,7 +13,7 @@ is quantized while it loads.
 
 Only safetensors are read; ``trust_remote_code`` is off unless asked for. Errors are ``ValueError`` with one
 line naming the file, key or layer. Writing goes to a temporary folder next to the destination, renamed
-into place at the end (:func:`qtune.export.atomic.atomic_output`), so a failure leaves nothing behind.
+into place at the end (:func:`qtune.atomic.atomic_output`), so a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", 
         ValueError: unknown layout, or a layer the layout cannot hold (named).
         FileExistsError: ``out`` is occupied and ``overwrite`` is False.
     """
-    from ...export.atomic import atomic_output  # the one atomic-folder helper (a lazy import: export sits above)
+    from ...atomic import atomic_output  # the one atomic-folder helper
 
     writer = get_layout(layout)
     with atomic_output(out, overwrite=overwrite) as tmp:
