@@ -1,0 +1,204 @@
+"""Mixture-of-experts models end to end: quantized fused experts through quantize_model, quantize-on-load,
+the qtune layout, a QLoRA step and inspection (tiny Mixtral, Qwen3-MoE and OLMoE built from configs)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qtune
+from qtune.formats import GPTQConfig, NF4Config
+from qtune.integrations import QTuneConfig
+from qtune.integrations.checkpoints import load_model, save_quantized
+from qtune.nn import QuantExperts, QuantLinear, dequantize_model, fused_experts_modules, quantize_model
+
+E, H, I = 4, 64, 96  # experts, hidden, expert intermediate size
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe")
+
+
+def moe_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=128, num_hidden_layers=2, hidden_size=H, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64)
+    if arch == "mixtral":
+        return tf.MixtralConfig(intermediate_size=I, num_local_experts=E, **common)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(moe_intermediate_size=I, intermediate_size=128, num_experts=E, head_dim=16,
+                                 **common)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=I, num_experts=E, pad_token_id=1, eos_token_id=0, bos_token_id=0,
+                              **common)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe_dir(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config(request.param), dtype=torch.float32)
+    assert len(fused_experts_modules(model)) == 2
+    path = tmp_path_factory.mktemp("moe") / request.param
+    model.save_pretrained(path)  # transformers writes its original per-expert checkpoint layout
+    return path
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+NF4_DQ = dict(format="nf4", double_quant=True, compute_dtype="float32")
+
+
+def float_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_quantize_on_load_equals_quantize_model_and_the_dequantized_model(moe_dir):
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval()
+    experts = [(n, m) for n, m in q.named_modules() if isinstance(m, QuantExperts)]
+    assert [n for n, _ in experts] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert not fused_experts_modules(q)  # no float experts left
+    assert all(m.gate_up_proj.weight.shape[0] == E and m.gate_up_proj.nested_absmax is not None for _, m in experts)
+    assert q.is_loaded_in_4bit
+
+    ref = float_model(moe_dir)
+    report = quantize_model(ref, NF4Config(double_quant=True, compute_dtype="float32"))
+    assert sum(r.name.endswith("experts") for r in report.layers) == 2
+    sd_q, sd_ref = q.state_dict(), ref.state_dict()
+    assert set(sd_q) == set(sd_ref)
+    for k in sd_q:
+        assert torch.equal(sd_q[k], sd_ref[k]), k
+
+    ids = tokens()
+    with torch.no_grad():
+        logits = q(ids).logits
+        dense = dequantize_model(copy.deepcopy(q))
+        assert not any(isinstance(m, QuantExperts) for m in dense.modules()) and len(fused_experts_modules(dense)) == 2
+        torch.testing.assert_close(logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+        # quantization changed the experts (the comparison above is not float vs float)
+        assert (float_model(moe_dir)(ids).logits - logits).abs().max() > 1e-4
+
+
+def test_save_reload_identical_logits(moe_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval()
+    ids = tokens()
+    with torch.no_grad():
+        logits = q(ids).logits
+    out = save_quantized(q, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj.weight" in keys
+    assert "model.layers.1.mlp.experts.down_proj.nested_absmax" in keys
+    assert not any(".experts.0." in k or k.endswith("experts.gate_up_proj") for k in keys)
+    r = load_model(out).eval()
+    assert isinstance(r.model.layers[1].mlp.experts, QuantExperts)
+    with torch.no_grad():
+        assert torch.equal(r(ids).logits, logits)
+    # plain transformers save/load of the quantized model too (after `import qtune`)
+    q.save_pretrained(tmp_path / "plain")
+    r2 = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(r2(ids).logits, logits)
+
+
+def test_qlora_step_on_attention_with_frozen_quantized_experts(moe_dir):
+    from peft import LoraConfig
+
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ))
+    q = qtune.prepare_model_for_kbit_training(q)
+    peft_model = qtune.get_peft_model(q, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0))
+    peft_model.train()
+    experts = [m for m in peft_model.modules() if isinstance(m, QuantExperts)]
+    assert len(experts) == 2
+    before = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in experts}
+    assert not any(p.requires_grad for m in experts for p in m.parameters())
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = tokens(batch=2, length=16, seed=3)
+    losses, start = [], [p.detach().clone() for p in trainable]
+    for _ in range(6):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None for p in trainable)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, p0) for p, p0 in zip(trainable, start))  # every adapter tensor learned
+    for m in experts:
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[id(m)][k]), k
+
+
+def test_inspect_counts_expert_weights(moe_dir, capsys):
+    from qtune.cli.main import main
+    from qtune.inspection import float_weights, layer_table
+
+    ref = float_model(moe_dir)
+    per_module = E * (2 * I * H + H * I)
+    rows = {i.name: i for i in layer_table(ref)}
+    assert rows["model.layers.0.mlp.experts"].params == per_module and rows["model.layers.0.mlp.experts"].bits == 32
+    q = copy.deepcopy(ref)
+    quantize_model(q, NF4Config())
+    rows = {i.name: i for i in layer_table(q, float_weights(ref))}
+    row = rows["model.layers.1.mlp.experts"]
+    assert row.format == "nf4" and row.params == per_module and 4.0 < row.bits_per_param < 4.6
+    assert 0.0 < row.error < 0.2
+    assert main(["inspect", str(moe_dir), "--format", "nf4"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.experts"))
+    assert "nf4" in line and f"{per_module:,}" in line
+
+
+def test_experts_can_be_skipped_and_gptq_is_refused_with_a_clear_error(moe_dir):
+    q = load_model(moe_dir, QTuneConfig("nf4", compute_dtype="float32", skip_modules=["lm_head", "experts"]))
+    assert len(fused_experts_modules(q)) == 2 and any(isinstance(m, QuantLinear) for m in q.modules())
+    plan = QTuneConfig("nf4", skip_modules=["lm_head", "experts"]).layer_plan(float_model(moe_dir))
+    assert plan.skipped["model.layers.0.mlp.experts"] == "skip_modules pattern 'experts'" and not plan.experts
+    with pytest.raises(ValueError, match="model.layers.0.mlp.experts: format 'gptq' needs calibration"):
+        quantize_model(float_model(moe_dir), None, overrides={"experts": GPTQConfig(bits=4)})
+    with pytest.raises(ValueError, match="needs calibration data"):
+        load_model(moe_dir, QTuneConfig("gptq"))
+
+
+def test_reload_rejects_expert_tensors_that_disagree_with_the_config(moe_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ))
+    out = save_quantized(q, tmp_path / "q")
+    sd = load_file(str(out / "model.safetensors"))
+    key = "model.layers.1.mlp.experts.down_proj.absmax"
+    sd[key] = sd[key][:, :-1].contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"key 'model\.layers\.1\.mlp\.experts\.down_proj\.absmax' has shape"):
+        load_model(out)
+
+
+def test_quantize_model_then_save_writes_the_experts_into_the_layers_map(moe_dir, tmp_path):
+    import json
+
+    from qtune.formats import Int8Config
+
+    q = float_model(moe_dir)
+    quantize_model(q, NF4Config(compute_dtype="float32"), overrides={"layers.1.mlp.experts": Int8Config()})
+    ids = tokens()
+    with torch.no_grad():
+        logits = q(ids).logits
+    out = save_quantized(q, tmp_path / "q")
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert layers["model.layers.0.mlp.experts"]["format"] == "nf4"
+    assert layers["model.layers.1.mlp.experts"]["format"] == "int8"
+    r = load_model(out).eval()
+    assert isinstance(r.model.layers[1].mlp.experts.quant_config, Int8Config)
+    with torch.no_grad():
+        assert torch.equal(r(ids).logits, logits)
