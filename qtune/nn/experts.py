@@ -157,6 +157,12 @@ class QuantExpertStack(nn.Module):
                         self._buffers[n] = dst = dst.to(src.device)
                     dst[e].copy_(src)
 
+    def _apply(self, fn, recurse: bool = True):
+        # the view still holds slices of the old buffers: drop them, or `.to()` would keep the old copy alive
+        for n in self._buffer_names:
+            self._view._buffers[n] = None
+        return super()._apply(fn, recurse)
+
     @property
     def param_shape(self) -> tuple[int, int]:
         """One expert's shape in the model's layout."""

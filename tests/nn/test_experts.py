@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qtune.formats import FP4Config, Int8Config, NF4Config, RTNConfig
+from qtune.formats import FP4Config, Int8Config, LLMInt8Config, NF4Config, RTNConfig
 from qtune.formats import nf4 as nf4_fmt
 from qtune.nn import Linear4bit, layer_class_for
 from qtune.nn.experts import QuantExperts, QuantExpertStack, fused_experts_modules, is_fused_experts
@@ -50,7 +50,7 @@ def _family(name: str):
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "nemotron_h", "aria", "muse_spark")
 CONFIGS = {"nf4": NF4Config(), "nf4_dq": NF4Config(double_quant=True), "fp4": FP4Config(blocksize=32),
            "int8": Int8Config(), "int8_g32_asym": Int8Config(group_size=32, symmetric=False),
-           "rtn4": RTNConfig(bits=4, group_size=32)}
+           "rtn4": RTNConfig(bits=4, group_size=32), "llm_int8": LLMInt8Config()}
 
 
 def make_experts(family: str, seed: int = 0) -> nn.Module:
@@ -240,3 +240,34 @@ def test_to_float_and_module_state():
     x, idx, w = routing()
     torch.testing.assert_close(f(x, idx, w), q(x, idx, w), rtol=1e-5, atol=1e-5)
     assert isinstance(q.gate_up_proj.expert(0), Linear4bit)
+
+
+def test_llm_int8_experts_compute_what_each_experts_llm_int8_layer_computes():
+    """LLM.int8 is not dequantize + matmul (int8 activations, fp16 outliers): each routed expert must compute
+    what a ``LinearLLMInt8`` of its slice computes."""
+    m = make_experts("mixtral")
+    q = QuantExperts.from_float(m, LLMInt8Config(), name="experts")
+    x, idx, w = routing()
+    x = x * 4  # some activations above the outlier threshold (6.0)
+    assert (x.abs() > 6).any()
+    expected = torch.zeros_like(x)
+    for e in sorted(set(idx.reshape(-1).tolist())):
+        layers = []
+        for n in ("gate_up_proj", "down_proj"):
+            lin = nn.Linear(getattr(m, n).shape[2], getattr(m, n).shape[1], bias=False)
+            lin.weight.data.copy_(getattr(m, n)[e])
+            layers.append(layer_class_for(LLMInt8Config()).from_float(lin, LLMInt8Config()))
+        t, j = torch.where(idx == e)
+        h = layers[1](m._apply_gate(layers[0](x[t])))
+        expected.index_add_(0, t, h * w[t, j, None])
+    torch.testing.assert_close(q(x, idx, w), expected, rtol=0, atol=0)
+
+
+def test_to_device_drops_the_views_of_the_old_buffers():
+    q = QuantExperts.from_float(make_experts("mixtral"), NF4Config(), name="experts")
+    x, idx, w = routing()
+    q(x, idx, w)
+    assert q.gate_up_proj._view.weight is not None
+    q.to("cpu")  # any _apply
+    assert q.gate_up_proj._view.weight is None
+    torch.testing.assert_close(q(x, idx, w), q(x, idx, w))
