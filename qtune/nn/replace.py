@@ -170,8 +170,11 @@ def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=No
         for p, why in _model_skips(model, output_embeddings=skip_modules is None).items():
             skips.setdefault(p, why)
     overrides = dict(overrides or {})
+    modules = dict(model.named_modules())
     for name in linears + experts:
         why = next((r for p, r in skips.items() if name_matches(name, p)), None)
+        if why is None and _own_forward(modules[name]):
+            why = f"{type(modules[name]).__name__} subclasses nn.Linear with its own forward (e.g. a MoE router)"
         if why is None:
             cfg = config_for(name, config, (), overrides)
             why = "no format (default None)" if cfg is None else None
@@ -182,6 +185,12 @@ def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=No
         else:
             plan.skipped[name] = why
     return plan
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass whose forward is not ``nn.Linear``'s (Phi-MoE's router returns logits, weights and
+    indices): a ``QuantLinear`` computes ``x Ŵᵀ + b`` only, so it cannot stand in for it."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules=DEFAULT_SKIP,

@@ -202,3 +202,59 @@ def test_quantize_model_then_save_writes_the_experts_into_the_layers_map(moe_dir
     assert isinstance(r.model.layers[1].mlp.experts.quant_config, Int8Config)
     with torch.no_grad():
         assert torch.equal(r(ids).logits, logits)
+
+
+def more_family_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=128, num_hidden_layers=2, hidden_size=H, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64)
+    if arch == "gpt_oss":  # transposed [E, in, out], interleaved gate/up, biases
+        return tf.GptOssConfig(intermediate_size=I, num_local_experts=E, head_dim=16, **common)
+    if arch == "qwen2_moe":  # plus a shared expert (nn.Linear) and its gate
+        return tf.Qwen2MoeConfig(moe_intermediate_size=I, shared_expert_intermediate_size=128, num_experts=E, **common)
+    if arch == "deepseek_v3":  # MLA attention, a dense first layer, shared experts
+        return tf.DeepseekV3Config(moe_intermediate_size=I, intermediate_size=128, n_routed_experts=E, n_shared_experts=1,
+                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, **common)
+    if arch == "phimoe":  # its router is an nn.Linear subclass with its own forward
+        return tf.PhimoeConfig(intermediate_size=I, num_local_experts=E, **common)
+    if arch == "granitemoe":
+        return tf.GraniteMoeConfig(intermediate_size=I, num_local_experts=E, **common)
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2_moe", "deepseek_v3", "phimoe", "granitemoe"])
+def test_more_moe_families_quantize_reload_and_match_their_dequantized_model(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(more_family_config(arch), dtype=torch.float32)
+    n_experts = len(fused_experts_modules(model))
+    assert n_experts >= 1
+    model.save_pretrained(tmp_path / "float")
+    q = load_model(tmp_path / "float", QTuneConfig("nf4", compute_dtype="float32")).eval()
+    assert sum(isinstance(m, QuantExperts) for m in q.modules()) == n_experts
+    assert not [n for n, p in q.named_parameters() if p.dim() == 3]  # no float expert stack left
+    ids = tokens()
+    with torch.no_grad():
+        logits = q(ids).logits
+        r = load_model(save_quantized(q, tmp_path / "q")).eval()
+        assert torch.equal(r(ids).logits, logits)
+        torch.testing.assert_close(dequantize_model(r)(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    if arch == "phimoe":
+        plan = QTuneConfig("nf4").layer_plan(model)
+        assert "own forward" in plan.skipped["model.layers.0.mlp.router"]
+
+
+def test_all_linear_lora_targets_attention_not_the_experts():
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config("qwen3_moe"), dtype=torch.float32)
+    quantize_model(model, NF4Config(compute_dtype="float32"))
+    peft_model = qtune.get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert sum(isinstance(m, QuantExperts) for m in peft_model.modules()) == 2
