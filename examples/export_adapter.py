@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merged-dtype", default="bf16", help="dtype of the merged export (bf16, fp16, fp32)")
     p.add_argument("--format", default="nf4", help="format of the quantized export, e.g. nf4, int8, "
                    "rtn:bits=4,group_size=64")
-    p.add_argument("--heldout", default="austen:persuasion", help="held-out text for perplexity ('none': skip)")
+    p.add_argument("--heldout", default="qtune:austen/persuasion", help="held-out text for perplexity ('none': skip)")
     p.add_argument("--heldout-tokens", type=int, default=2048)
     p.add_argument("--heldout-window", type=int, default=512)
     return p.parse_args(argv)

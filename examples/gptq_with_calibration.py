@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import qtune
 from qtune.assets import austen_text
 from qtune.calibration import check_group_sizes, plan_layers
-from qtune.cli.quantize import resolve_model
+from qtune.assets import resolve_model
 from qtune.evaluate import model_bits_per_param, tokenize_text
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     rtn_ppl, rtn_bits = ppl(rtn), model_bits_per_param(rtn)
     del rtn
 
-    windows = qtune.calibration_windows("austen:emma", tokenizer, samples=args.samples, seq_len=args.calib_seq_len)
+    windows = qtune.calibration_windows("qtune:austen/emma", tokenizer, samples=args.samples, seq_len=args.calib_seq_len)
     # block by block: each block's layers are calibrated on the outputs of the already-quantized blocks before it
     report = qtune.gptq_quantize_model(model, windows, config, progress=False)
     print(f"GPTQ: {report.summary()} in {report.seconds:.1f} s on {windows.numel():,} calibration tokens")

@@ -27,7 +27,7 @@ from trl import SFTConfig
 
 import qtune
 from qtune.assets import austen_text
-from qtune.cli.quantize import resolve_model
+from qtune.assets import resolve_model
 from qtune.evaluate import tokenize_text
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qtune  # importing qtune registers QTuneConfig (quant_method "qtune") with transformers
 from qtune.assets import austen_text
-from qtune.cli.quantize import resolve_model
+from qtune.assets import resolve_model
 from qtune.evaluate import model_bits_per_param, tokenize_text
 
 

@@ -92,6 +92,21 @@ def smollm2_path() -> Path:
     return dest
 
 
+def resolve_model(model: str) -> Path:
+    """A model folder for the CLI's MODEL argument: ``smollm2`` (or ``smollm2-135m[-instruct]``) names the bundled
+    SmolLM2-135M-Instruct (converted once, cached); anything else must be a local folder.
+
+    Raises:
+        FileNotFoundError: not a bundled name and not a folder (only local folders are read).
+    """
+    if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        return smollm2_path()
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {model} does not exist (only local folders are read)")
+    return path
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,5 +161,5 @@ def demo_path(name: str) -> Path:
     return path
 
 
-__all__ = ["smollm2_path", "smollm2_gguf", "smollm2_available", "austen_text", "demo_path", "demo_dir", "cache_dir",
+__all__ = ["resolve_model", "smollm2_path", "smollm2_gguf", "smollm2_available", "austen_text", "demo_path", "demo_dir", "cache_dir",
            "AUSTEN_TEXTS", "DEMO_SETS"]

@@ -44,8 +44,8 @@ def calibration_texts(source: str | Path, *, text_field: str | None = None, spli
     read with the ``datasets`` library.
 
     Args:
-        source: a file path, ``austen:emma``/``austen:persuasion`` (bundled), or a Hub dataset name (needs a
-            network).
+        source: a file path, ``qtune:austen/emma``/``qtune:austen/persuasion`` (bundled; the old
+            ``austen:<novel>`` spelling still reads, with a warning), or a Hub dataset name (needs a network).
         text_field: the column holding text (default: ``"text"``, else the first string column).
         split: dataset split for a dataset name.
         max_chars: stop after this many characters.
@@ -55,10 +55,11 @@ def calibration_texts(source: str | Path, *, text_field: str | None = None, spli
     """
     import datasets
 
-    if str(source).startswith("austen:"):  # a bundled novel (qtune.assets), handy for demos and tests
-        from .assets import austen_text
+    from . import sources
 
-        return [austen_text(str(source).split(":", 1)[1])]
+    source = sources.normalize(source)  # the old austen:<novel> spelling warns and becomes qtune:austen/<novel>
+    if str(source).startswith(sources.BUNDLED_TEXT):  # a bundled novel, handy for demos and tests
+        return [sources.bundled_text(str(source))]
     path = Path(source)
     looks_like_path = path.suffix.lower() in TEXT_SUFFIXES or "/" in str(source) or str(source).startswith(".")
     if path.exists():

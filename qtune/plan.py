@@ -205,21 +205,21 @@ def model_config(path: str, *, trust_remote_code: bool = False):
 
 
 def _quant_dict(qc: dict | None) -> dict | None:
-    """A checkpoint's ``quantization_config`` as a qtune format dict (``None``: not quantized)."""
+    """A checkpoint's ``quantization_config`` as a qtune format dict (``None``: not quantized), as its layout
+    declares it (:attr:`qtune.integrations.layouts.Layout.declares`).
+
+    Raises:
+        ValueError: no layout reads this ``quant_method``, or the layout cannot tell its format from the config.
+    """
     if not qc:
         return None
-    method = qc.get("quant_method")
-    if method == "qtune":
-        return {"qtune": qc}
-    if method == "gptq":
-        return {"format": "gptq", "bits": int(qc.get("bits", 4)), "group_size": int(qc.get("group_size", 128)),
-                "desc_act": bool(qc.get("desc_act", False)), "sym": bool(qc.get("sym", True))}
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit"):
-            return {"format": qc.get("bnb_4bit_quant_type", "nf4"),
-                    "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False))}
-        return {"format": "llm_int8"}
-    raise ValueError(f"quantization_config quant_method {method!r} is not supported (qtune, gptq, bitsandbytes)")
+    from .integrations.layouts import detect_layout
+
+    layout = detect_layout(qc, where="quantization_config")
+    declared = layout.declares(qc)
+    if declared is None:
+        raise ValueError(f"quantization_config: the {layout.name} layout cannot tell its format without the weights")
+    return declared
 
 
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:

@@ -119,7 +119,7 @@ def test_true_sequential_act_order_and_mixed_formats(tiny):
 
 def test_gptq_model_saves_and_reloads(tiny, tmp_path):
     from qtune.integrations import mark_quantized
-    from qtune.integrations.checkpoints import load_model, save_quantized
+    from qtune.integrations.layouts import load_model, save_quantized
 
     g = AutoModelForCausalLM.from_pretrained(tiny["gpt2"])
     gptq_quantize_model(g, calib(), GPTQConfig(bits=4, group_size=32, desc_act=True), progress=False)

@@ -10,7 +10,7 @@ from qtune.integrations.peft import get_peft_model
 from qtune.nn import QuantLinear
 from qtune.plan import KNOWN_CONFIGS, plan_recipe
 from qtune.train.recipe import validate
-from qtune.train.runner import load_model
+from qtune.train.base_model import load_base_model
 from tests.train.models import save_tiny_model_dir
 
 
@@ -41,7 +41,7 @@ def _nbytes(ts) -> int:
 def test_plan_matches_tensor_bytes(model_dir, fmt, lora):
     recipe = _recipe(model_dir, fmt, **lora)
     plan = plan_recipe(recipe)
-    model, _ = load_model(recipe, model_dir)
+    model, _ = load_base_model(recipe, model_dir)
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(qlayers) == plan.details["quantized_layers"] == 14
     q_ids = {id(p) for m in qlayers for p in m.parameters()}
@@ -113,3 +113,22 @@ def test_unknown_model_error():
     with pytest.raises(ValueError, match="not a local folder and not a known config"):
         plan_recipe(validate({"model": {"path": "nobody/nothing"}, "quantization": {"format": "nf4"}, "lora": {},
                               "dataset": {"train": {"source": "x"}}, "output": {"dir": "x"}}))
+
+
+def test_checkpoint_quantization_configs_as_their_layouts_declare():
+    """The memory plan reads a quantized folder's format from config.json alone, through its layout."""
+    from qtune.plan import _quant_dict
+
+    assert _quant_dict(None) is None and _quant_dict({}) is None
+    gptq = {"quant_method": "gptq", "bits": 3, "group_size": 64, "desc_act": True, "sym": False}
+    assert _quant_dict(gptq) == {"format": "gptq", "bits": 3, "group_size": 64, "desc_act": True, "sym": False}
+    bnb4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True}
+    assert _quant_dict(bnb4) == {"format": "nf4", "double_quant": True}
+    assert _quant_dict({"quant_method": "bitsandbytes", "load_in_4bit": True}) == {"format": "fp4",
+                                                                                   "double_quant": False}
+    assert _quant_dict({"quant_method": "bitsandbytes", "load_in_8bit": True}) == {"format": "llm_int8"}
+    own = {"quant_method": "qtune", "format": "int8"}
+    assert _quant_dict(own) == {"qtune": own}
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
+        _quant_dict({"quant_method": "awq"})

@@ -79,8 +79,8 @@ def _bnb_bits_per_param(model) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="float model folder, or 'smollm2' (the bundled SmolLM2-135M)")
-    p.add_argument("--text", default="austen:persuasion", help="evaluation text (file, or austen:NAME)")
-    p.add_argument("--calibration", default="austen:emma", help="GPTQ calibration text (file, or austen:NAME)")
+    p.add_argument("--text", default="qtune:austen/persuasion", help="evaluation text (file, or qtune:austen/NAME)")
+    p.add_argument("--calibration", default="qtune:austen/emma", help="GPTQ calibration text (file, or qtune:austen/NAME)")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
 
     from ..calibration import calibration_windows, gptq_quantize_model
-    from ..cli.quantize import resolve_model
+    from ..assets import resolve_model
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
     from ..sources import read_text
     from ..integrations import QTuneConfig
-    from ..integrations.checkpoints import load_model
+    from ..integrations.layouts import load_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -23,10 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluate import model_bits_per_param, perplexity, tokenize_text
-    from ..integrations.checkpoints import load_model, read_config_json
+    from ..integrations.layouts import load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..sources import read_text
-    from .quantize import resolve_model
+    from ..assets import resolve_model
 
     check_positive(args, "tokens", "seq_len", minimum=2)
     check_positive(args, "stride", "batch_size", "samples")
@@ -106,7 +106,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="perplexity and tokens/s of a model and its quantized variants",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("model", help="model folder (float or quantized), or 'smollm2'")
-    p.add_argument("--text", required=True, help="UTF-8 text file (.txt or .gz), or qtune:austen/emma / qtune:austen/persuasion")
+    p.add_argument("--text", required=True,
+                   help="UTF-8 text file (.txt or .gz), or qtune:austen/emma / qtune:austen/persuasion")
     p.add_argument("--quant", nargs="*", metavar="SPEC", help="formats to compare (float models only)")
     p.add_argument("--tokens", type=int, default=None, help="evaluate the first N tokens (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="window length")

@@ -17,14 +17,15 @@ Examples::
     qtune export runs/smollm2-135m-qlora-nf4 --mode merged --dtype bf16 --out smollm2-emma \\
         --push-to-hub me/smollm2-emma --private
     qtune export runs/smollm2-135m-qlora-nf4 --mode quantized --format gptq --layout gptq \\
-        --calibration austen:emma --samples 64 --heldout austen:persuasion --out smollm2-emma-gptq
+        --calibration qtune:austen/emma --samples 64 --heldout qtune:austen/persuasion --out smollm2-emma-gptq
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..export.quantized import FORMATS, LAYOUTS
+from ..formats import format_names
+from ..integrations.layouts import layout_names
 from . import one_line_errors
 
 _QUANTIZED_ONLY = ("format", "layout", "calibration", "samples", "seq_len")
@@ -81,18 +82,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export and checking its logits")
     g = p.add_argument_group("quantized")
     g.add_argument("--format", default=None, metavar="FORMAT[:OPTS]",
-                   help=f"one of {', '.join(FORMATS)} (default nf4), with options as for `qtune quantize`, e.g. "
+                   help=f"one of {', '.join(format_names())} (default nf4), with options as for `qtune quantize`, e.g. "
                         "nf4:double_quant=true or gptq:bits=4,group_size=64; a bare name equal to the base's format "
                         "keeps the base's settings")
-    g.add_argument("--layout", default=None, choices=LAYOUTS,
+    g.add_argument("--layout", default=None, choices=layout_names(),
                    help="qtune (default), bnb (transformers+bitsandbytes) or gptq (GPTQ v1)")
     g.add_argument("--calibration", default=None,
-                   help="gptq: calibration text (.txt/.json/.jsonl/.parquet, austen:emma; default: the run's)")
+                   help="gptq: calibration text (.txt/.json/.jsonl/.parquet, qtune:austen/emma; default: the run's)")
     g.add_argument("--samples", type=int, default=None, help="gptq: calibration windows (default 128)")
     g.add_argument("--seq-len", type=int, default=None, help="gptq: tokens per window (default 512)")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("merged/quantized")
-    g.add_argument("--heldout", default=None, help="held-out text (austen:persuasion, a .txt file...): perplexity "
+    g.add_argument("--heldout", default=None, help="held-out text (qtune:austen/persuasion, a .txt file...): perplexity "
                                                    "of the trained, merged and re-quantized models")
     g.add_argument("--heldout-tokens", type=int, default=None, help="tokens of it (default: the recipe's, else 2048)")
     g.add_argument("--heldout-window", type=int, default=None, help="window length (default: the recipe's, else 512)")

@@ -16,9 +16,9 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..inspection import float_weights, format_table, layer_table, plot, quantized_copy
-    from ..integrations.checkpoints import load_model, read_config_json
+    from ..integrations.layouts import load_model, read_config_json
     from ..integrations import QTuneConfig
-    from .quantize import resolve_model
+    from ..assets import resolve_model
 
     path = resolve_model(args.path)
     args.dtype = model_dtype(args.dtype)

@@ -20,22 +20,10 @@ import warnings
 from pathlib import Path
 
 from .. import sources
-from ..formats import CliOption, format_names, get_format
+from ..assets import resolve_model
+from ..formats import CliOption, format_names, get_format, parse_format_spec
 from ..integrations.layouts import get_layout, layout_names
-from ..formats import parse_format_spec
 from . import check_positive, model_dtype, one_line_errors
-
-
-def resolve_model(model: str) -> Path:
-    """A model folder; ``smollm2`` names the bundled SmolLM2-135M-Instruct (converted once, cached)."""
-    if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        from ..assets import smollm2_path
-
-        return smollm2_path()
-    path = Path(model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {model} does not exist (only local folders are read)")
-    return path
 
 
 def build_config(args: argparse.Namespace):
@@ -54,7 +42,8 @@ def build_config(args: argparse.Namespace):
         else:
             parsed = parse_format_spec(spec)
             overrides[pattern] = {"format": parsed.format, **parsed.options, "compute_dtype": parsed.compute_dtype}
-    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides, **options)
+    return QTuneConfig(args.format, compute_dtype=args.compute_dtype, skip_modules=args.skip, overrides=overrides,
+                       **options)
 
 
 def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
@@ -69,7 +58,7 @@ def planned_layers(path: Path, qconfig, trust_remote_code: bool = False):
     return skeleton, qconfig.layer_plan(skeleton)
 
 
-def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
+def _check_layer_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
     """The layer plan against the model's layer shapes, on a meta skeleton (no weights read): something to
     quantize, every layer's config storable in ``layout``, and the layout's own checks (whole GPTQ groups)."""
     skeleton, plan = planned_layers(path, qconfig, trust_remote_code)
@@ -81,7 +70,7 @@ def _check_plan(path: Path, qconfig, trust_remote_code: bool, layout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.checkpoints import load_model, save_quantized
+    from ..integrations.layouts import load_model, save_quantized
     from ..nn import QuantLinear
 
     out = Path(args.out)
@@ -106,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     qconfig = build_config(args)
     layout.check(qconfig.default_config())
     path = resolve_model(args.model)
-    _check_plan(path, qconfig, args.trust_remote_code, layout)
+    _check_layer_plan(path, qconfig, args.trust_remote_code, layout)
     dtype = args.dtype
     start = time.perf_counter()
     tokenizer = _tokenizer(path, required=calibrated)

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..formats import QuantConfig, format_names, get_format, parse_format_spec
+from ..formats import QuantConfig, get_format, parse_format_spec
 from ..formats.base import dtype_name
 from ..integrations.layouts import get_layout, layout_names, save_quantized
 from ..nn import QuantLinear, float_weight_of, layer_class_for, set_submodule
@@ -43,10 +43,6 @@ from .source import ExportSource, load_source
 from .verify import check_logits, compare_logits, logits, probe_ids, tolerance, verify_quantized
 
 __all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning"]
-
-# kept for qtune/cli/export.py until it asks the registries (qtune.formats.format_names, layouts.layout_names)
-FORMATS = format_names()
-LAYOUTS = layout_names()
 
 
 def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dtype: torch.dtype) -> QuantConfig:

@@ -24,6 +24,7 @@ failed, CUDA not visible at import) triggers one warning per process naming the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from typing import Callable
@@ -61,7 +62,7 @@ class OpFamily:
     linear: Callable[..., Tensor] | None = None
     grad_input_of: str | None = None
 
-    @property
+    @functools.cached_property
     def arg_names(self) -> tuple[str, ...]:
         """The weight arguments' names, in schema order."""
         return tuple(re.findall(r"(\w+)\s*(?:=[^,]*)?(?:,|$)", self.schema))

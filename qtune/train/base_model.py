@@ -211,17 +211,20 @@ class Base:
     load_s: float
 
 
-def load_base(recipe: Recipe, *, path: Path | None = None, tokenizer: Any = "recipe") -> Base:
+_RECIPE_TOKENIZER = object()  # load_base's default: the recipe's tokenizer
+
+
+def load_base(recipe: Recipe, *, path: Path | None = None, tokenizer: Any = _RECIPE_TOKENIZER) -> Base:
     """The base as the recipe describes it (what ``qtune train`` trains and ``qtune export`` rebuilds).
 
     Args:
         path: the local model folder (default: :func:`resolve_model_path` of ``model.path``).
-        tokenizer: a tokenizer to use (``None``: none is available), or ``"recipe"`` to load the recipe's.
+        tokenizer: a tokenizer to use (``None``: none is available); by default the recipe's is loaded.
     Returns:
         :class:`Base`.
     """
     path = path if path is not None else resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    if isinstance(tokenizer, str) and tokenizer == "recipe":
+    if tokenizer is _RECIPE_TOKENIZER:
         tokenizer = load_tokenizer(recipe, path)
     model, load_s = load_base_model(recipe, path, tokenizer)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:

@@ -43,14 +43,13 @@ from typing import Any
 import torch
 
 from ..formats.base import parse_dtype
-from .base_model import SCORE_HEADS, Base, device_map, has_score_head, load_base_model, resolve_model_path
+from .base_model import SCORE_HEADS, Base, device_map, has_score_head, resolve_model_path
 from .base_model import load_base as _load_base
 from .recipe import Recipe
 from .tasks import TASKS, Task, task_config_kwargs
 
 logger = logging.getLogger(__name__)
 
-load_model = load_base_model  # the name before it was told apart from qtune.load_model (tests/test_plan.py)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qtune.cli.main import main
-from qtune.integrations.checkpoints import load_model
+from qtune.integrations.layouts import load_model
 from qtune.nn import Linear4bit, LinearGPTQ, QuantLinear
 from tests.integrations.tiny_models import make_tiny, make_tokenizer
 

@@ -133,7 +133,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(key):
 def test_op_families_are_named_records():
     from qtune.ops import OP_FAMILIES, OpFamily, register_op_family
 
-    assert set(OP_FAMILIES) == {"4bit", "int8", "llm_int8", "gptq", "llm_int8_bnb"}
+    assert {"4bit", "int8", "llm_int8", "gptq", "llm_int8_bnb"} <= set(OP_FAMILIES)  # + any a test registers
     assert OP_FAMILIES["gptq"].arg_names == ("qweight", "qzeros", "scales", "g_idx", "bits", "in_features")
     assert OP_FAMILIES["4bit"].arg_names[-2:] == ("blocksize", "shape")
     for key in ("nf4-dq", "int8-zp-g32", "llm_int8", "gptq3-act"):

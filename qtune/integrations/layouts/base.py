@@ -42,6 +42,10 @@ class Layout:
         check_plan: ``(model, {layer: config}) -> None``: refuse, before any work, a plan the writer would
             refuse at the end (optional; e.g. GPTQ's whole groups). Raises ``ValueError`` naming the layer.
         describe: ``quantization_config dict -> str``: its settings in a few words, for model cards (optional).
+        declares: ``quantization_config dict -> dict | None``: the qtune format a folder in this layout holds, as
+            ``{"format": name, **fields}`` (or ``{"qtune": quantization_config}`` for qtune's own layout, whose
+            config may differ per layer), read from ``config.json`` alone, without the weights; for the memory
+            plan (optional: ``None`` when the layout cannot tell without reading the tensors).
         note: what loads a folder in this layout, for model cards (optional).
     """
 
@@ -56,6 +60,7 @@ class Layout:
     stored_config: Callable[[QuantConfig], QuantConfig] = lambda cfg: cfg
     check_plan: Callable[[nn.Module, Mapping[str, QuantConfig]], None] = lambda model, plan: None
     describe: Callable[[dict[str, Any]], str] = lambda qc: ""
+    declares: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda qc: None
     note: str = ""
 
     def check(self, cfg: QuantConfig) -> None:

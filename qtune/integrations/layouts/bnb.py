@@ -79,6 +79,15 @@ def bnb_kind(qc: dict[str, Any]) -> str | None:
     return None
 
 
+def declares(qc: dict[str, Any]) -> dict[str, Any]:
+    """The qtune format a bitsandbytes ``quantization_config`` declares (bitsandbytes' own defaults: FP4 4-bit
+    without double quantization; 8-bit is LLM.int8)."""
+    if bnb_kind(qc) == "4bit":
+        return {"format": qc.get("bnb_4bit_quant_type", FP4Config.format),
+                "double_quant": bool(qc.get("bnb_4bit_use_double_quant", False))}
+    return {"format": LLMInt8Config.format}
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +282,7 @@ def write(model: nn.Module, folder: Path) -> None:
 LAYOUT = register_layout(Layout(name="bnb", quant_method=QUANT_METHOD, holds="nf4/fp4/int8/llm_int8 layers",
                                 can_store=can_store, detects=lambda qc: bnb_kind(qc) is not None,
                                 read=translated_reader(translate), write=write, refusal=_refusal,
-                                stored_config=stored_config,
+                                stored_config=stored_config, declares=declares,
                                 describe=lambda qc: (qc.get("bnb_4bit_quant_type") if qc.get("load_in_4bit")
                                                      else "LLM.int8"),
                                 note="bitsandbytes layout (loads with transformers + bitsandbytes, or "

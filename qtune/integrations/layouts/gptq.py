@@ -167,6 +167,12 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, qc
 
 
+def declares(qc: dict[str, Any]) -> dict[str, Any]:
+    """The qtune format a GPTQ ``quantization_config`` declares."""
+    return {"format": GPTQConfig.format, "bits": int(qc.get("bits", 4)), "group_size": int(qc.get("group_size", 128)),
+            "desc_act": bool(qc.get("desc_act", False)), "sym": bool(qc.get("sym", True))}
+
+
 def _describe(qc: dict[str, Any]) -> str:
     return f"{qc.get('bits')}-bit, group size {qc.get('group_size')}" + (", act-order" if qc.get("desc_act") else "")
 
@@ -191,7 +197,7 @@ def write(model: nn.Module, folder: Path) -> None:
 LAYOUT = register_layout(Layout(name="gptq", quant_method=QUANT_METHOD, holds="gptq/rtn layers", can_store=can_store,
                                 detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD,
                                 read=translated_reader(translate), write=write, check_plan=check_plan,
-                                describe=_describe,
+                                describe=_describe, declares=declares,
                                 note="GPTQ v1 layout (loads with GPTQ loaders such as GPTQModel, or "
                                      "`qtune.load_model`)"))
 
