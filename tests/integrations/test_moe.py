@@ -10,7 +10,7 @@ import torch
 import qtune
 from qtune.formats import GPTQConfig, NF4Config
 from qtune.integrations import QTuneConfig
-from qtune.integrations.checkpoints import load_model, save_quantized
+from qtune.integrations.layouts import load_model, save_quantized
 from qtune.nn import QuantExperts, QuantLinear, dequantize_model, fused_experts_modules, quantize_model
 
 E, H, I = 4, 64, 96  # experts, hidden, expert intermediate size
