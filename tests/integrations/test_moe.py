@@ -258,3 +258,27 @@ def test_all_linear_lora_targets_attention_not_the_experts():
     wrapped = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert sum(isinstance(m, QuantExperts) for m in peft_model.modules()) == 2
+
+
+def test_memory_plan_counts_the_quantized_experts(moe_dir):
+    from qtune.plan import plan_recipe
+    from qtune.train.base_model import load_base_model
+    from qtune.train.recipe import validate
+
+    recipe = validate({"model": {"path": str(moe_dir), "dtype": "float32"}, "quantization": {"format": "nf4"},
+                       "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "dtype": "float32", "target_modules": "all-linear"},
+                       "dataset": {"train": {"source": "x.txt"}},
+                       "training": {"per_device_train_batch_size": 2, "max_length": 32, "optim": "adamw_torch"},
+                       "output": {"dir": "unused"}})
+    plan = plan_recipe(recipe)
+    model, _ = load_base_model(recipe, moe_dir)
+    quantized = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    experts = [m for m in quantized if isinstance(m, QuantExperts)]
+    assert len(experts) == 2 and plan.details["quantized_layers"] == len(quantized)
+    linear_bytes = sum(t.numel() * t.element_size() for m in quantized if isinstance(m, QuantLinear)
+                       for t in (*m.buffers(), *m.parameters()))
+    assert plan.quantized_weights == linear_bytes + sum(m.quantized_bytes() for m in experts)
+    q_ids = {id(p) for m in quantized if isinstance(m, QuantLinear) for p in m.parameters()}
+    assert plan.float_weights == sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in q_ids)
+    assert plan.quantized_params == (sum(m.in_features * m.out_features for m in quantized if isinstance(m, QuantLinear))
+                                     + sum(m.num_weights() for m in experts))
