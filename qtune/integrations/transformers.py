@@ -251,7 +251,10 @@ def set_quantized_flags(model: nn.Module) -> None:
     if any(isinstance(m, QuantExperts) for m in model.modules()):
         # transformers' save_pretrained would map the fused expert tensors back to the checkpoint's original
         # per-expert names (its reverse weight conversion), which cannot split packed stacks: qtune saves the
-        # model's own state-dict names, which transformers 5 loads as they are
+        # model's own state-dict names, which transformers 5 loads as they are (the export's
+        # strip_quantization gives the conversions back to a dequantized model)
+        if "_qtune_weight_conversions" not in vars(model):
+            model._qtune_weight_conversions = vars(model).get("_weight_conversions")
         model._weight_conversions = []
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD

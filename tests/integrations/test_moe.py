@@ -282,3 +282,34 @@ def test_memory_plan_counts_the_quantized_experts(moe_dir):
     assert plan.float_weights == sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in q_ids)
     assert plan.quantized_params == (sum(m.in_features * m.out_features for m in quantized if isinstance(m, QuantLinear))
                                      + sum(m.num_weights() for m in experts))
+
+
+def test_merged_float_model_saves_as_a_plain_transformers_checkpoint(moe_dir, tmp_path):
+    """LoRA on attention over quantized experts, folded by the exporter: no qtune module or tensor is left, the
+    experts are the family's float module again, and transformers writes and reads its own checkpoint layout."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtune.export.merged import merge_to_float
+
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval()
+    peft_model = qtune.get_peft_model(q, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+    merged, layers, plan = merge_to_float(peft_model)
+    assert len(layers) == 4 and plan["model.layers.0.mlp.experts"].format == "nf4"
+    assert not any(isinstance(m, (QuantExperts, QuantLinear)) for m in merged.modules())
+    assert len(fused_experts_modules(merged)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "merged")
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("absmax" in k for k in keys)
+    original = {k for k in safe_open(str(moe_dir / "model.safetensors"), "pt").keys()}
+    assert keys == original  # transformers' own (per-expert) checkpoint names again
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
