@@ -313,3 +313,20 @@ def test_merged_float_model_saves_as_a_plain_transformers_checkpoint(moe_dir, tm
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_requantize_merged_experts_and_layouts_that_cannot_store_them(moe_dir, tmp_path):
+    from qtune.export.quantized import requantize_model
+
+    model = float_model(moe_dir)
+    names = ["model.layers.0.mlp.experts", "model.layers.0.self_attn.q_proj"]
+    errors = requantize_model(model, names, NF4Config(compute_dtype="float32"))
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    err = {e.name: e for e in errors}["model.layers.0.mlp.experts"]
+    assert err.format == "nf4" and 0.0 < err.rel_weight < 0.2 and err.rel_delta is None
+    with pytest.raises(ValueError, match="model.layers.0.mlp.experts: GPTQ calibration of fused experts"):
+        requantize_model(float_model(moe_dir), names, GPTQConfig(bits=4, group_size=32),
+                         calibration=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="model.layers.0.mlp.experts: the bnb layout cannot store quantized fused"):
+        save_quantized(model, tmp_path / "bnb", layout="bnb")
+    assert not (tmp_path / "bnb").exists()

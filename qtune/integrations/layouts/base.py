@@ -47,6 +47,8 @@ class Layout:
             config may differ per layer), read from ``config.json`` alone, without the weights; for the memory
             plan (optional: ``None`` when the layout cannot tell without reading the tensors).
         note: what loads a folder in this layout, for model cards (optional).
+        stores_experts: the writer stores quantized fused experts (:class:`qtune.nn.QuantExperts`); a layout
+            without it refuses a model or plan that has them, naming the module.
     """
 
     name: str
@@ -62,6 +64,17 @@ class Layout:
     describe: Callable[[dict[str, Any]], str] = lambda qc: ""
     declares: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda qc: None
     note: str = ""
+    stores_experts: bool = False
+
+    def check_experts(self, names: list[str]) -> None:
+        """Refuse quantized fused experts modules (``names``) when this layout cannot store them.
+
+        Raises:
+            ValueError: naming the first module.
+        """
+        if names and not self.stores_experts:
+            raise ValueError(f"{names[0]}: the {self.name} layout cannot store quantized fused experts "
+                             f"({len(names)} module(s)); use the qtune layout, or skip the experts")
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.
