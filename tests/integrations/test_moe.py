@@ -330,3 +330,28 @@ def test_requantize_merged_experts_and_layouts_that_cannot_store_them(moe_dir, t
     with pytest.raises(ValueError, match="model.layers.0.mlp.experts: the bnb layout cannot store quantized fused"):
         save_quantized(model, tmp_path / "bnb", layout="bnb")
     assert not (tmp_path / "bnb").exists()
+
+
+def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(tmp_path, caplog):
+    """transformers skips its own shape check for tensors a quantizer claims; QuantExpertStack checks the merged
+    stack. transformers then stops with its conversion report, which carries qtune's one-line reason."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("qwen3_moe")).save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for e in range(E):
+        key = f"model.layers.1.mlp.experts.{e}.down_proj.weight"
+        sd[key] = sd[key][:, :-2].contiguous()
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with pytest.raises((RuntimeError, ValueError)):
+            load_model(tmp_path, QTuneConfig("nf4"))
+    finally:
+        hf_logging.disable_propagation()
+    err = caplog.text
+    assert f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected ({E}, {H}, {I})" in err
