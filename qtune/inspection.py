@@ -94,6 +94,36 @@ def format_table(infos: list[LayerInfo]) -> str:
     return "\n".join(lines)
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int | None]:
+    """``(total, active per token)`` weights of ``model``, counting quantized weights as the float ones they
+    replace. Active: every weight outside the fused experts plus ``top_k / E`` of the expert weights
+    (``config.num_experts_per_tok``); ``None`` when the model has experts but no such config entry.
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # tied weights once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    experts_weights, n_experts = 0, set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, QuantExperts):
+            total += m.num_weights()
+            experts_weights += m.num_weights()
+            n_experts.add(m.num_experts)
+    for _, m in fused_experts_modules(model):
+        experts_weights += sum(getattr(m, n).numel() for n in ("gate_up_proj" if m.has_gate else "up_proj", "down_proj"))
+        n_experts.add(getattr(m, "down_proj").shape[0])
+    if not experts_weights:
+        return total, total
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    if not isinstance(top_k, int) or len(n_experts) != 1:
+        return total, None
+    return total, total - experts_weights + experts_weights * top_k // n_experts.pop()
+
+
 def _experts_error(m: QuantExperts, reference: dict[str, Tensor]) -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` over every expert weight of ``m``, one expert dequantized at a time."""
     num = den = 0.0
@@ -182,4 +212,4 @@ def plot(model: nn.Module, out: str | Path, *, reference: dict[str, Tensor] | No
     return out
 
 
-__all__ = ["LayerInfo", "layer_table", "format_table", "float_weights", "quantized_copy", "plot"]
+__all__ = ["LayerInfo", "layer_table", "format_table", "float_weights", "quantized_copy", "plot", "parameter_counts"]

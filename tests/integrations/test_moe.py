@@ -158,6 +158,11 @@ def test_inspect_counts_expert_weights(moe_dir, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.experts"))
     assert "nf4" in line and f"{per_module:,}" in line
+    from qtune.inspection import parameter_counts
+
+    total = sum(p.numel() for p in ref.parameters())
+    assert parameter_counts(ref) == parameter_counts(q) == (total, total - 2 * per_module + 2 * per_module * 2 // E)
+    assert f"parameters: {total:,} total, {total - per_module:,} active per token" in out  # top-2 of 4 experts
 
 
 def test_experts_can_be_skipped_and_gptq_is_refused_with_a_clear_error(moe_dir):
