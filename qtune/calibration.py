@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .formats import QuantConfig
 from .formats.gptq import GPTQHessian
-from .nn import QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_layer
+from .nn import (QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_experts,
+                 quantize_layer)
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".csv": "csv"}
@@ -359,6 +360,11 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         raise ValueError("calibration must be an integer tensor [samples, seq_len] of token ids")
     start = time.perf_counter()
     plan = plan_layers(model, config, skip_modules=skip_modules, overrides=overrides)
+    needs = [n for n, c in plan.experts.items() if c.needs_calibration]
+    if needs:
+        raise ValueError(f"{needs[0]}: GPTQ calibration of fused experts is not implemented; quantize the experts with "
+                         "a format without calibration (overrides={'experts': 'rtn'} or 'nf4') or skip them "
+                         "(skip_modules=[..., 'experts'])")
     if true_sequential is None:
         true_sequential = bool(getattr(config, "true_sequential", True))
     first = next(model.parameters())
@@ -366,6 +372,8 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
     was_training = model.training
     model.eval()
     report = QuantizationReport()
+    for name, cfg in plan.experts.items():  # round-to-nearest formats only (checked above): no Hessian needed
+        report.layers.append(quantize_experts(model, name, cfg))
     blocks_name, blocks = find_blocks(model)
     batches = [calibration[i:i + batch_size].to(first.device) for i in range(0, calibration.shape[0], batch_size)]
     inputs = _capture_block_inputs(model, blocks[0], batches)

@@ -4,6 +4,10 @@
 ``bits/param = 8·bytes / (in_features·out_features)``. A float layer reports its weight's dtype. The
 relative quantization error of a layer is ``‖W − Ŵ‖_F / ‖W‖_F`` against the float weight ``W``, when one
 is known (a float model quantized for the inspection, or ``reference=``).
+
+A fused mixture-of-experts module (quantized :class:`~qtune.nn.experts.QuantExperts` or float) is one row:
+``params`` counts every expert weight (``gate_up_proj``/``up_proj`` and ``down_proj`` of all experts), and its
+error is over all of them (dequantized one expert at a time).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import QuantLinear, float_weight_of, linear_modules
+from .nn.experts import QuantExperts, fused_experts_modules
 
 
 @dataclasses.dataclass
@@ -32,17 +37,30 @@ class LayerInfo:
         return 8.0 * self.bytes / self.params if self.params else 0.0
 
 
-def layer_table(model: nn.Module, reference: dict[str, Tensor] | None = None) -> list[LayerInfo]:
-    """One :class:`LayerInfo` per linear layer (quantized or float), in module order.
+def layer_table(model: nn.Module, reference: dict[str, Any] | None = None) -> list[LayerInfo]:
+    """One :class:`LayerInfo` per linear layer and per fused experts module (quantized or float), in module order.
 
     Args:
         model: the model.
-        reference: ``{layer name: float weight [out, in]}`` to compute each quantized layer's relative error.
+        reference: ``{layer name: float weight [out, in]}`` (experts modules: ``{name: {weight name: [E, ...]}}``,
+            as :func:`float_weights` returns) to compute each quantized layer's relative error.
     """
     reference = reference or {}
     floats = {n for n, _ in linear_modules(model)}
+    float_experts = {n for n, _ in fused_experts_modules(model)}
     out = []
     for name, m in model.named_modules():
+        if isinstance(m, QuantExperts):
+            err = _experts_error(m, reference[name]) if name in reference else None
+            out.append(LayerInfo(name, m.quant_config.format, int(m.quant_config.bits), m.quantized_bytes(),
+                                 m.num_weights(), err))
+            continue
+        if name in float_experts:
+            ws = [getattr(m, n) for n in ("gate_up_proj" if m.has_gate else "up_proj", "down_proj")]
+            out.append(LayerInfo(name, str(ws[0].dtype).removeprefix("torch."), ws[0].element_size() * 8,
+                                 sum(w.numel() * w.element_size() for w in ws), sum(w.numel() for w in ws),
+                                 0.0 if name in reference else None))
+            continue
         if isinstance(m, QuantLinear):
             err = None
             if name in reference:
@@ -76,9 +94,55 @@ def format_table(infos: list[LayerInfo]) -> str:
     return "\n".join(lines)
 
 
-def float_weights(model: nn.Module) -> dict[str, Tensor]:
-    """``{name: weight [out, in]}`` of the float linear layers (views, no copies)."""
-    return {n: float_weight_of(m, n)[0] for n, m in linear_modules(model)}
+def parameter_counts(model: nn.Module) -> tuple[int, int | None]:
+    """``(total, active per token)`` weights of ``model``, counting quantized weights as the float ones they
+    replace. Active: every weight outside the fused experts plus ``top_k / E`` of the expert weights
+    (``config.num_experts_per_tok``); ``None`` when the model has experts but no such config entry.
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # tied weights once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    experts_weights, n_experts = 0, set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, QuantExperts):
+            total += m.num_weights()
+            experts_weights += m.num_weights()
+            n_experts.add(m.num_experts)
+    for _, m in fused_experts_modules(model):
+        experts_weights += sum(getattr(m, n).numel() for n in ("gate_up_proj" if m.has_gate else "up_proj", "down_proj"))
+        n_experts.add(getattr(m, "down_proj").shape[0])
+    if not experts_weights:
+        return total, total
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    if not isinstance(top_k, int) or len(n_experts) != 1:
+        return total, None
+    return total, total - experts_weights + experts_weights * top_k // n_experts.pop()
+
+
+def _experts_error(m: QuantExperts, reference: dict[str, Tensor]) -> float:
+    """``‖W − Ŵ‖_F / ‖W‖_F`` over every expert weight of ``m``, one expert dequantized at a time."""
+    num = den = 0.0
+    for wname in m.weight_names:
+        stack, w = m._modules[wname], reference[wname]
+        for e in range(stack.num_experts):
+            we = (w[e].t() if stack.transposed else w[e]).float()
+            num += float(torch.linalg.norm(we - stack.dequantize(e, torch.float32).to(we.device)) ** 2)
+            den += float(torch.linalg.norm(we) ** 2)
+    return (num / max(den, 1e-60)) ** 0.5
+
+
+def float_weights(model: nn.Module) -> dict[str, Any]:
+    """``{name: weight [out, in]}`` of the float linear layers and ``{name: {weight name: [E, ...]}}`` of the
+    float fused experts modules (views, no copies)."""
+    out: dict[str, Any] = {n: float_weight_of(m, n)[0] for n, m in linear_modules(model)}
+    for n, m in fused_experts_modules(model):
+        out[n] = {w: getattr(m, w).detach() for w in ("gate_up_proj" if m.has_gate else "up_proj", "down_proj")}
+    return out
 
 
 def quantized_copy(model: nn.Module, config: Any) -> nn.Module:
@@ -148,4 +212,4 @@ def plot(model: nn.Module, out: str | Path, *, reference: dict[str, Tensor] | No
     return out
 
 
-__all__ = ["LayerInfo", "layer_table", "format_table", "float_weights", "quantized_copy", "plot"]
+__all__ = ["LayerInfo", "layer_table", "format_table", "float_weights", "quantized_copy", "plot", "parameter_counts"]

@@ -230,8 +230,8 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 
 def _quantization_plan(recipe, model: nn.Module, quant: dict | None) -> dict:
-    """``{layer name: QuantConfig}`` as the runner would quantize (the runner's ``QTuneConfig`` and the one
-    layer plan, :meth:`QTuneConfig.layer_plan`)."""
+    """``{layer or experts module name: QuantConfig}`` as the runner would quantize (the runner's ``QTuneConfig``
+    and the one layer plan, :meth:`QTuneConfig.layer_plan`, with its fused experts modules)."""
     from .integrations.transformers import QTuneConfig
     from .train.base_model import qtune_config
 
@@ -250,7 +250,8 @@ def _quantization_plan(recipe, model: nn.Module, quant: dict | None) -> dict:
             qc = QTuneConfig(quant["format"], compute_dtype=_compute_dtype(q), **fields)
     else:
         qc = qtune_config(recipe, compute_dtype=_compute_dtype(q))
-    return dict(qc.layer_plan(model))
+    plan = qc.layer_plan(model)
+    return {**plan.configs, **plan.experts}
 
 
 def _compute_dtype(q: dict) -> str | None:
@@ -388,7 +389,8 @@ def adapter_dtype_for(recipe, quantized: bool) -> torch.dtype:
 def plan_recipe(recipe) -> MemoryPlan:
     """Predict the per-device peak memory of training ``recipe`` (see the module docstring)."""
     from .formats.base import parse_dtype
-    from .integrations.transformers import meta_layer
+    from .integrations.transformers import meta_experts, meta_layer
+    from .nn.experts import is_fused_experts
 
     from .train.tasks import TASKS
 
@@ -402,6 +404,12 @@ def plan_recipe(recipe) -> MemoryPlan:
     quantized_bytes, quantized_params, quantized_ids = 0, 0, set()
     for name, cfg in qplan.items():
         old = model.get_submodule(name)
+        if is_fused_experts(old):  # the stacked expert tensors; biases, norm and router stay float
+            experts = meta_experts(old, cfg, model_dtype=dtype, name=name)
+            quantized_bytes += sum(b.numel() * b.element_size() for b in experts.buffers())
+            quantized_params += experts.num_weights()
+            quantized_ids.update(id(old._parameters[n]) for n in experts.weight_names)
+            continue
         layer = meta_layer(old, cfg, model_dtype=dtype)
         quantized_bytes += sum(b.numel() * b.element_size() for b in layer.buffers())
         quantized_bytes += sum(p.numel() * p.element_size() for p in layer.parameters())

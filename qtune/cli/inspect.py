@@ -15,7 +15,7 @@ from . import model_dtype, one_line_errors
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    from ..inspection import float_weights, format_table, layer_table, plot, quantized_copy
+    from ..inspection import float_weights, format_table, layer_table, parameter_counts, plot, quantized_copy
     from ..integrations.layouts import load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..assets import resolve_model
@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
                                                        use_safetensors=True)
             reference = float_weights(ref)
     print(format_table(layer_table(model, reference)))
+    total, active = parameter_counts(model)
+    if active != total:
+        print(f"parameters: {total:,} total, " + (f"{active:,} active per token (routed experts)" if active is not None
+                                                   else "active per token unknown (no num_experts_per_tok)"))
     print(f"model memory footprint: {model.get_memory_footprint():,} bytes")
     if args.plot:
         out = plot(model, args.plot, reference=reference, layer=args.layer)

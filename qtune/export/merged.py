@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..formats.base import dtype_name, parse_dtype
-from ..nn import QuantLinear, is_conv1d, set_submodule
+from ..nn import QuantExperts, QuantLinear, is_conv1d, set_submodule
 from ..atomic import atomic_output, check_free_space, check_output
 from .report import ExportResult, Heldout
 from .source import ExportSource, load_source
@@ -177,6 +177,9 @@ def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
             plan.setdefault(name, module.config)
             set_submodule(model, name, _dense_module(module.dequantize(torch.float32),
                                             None if module.bias is None else module.bias.detach(), module.from_conv1d))
+        elif isinstance(module, QuantExperts):  # the model's own float experts module, dequantized
+            plan.setdefault(name, module.quant_config)
+            set_submodule(model, name, module.to_float(torch.float32))
     strip_quantization(model)
     cast_float_params(model, dtype)
     if hasattr(model, "config"):
@@ -203,6 +206,11 @@ def cast_float_params(model: nn.Module, dtype: torch.dtype) -> None:
 def strip_quantization(model: nn.Module) -> None:
     """Remove every trace of quantization from a model (config, quantizer, flags), so it saves as a plain one."""
     model.hf_quantizer = None
+    if "_qtune_weight_conversions" in vars(model):  # set_quantized_flags turned them off for quantized experts
+        model._weight_conversions = model._qtune_weight_conversions
+        if model._weight_conversions is None:
+            del model._weight_conversions
+        del model._qtune_weight_conversions
     for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
         if attr in vars(model):
             delattr(model, attr)

@@ -35,7 +35,7 @@ from torch import nn
 from ..formats import QuantConfig, get_format, parse_format_spec
 from ..formats.base import dtype_name
 from ..integrations.layouts import get_layout, layout_names, save_quantized
-from ..nn import QuantLinear, float_weight_of, layer_class_for, set_submodule
+from ..nn import QuantExperts, QuantLinear, float_weight_of, is_fused_experts, layer_class_for, set_submodule
 from ..atomic import atomic_output, check_free_space, check_output
 from .merged import MergedLayer, _heldout, cast_float_params, merge_to_float, resolve_dtype, write_extras
 from .report import ExportResult, LayerError, format_layer_table
@@ -90,6 +90,19 @@ def _error(name: str, layer: QuantLinear, w: torch.Tensor, merged: MergedLayer |
                       rel_weight=math.sqrt(e2 / max(w2, 1e-30)), rel_delta=rel_delta, kept=kept, err_sq=e2, w_sq=w2)
 
 
+def _experts_error(name: str, experts: QuantExperts, module: nn.Module) -> LayerError:
+    """:func:`_error` over every expert weight (one expert dequantized at a time; no LoRA delta on experts)."""
+    e2 = w2 = 0.0
+    for wname in experts.weight_names:
+        stack, w = experts._modules[wname], getattr(module, wname).detach()
+        for e in range(stack.num_experts):
+            we = (w[e].t() if stack.transposed else w[e]).float()
+            e2 += float((stack.dequantize(e, torch.float32) - we).pow(2).sum())
+            w2 += float(we.pow(2).sum())
+    return LayerError(name=name, format=experts.quant_config.format, bits=experts.bits_per_parameter(),
+                      rel_weight=math.sqrt(e2 / max(w2, 1e-30)), rel_delta=None, kept=None, err_sq=e2, w_sq=w2)
+
+
 @torch.no_grad()
 def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, calibration: torch.Tensor | None = None,
                      merged: dict[str, MergedLayer] | None = None, progress: bool = False) -> list[LayerError]:
@@ -112,6 +125,10 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
             raise ValueError(f"{cfg.format} re-quantization needs calibration data (--calibration)")
         from ..calibration import gptq_quantize_model
 
+        experts = [n for n in plan if is_fused_experts(model.get_submodule(n))]
+        if experts:
+            raise ValueError(f"{experts[0]}: GPTQ calibration of fused experts is not implemented; export with a "
+                             "format without calibration (rtn, nf4, int8)")
         weights = {n: float_weight_of(model.get_submodule(n), n)[0].float().clone() for n in plan}
         gptq_quantize_model(model, calibration, None, skip_modules=(), overrides={n: cfg for n in plan},
                             progress=progress)
@@ -123,6 +140,11 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
         return errors
     for n in plan:
         module = model.get_submodule(n)
+        if is_fused_experts(module):
+            experts = QuantExperts.from_float(module, cfg, name=n)
+            errors.append(_experts_error(n, experts, module))
+            set_submodule(model, n, experts)
+            continue
         w = float_weight_of(module, n)[0].float()
         layer = layer_class_for(cfg).from_float(module, cfg, name=n)
         errors.append(_error(n, layer, w, merged.get(n)))
@@ -233,6 +255,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     names = list(plan)
     if not names:
         raise ValueError("no linear layer to quantize in the merged model")
+    writer.check_experts([n for n in names if is_fused_experts(merged.get_submodule(n))])
     writer.check_plan(merged, {n: cfg for n in names})
     merged_logits = logits(merged, ids)
     result.probe["merged fp32 vs trained"] = compare_logits(merged_logits, trained_logits)

@@ -54,6 +54,7 @@ from ..formats import FormatSpec, QuantConfig, config_from_dict, parse_format_sp
 from ..formats.base import dtype_name
 from ..hardware import auto_compute_dtype
 from ..nn import LayerPlan, QuantLinear, is_conv1d, layer_class_for, plan_layers, set_submodule
+from ..nn.experts import QuantExperts
 from ..nn.replace import DEFAULT_SKIP, unquantizable_modules  # noqa: F401  (re-exported)
 from .safetensors_header import SAFETENSORS_DTYPES, headers_by_key, read_safetensors_header  # noqa: F401  (re-exported)
 
@@ -194,6 +195,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _resolve_auto(cfg: QuantConfig, float_dtype: torch.dtype, device: torch.device | str) -> QuantConfig:
+    if isinstance(cfg.compute_dtype, str) and cfg.compute_dtype.strip().lower() == "auto":
+        # "auto" next to a known model dtype: that dtype where this machine computes it natively, else fp32
+        dev = None if torch.device(device).type == "meta" else device
+        cfg = dataclasses.replace(cfg, compute_dtype=dtype_name(auto_compute_dtype(float_dtype, dev)[0]))
+    return cfg
+
+
 def meta_layer(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype, device: torch.device | str = "meta") -> QuantLinear:
     """An empty ``QuantLinear`` replacing ``old`` (``nn.Linear``/``Conv1D``), buffers on ``device``."""
     conv1d = is_conv1d(old)
@@ -203,10 +212,7 @@ def meta_layer(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype, de
         in_features, out_features = old.in_features, old.out_features
     w = getattr(old, "weight", None)
     float_dtype = w.dtype if w is not None and w.is_floating_point() else model_dtype
-    if isinstance(cfg.compute_dtype, str) and cfg.compute_dtype.strip().lower() == "auto":
-        # "auto" next to a known model dtype: that dtype where this machine computes it natively, else fp32
-        dev = None if torch.device(device).type == "meta" else device
-        cfg = dataclasses.replace(cfg, compute_dtype=dtype_name(auto_compute_dtype(float_dtype, dev)[0]))
+    cfg = _resolve_auto(cfg, float_dtype, device)
     compute = cfg.torch_compute_dtype or float_dtype
     # transformers builds the skeleton under a `torch.device("meta")` context; the format modules cache
     # their code tables on first use, which must not happen on meta (the buffers themselves get `device`)
@@ -217,9 +223,39 @@ def meta_layer(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype, de
     return layer
 
 
+def meta_experts(old: nn.Module, cfg: QuantConfig, *, model_dtype: torch.dtype,
+                 device: torch.device | str = "meta", name: str = "") -> QuantExperts:
+    """An empty :class:`~qtune.nn.experts.QuantExperts` replacing the fused experts module ``old``, its stacked
+    buffers on ``device`` (the float module's biases, activation and norm are kept as they are)."""
+    w = old._parameters.get("down_proj")
+    float_dtype = w.dtype if w is not None and w.is_floating_point() else model_dtype
+    cfg = _resolve_auto(cfg, float_dtype, device)
+    with torch.device("cpu"):  # see meta_layer
+        return QuantExperts(old, cfg, device=device, name=name)
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module, QuantConfig]]:
+    """``(name, module, qtune config)`` of every ``QuantLinear`` and ``QuantExperts`` of ``model``."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out.append((n, m, m.config))
+        elif isinstance(m, QuantExperts):
+            out.append((n, m, m.quant_config))
+    return out
+
+
 def set_quantized_flags(model: nn.Module) -> None:
     """Set ``is_quantized``, ``quantization_method`` and ``is_loaded_in_4bit``/``_8bit`` from the layers."""
-    bits = {int(m.config.bits) for m in model.modules() if isinstance(m, QuantLinear)}
+    bits = {int(c.bits) for _, _, c in quantized_modules(model)}
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        # transformers' save_pretrained would map the fused expert tensors back to the checkpoint's original
+        # per-expert names (its reverse weight conversion), which cannot split packed stacks: qtune saves the
+        # model's own state-dict names, which transformers 5 loads as they are (the export's
+        # strip_quantization gives the conversions back to a dequantized model)
+        if "_qtune_weight_conversions" not in vars(model):
+            model._qtune_weight_conversions = vars(model).get("_weight_conversions")
+        model._weight_conversions = []
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.is_loaded_in_4bit = any(b <= 4 for b in bits)
@@ -227,11 +263,14 @@ def set_quantized_flags(model: nn.Module) -> None:
 
 
 def finalize_layers(model: nn.Module) -> None:
-    """Freeze quantized layers' biases in their compute dtype."""
+    """Freeze quantized layers' biases in their compute dtype (and the biases of quantized experts, in their own)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             if m.bias is not None and m.bias.device.type != "meta":
                 m.bias = nn.Parameter(m.bias.detach().to(m.compute_dtype), requires_grad=False)
+        elif isinstance(m, QuantExperts):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
 
 
 def check_layers_against_checkpoint(model: nn.Module, layer_names: list[str], headers: dict[str, tuple[str, dict]]) -> None:
@@ -245,21 +284,23 @@ def check_layers_against_checkpoint(model: nn.Module, layer_names: list[str], he
     prefix = getattr(model, "base_model_prefix", "")
     for name in layer_names:
         layer = model.get_submodule(name)
-        for bname, buf in layer.named_buffers(recurse=False):
+        experts = isinstance(layer, QuantExperts)
+        qconfig = layer.quant_config if experts else layer.config
+        for bname, buf in layer.named_buffers(recurse=experts):
             key = f"{name}.{bname}"
             candidates = [key]
             if prefix:
                 candidates += [key.removeprefix(prefix + "."), f"{prefix}.{key}"]
             found = next((c for c in candidates if c in headers), None)
             if found is None:
-                raise ValueError(f"layer {name} ({layer.config.format}): tensor {key!r} is missing from the checkpoint "
+                raise ValueError(f"layer {name} ({qconfig.format}): tensor {key!r} is missing from the checkpoint "
                                  "(quantization_config disagrees with the tensors)")
             file, entry = headers[found]
             shape = tuple(int(s) for s in entry["shape"])
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if shape != tuple(buf.shape):
                 raise ValueError(f"{file}: key {found!r} has shape {list(shape)}, but layer {name} "
-                                 f"({layer.config.to_json()}) expects {list(buf.shape)} "
+                                 f"({qconfig.to_json()}) expects {list(buf.shape)} "
                                  "(quantization_config disagrees with the tensors)")
             if dtype is None or (dtype != buf.dtype and not (dtype.is_floating_point and buf.dtype.is_floating_point)):
                 raise ValueError(f"{file}: key {found!r} has dtype {entry['dtype']}, but layer {name} expects "
@@ -295,6 +336,10 @@ class QTuneQuantize(ConversionOps):
         out: dict[str, torch.Tensor] = {}
         for key, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
+            module_name, _, param = key.rpartition(".")
+            if module_name in self.hf_quantizer.experts_configs:
+                self._convert_experts(model, module_name, param, key, value, missing_keys)
+                continue
             module_name = key.removesuffix(".weight")
             cfg = self.hf_quantizer.plan_configs.get(module_name)
             if cfg is None:  # not ours (should not happen): pass through
@@ -317,6 +362,29 @@ class QTuneQuantize(ConversionOps):
             del value, weight
         return out
 
+    def _convert_experts(self, model: nn.Module, module_name: str, param: str, key: str, value: torch.Tensor,
+                         missing_keys: set[str] | None) -> None:
+        """Quantize one fused expert weight (``gate_up_proj``/``up_proj``/``down_proj`` [E, ...], already merged
+        from per-expert checkpoint tensors by transformers' conversion) into its ``QuantExperts``."""
+        module = model.get_submodule(module_name)
+        if not isinstance(module, QuantExperts):
+            cfg = self.hf_quantizer.experts_configs[module_name]
+            module = meta_experts(module, cfg, model_dtype=value.dtype, device=value.device, name=module_name)
+            module._is_hf_initialized = True
+            set_submodule(model, module_name, module)
+        stack = module._modules[param]
+        stack.quantize_(value, name=key)
+        for t in stack.buffers():
+            t._is_hf_initialized = True
+        self.hf_quantizer.experts_loaded.add(key)
+        if missing_keys is not None:
+            missing_keys.discard(key)
+
+
+def _experts_weight(module: nn.Module, param: str) -> bool:
+    from ..nn.experts import is_fused_experts
+    return is_fused_experts(module) and param in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+
 
 class QTuneHfQuantizer(HfQuantizer):
     """transformers ``HfQuantizer`` for :class:`QTuneConfig` (see the module docstring)."""
@@ -327,6 +395,8 @@ class QTuneHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QTuneConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.plan_configs: dict[str, QuantConfig] = {}
+        self.experts_configs: dict[str, QuantConfig] = {}  # fused experts modules (quantize-on-load and reload)
+        self.experts_loaded: set[str] = set()  # "<experts>.<weight>" quantized on load
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -335,14 +405,30 @@ class QTuneHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
 
+    def _experts_config(self, model: nn.Module, param_name: str) -> QuantConfig | None:
+        """The config of a fused expert weight ``<experts>.<gate_up_proj|up_proj|down_proj>`` of the plan."""
+        module_name, _, param = param_name.rpartition(".")
+        cfg = self.experts_configs.get(module_name)
+        if cfg is None:
+            return None
+        module = model.get_submodule(module_name)
+        if isinstance(module, QuantExperts):
+            return cfg if param in module.weight_names else None
+        return cfg if _experts_weight(module, param) else None
+
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
-        if self.pre_quantized or not param_name.endswith(".weight"):
+        if self.pre_quantized:
+            return False
+        if self._experts_config(model, param_name) is not None:
+            return True
+        if not param_name.endswith(".weight"):
             return False
         return param_name.removesuffix(".weight") in self.plan_configs
 
     def param_element_size(self, model: nn.Module, param_name: str, param: torch.Tensor) -> float:
-        cfg = self.plan_configs.get(param_name.removesuffix(".weight"))
-        if cfg is not None and param_name.endswith(".weight"):
+        cfg = self.plan_configs.get(param_name.removesuffix(".weight")) if param_name.endswith(".weight") else None
+        cfg = cfg or self._experts_config(model, param_name)
+        if cfg is not None:
             return cfg.bits / 8
         return param.element_size()
 
@@ -355,10 +441,12 @@ class QTuneHfQuantizer(HfQuantizer):
         plan = cfg.layer_plan(model)
         headers = headers_by_key(checkpoint_files)  # also rejects corrupt/truncated files before loading
         _skip_parent_init(model, plan)
+        self.experts_configs = dict(plan.experts)
         if not self.pre_quantized:
-            needs_calibration = sorted(n for n, c in plan.items() if c.needs_calibration)
+            needs_calibration = sorted([n for n, c in plan.items() if c.needs_calibration]
+                                       + [n for n, c in plan.experts.items() if c.needs_calibration])
             if needs_calibration:
-                fmt = plan[needs_calibration[0]].format
+                fmt = {**plan.configs, **plan.experts}[needs_calibration[0]].format
                 raise ValueError(f"format {fmt!r} needs calibration data (layer {needs_calibration[0]}): quantize with "
                                  f"`qtune quantize MODEL --format {fmt} --calibration FILE` or "
                                  "qtune.calibration.gptq_quantize_model(), or use format='rtn' for round-to-nearest")
@@ -367,16 +455,26 @@ class QTuneHfQuantizer(HfQuantizer):
         dtype = _model_dtype(model)
         for name, c in plan.items():
             set_submodule(model, name, meta_layer(model.get_submodule(name), c, model_dtype=dtype))
+        for name, c in plan.experts.items():
+            set_submodule(model, name, meta_experts(model.get_submodule(name), c, model_dtype=dtype, name=name))
         self.plan_configs = plan
-        check_layers_against_checkpoint(model, list(plan), headers)
+        check_layers_against_checkpoint(model, list(plan) + list(plan.experts), headers)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         not_done = [n for n in self.plan_configs if not isinstance(model.get_submodule(n), QuantLinear)]
+        not_done += [n for n in self.experts_configs if not isinstance(model.get_submodule(n), QuantExperts)]
         if not_done:
             raise ValueError(f"qtune: layer {not_done[0]} was not quantized: its weight was not found in the checkpoint")
-        for name in self.plan_configs:
+        if not self.pre_quantized:
+            for name in self.experts_configs:
+                missing = [f"{name}.{w}" for w in model.get_submodule(name).weight_names
+                           if f"{name}.{w}" not in self.experts_loaded]
+                if missing:
+                    raise ValueError(f"qtune: experts tensor {missing[0]} was not found in the checkpoint")
+        for name in [*self.plan_configs, *self.experts_configs]:
             layer = model.get_submodule(name)
-            meta = [b for b, t in layer.named_buffers(recurse=False) if t.device.type == "meta"]
+            recurse = isinstance(layer, QuantExperts)
+            meta = [b for b, t in layer.named_buffers(recurse=recurse) if t.device.type == "meta"]
             if meta:
                 raise ValueError(f"qtune: layer {name}: tensor {name}.{meta[0]} was not loaded from the checkpoint")
         finalize_layers(model)
@@ -409,8 +507,9 @@ _register()
 
 
 def layers_config(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{name: config dict}`` of the model's ``QuantLinear`` layers (for an explicit ``QTuneConfig.layers``)."""
-    return {n: m.config.to_dict() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """``{name: config dict}`` of the model's ``QuantLinear`` layers and ``QuantExperts`` modules (for an explicit
+    ``QTuneConfig.layers``)."""
+    return {n: c.to_dict() for n, _, c in quantized_modules(model)}
 
 
 def mark_quantized(model: nn.Module, config: QTuneConfig | None = None) -> QTuneConfig:
@@ -434,7 +533,9 @@ def mark_quantized(model: nn.Module, config: QTuneConfig | None = None) -> QTune
         config.layers = layers
     finalize_layers(model)
     quantizer = QTuneHfQuantizer(config, pre_quantized=True)
-    quantizer.plan_configs = {n: config_from_dict(d) for n, d in layers.items()}
+    configs = {n: config_from_dict(d) for n, d in layers.items()}
+    quantizer.plan_configs = {n: c for n, c in configs.items() if not isinstance(model.get_submodule(n), QuantExperts)}
+    quantizer.experts_configs = {n: c for n, c in configs.items() if n not in quantizer.plan_configs}
     model.hf_quantizer = quantizer
     if hasattr(model, "config"):
         model.config.quantization_config = config
@@ -443,4 +544,5 @@ def mark_quantized(model: nn.Module, config: QTuneConfig | None = None) -> QTune
 
 
 __all__ = ["QTuneConfig", "QTuneHfQuantizer", "QTuneQuantize", "QUANT_METHOD", "mark_quantized", "layers_config",
-           "read_safetensors_header", "headers_by_key", "unquantizable_modules", "set_quantized_flags"]
+           "read_safetensors_header", "headers_by_key", "unquantizable_modules", "set_quantized_flags", "meta_experts",
+           "quantized_modules"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..formats.base import QuantConfig
 from .base import QuantLinear, float_weight_of, is_conv1d, layer_class_for
+from .experts import QuantExperts, fused_experts_modules
 
 #: module name patterns kept in full precision unless the caller names its own
 DEFAULT_SKIP = ("lm_head",)
@@ -108,10 +109,16 @@ def _model_skips(model: nn.Module, *, output_embeddings: bool) -> dict[str, str]
 @dataclasses.dataclass
 class LayerPlan(MappingABC):
     """Which linear layers get which config (a read-only ``{name: QuantConfig}`` mapping, module order), and
-    why the other linear layers stay float (:attr:`skipped`, ``{name: reason}``)."""
+    why the other linear layers stay float (:attr:`skipped`, ``{name: reason}``).
+
+    Fused mixture-of-experts modules (:func:`qtune.nn.experts.fused_experts_modules`) are planned apart, in
+    :attr:`experts` (``{experts module name: QuantConfig}``), so code that walks the linear layers of a plan
+    never meets them; their skips join :attr:`skipped`.
+    """
 
     configs: dict[str, QuantConfig] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    experts: dict[str, QuantConfig] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> QuantConfig:
         return self.configs[name]
@@ -137,38 +144,53 @@ def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=No
         layers: an explicit ``{layer name: config or None}`` map, used instead of ``config``/``skip_modules``/
             ``overrides``.
         model_skips: also skip what the model never lets qtune quantize (tied weights, ``_keep_in_fp32_modules``).
+    The same rules (``skip_modules``, ``overrides``, ``layers``) place the fused experts modules in
+    :attr:`LayerPlan.experts`: ``"experts"`` in ``skip_modules`` keeps them all float.
+
     Raises:
-        ValueError: ``layers`` names a module that is not a linear layer of ``model``.
+        ValueError: ``layers`` names a module that is neither a linear layer nor a fused experts module of
+            ``model``.
     """
     linears = [n for n, _ in linear_modules(model)]
+    experts = [n for n, _ in fused_experts_modules(model)]
     plan = LayerPlan()
     if layers is not None:
-        missing = sorted(set(layers) - set(linears))
+        missing = sorted(set(layers) - set(linears) - set(experts))
         if missing:
             raise ValueError(f"quantization_config.layers names {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                             f"which are not linear layers of {type(model).__name__}")
+                             f"which are not linear layers (or fused experts modules) of {type(model).__name__}")
         for name in layers:
             if layers[name] is not None:
-                plan.configs[name] = layers[name]
-        plan.skipped.update((n, "not in the explicit layers map") for n in linears if n not in plan.configs)
+                (plan.experts if name in experts else plan.configs)[name] = layers[name]
+        plan.skipped.update((n, "not in the explicit layers map") for n in linears + experts
+                            if n not in plan.configs and n not in plan.experts)
         return plan
     skips = {p: f"skip_modules pattern {p!r}" for p in (DEFAULT_SKIP if skip_modules is None else skip_modules)}
     if model_skips:
         for p, why in _model_skips(model, output_embeddings=skip_modules is None).items():
             skips.setdefault(p, why)
     overrides = dict(overrides or {})
-    for name in linears:
+    modules = dict(model.named_modules())
+    for name in linears + experts:
         why = next((r for p, r in skips.items() if name_matches(name, p)), None)
+        if why is None and _own_forward(modules[name]):
+            why = f"{type(modules[name]).__name__} subclasses nn.Linear with its own forward (e.g. a MoE router)"
         if why is None:
             cfg = config_for(name, config, (), overrides)
             why = "no format (default None)" if cfg is None else None
             if cfg is None and any(name_matches(name, p) for p in overrides):
                 why = "override None"
         if why is None:
-            plan.configs[name] = cfg
+            (plan.experts if name in experts else plan.configs)[name] = cfg
         else:
             plan.skipped[name] = why
     return plan
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass whose forward is not ``nn.Linear``'s (Phi-MoE's router returns logits, weights and
+    indices): a ``QuantLinear`` computes ``x Ŵᵀ + b`` only, so it cannot stand in for it."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules=DEFAULT_SKIP,
@@ -185,8 +207,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules
             for mixed precision; ``None`` skips the matching layers.
         layer_kwargs: ``{layer name: kwargs}`` passed to ``from_float`` (GPTQ: ``{"hessian": H}``).
         plan: a :class:`LayerPlan` to apply instead of building one from ``config``/``skip_modules``/``overrides``.
+    Fused mixture-of-experts modules are replaced by :class:`~qtune.nn.experts.QuantExperts` (the plan's
+    :attr:`~LayerPlan.experts`; ``skip_modules=["experts", ...]`` keeps them float).
+
     Returns:
         :class:`QuantizationReport`.
+    Raises:
+        ValueError: an experts module is planned with a format that needs calibration (GPTQ).
     """
     if plan is None:
         plan = plan_layers(model, config, skip_modules=tuple(skip_modules), overrides=overrides, model_skips=False)
@@ -195,7 +222,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules
     report.skipped.extend(plan.skipped)
     for name, cfg in plan.items():
         report.layers.append(quantize_layer(model, name, cfg, **dict(layer_kwargs.get(name, {}))))
+    for name, cfg in plan.experts.items():
+        report.layers.append(quantize_experts(model, name, cfg))
     return report
+
+
+def quantize_experts(model: nn.Module, name: str, config: QuantConfig) -> LayerReport:
+    """Replace the fused experts module ``name`` of ``model`` by its :class:`QuantExperts`, in place."""
+    module = model.get_submodule(name)
+    layer = QuantExperts.from_float(module, config, name=name)
+    before = sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in layer.weight_names)
+    set_submodule(model, name, layer)
+    return LayerReport(name, config.format, layer.bits_per_parameter(), before, layer.quantized_bytes())
 
 
 def quantize_layer(model: nn.Module, name: str, config: QuantConfig, **kwargs: Any) -> LayerReport:
@@ -214,10 +252,13 @@ def quantize_layer(model: nn.Module, name: str, config: QuantConfig, **kwargs: A
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``QuantLinear`` by an ``nn.Linear`` (or ``Conv1D``) holding its dequantized weight
-    (:meth:`QuantLinear.to_dense`), in place; returns ``model``."""
+    (:meth:`QuantLinear.to_dense`), and every :class:`QuantExperts` by the model's float experts module
+    (:meth:`QuantExperts.to_float`), in place; returns ``model``."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             set_submodule(model, name, m.to_dense(dtype))
+        elif isinstance(m, QuantExperts):
+            set_submodule(model, name, m.to_float(dtype))
     return model
 
 

@@ -95,7 +95,10 @@ def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", 
     """
     from ...atomic import atomic_output  # the one atomic-folder helper
 
+    from ...nn.experts import QuantExperts
+
     writer = get_layout(layout)
+    writer.check_experts([n for n, m in model.named_modules() if isinstance(m, QuantExperts)])
     with atomic_output(out, overwrite=overwrite) as tmp:
         writer.write(model, tmp)
         if tokenizer is not None:

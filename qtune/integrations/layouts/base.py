@@ -51,6 +51,8 @@ class Layout:
         claims_path: ``path -> bool``: a path in this layout that is not a Hugging Face folder (a GGUF file),
             read with ``read(path, {}, {}, ...)`` (optional).
         tokenizer: ``(path, **from_pretrained kwargs) -> tokenizer`` for the paths it claims (optional).
+        stores_experts: the writer stores quantized fused experts (:class:`qtune.nn.QuantExperts`); a layout
+            without it refuses a model or plan that has them, naming the module.
     """
 
     name: str
@@ -68,6 +70,17 @@ class Layout:
     note: str = ""
     claims_path: Callable[[Path], bool] = lambda path: False
     tokenizer: Callable[..., Any] | None = None
+    stores_experts: bool = False
+
+    def check_experts(self, names: list[str]) -> None:
+        """Refuse quantized fused experts modules (``names``) when this layout cannot store them.
+
+        Raises:
+            ValueError: naming the first module.
+        """
+        if names and not self.stores_experts:
+            raise ValueError(f"{names[0]}: the {self.name} layout cannot store quantized fused experts "
+                             f"({len(names)} module(s)); use the qtune layout, or skip the experts")
 
     def check(self, cfg: QuantConfig) -> None:
         """Refuse a config this layout cannot store, before any work is done.
