@@ -131,6 +131,38 @@ def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 @torch.no_grad()
+def _fold_experts(wrapper, adapters: list[str], name: str) -> tuple[nn.Module, list[MergedLayer]]:
+    """The float experts module (the model's own class, fp32) with the LoRA deltas of a chain of nested
+    ``ParamWrapper``s (qtune's ``QuantLoraExperts`` on quantized experts, or peft's on float ones) folded in."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    chain = []
+    module = wrapper
+    while isinstance(module, LoraLayer):
+        chain.append(module)
+        module = module.base_layer
+    if isinstance(module, QuantExperts):
+        experts, config = module.to_float(torch.float32), module.quant_config
+    else:
+        experts, config = module, None
+        for p in experts.parameters(recurse=False):
+            p.data = p.data.float()
+    layers = []
+    for w in chain:
+        param = getattr(experts, w.parameter_name)
+        w0 = param.detach().float()
+        new = w0.clone()
+        for adapter in adapters:
+            if adapter in w.lora_A.keys():
+                new += w.get_delta_weight(adapter).float().to(new.device)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"layer {name}.{w.parameter_name}: the merged weight holds NaN/Inf (the adapter is broken)")
+        setattr(experts, w.parameter_name, nn.Parameter(new, requires_grad=False))
+        layers.append(MergedLayer(f"{name}.{w.parameter_name}", config, float(new.norm()), float((new - w0).norm())))
+    return experts, layers
+
+
+@torch.no_grad()
 def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
                    ) -> tuple[nn.Module, list[MergedLayer], dict[str, Any]]:
     """Fold the active LoRA adapters into dense weights and drop every qtune layer (in place).
@@ -145,14 +177,24 @@ def merge_to_float(peft_model, *, dtype: torch.dtype = torch.float32
     Raises:
         ValueError: an adapter type qtune cannot fold (not LoRA), or a LoRA bias without a base bias.
     """
-    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     base = peft_model.get_base_model()
     adapters = list(peft_model.active_adapters)
     merged: list[MergedLayer] = []
     plan: dict[str, Any] = {}
+    done: list[str] = []
     for name, module in list(base.named_modules()):
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or any(name.startswith(d + ".") for d in done):
+            continue
+        if isinstance(module, ParamWrapper):  # LoRA on fused experts (target_parameters), nested per weight
+            clean = name.replace(".modules_to_save.default", "").replace(".original_module", "")
+            experts, layers = _fold_experts(module, adapters, clean)
+            merged += layers
+            if isinstance(module.get_base_layer(), QuantExperts):
+                plan[clean] = module.get_base_layer().quant_config
+            set_submodule(base, name, experts)
+            done.append(name)
             continue
         inner = module.get_base_layer()
         if not (isinstance(inner, (QuantLinear, nn.Linear)) or is_conv1d(inner)):

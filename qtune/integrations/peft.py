@@ -38,9 +38,11 @@ output head (:func:`all_linear_names`), as peft does for dense models.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import warnings
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -49,19 +51,23 @@ from torch import Tensor, nn
 import peft
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import get_pattern_key
 
+from ..nn import set_submodule
 from ..nn.base import QuantLinear, is_conv1d
+from ..nn.experts import QuantExperts, is_fused_experts
 
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"
+ALL_EXPERTS = "all-experts"
 # heads peft leaves out of "all-linear" for sequence classification (peft.utils.constants.SEQ_CLS_HEAD_NAMES)
 _SEQ_CLS_HEADS = ("score", "classifier")
 
-__all__ = ["QuantLoraLinear", "RequantizationError", "MergeReport", "register_lora_config", "prepare_lora_config",
+__all__ = ["QuantLoraLinear", "QuantLoraExperts", "all_experts_names", "RequantizationError", "MergeReport", "register_lora_config", "prepare_lora_config",
            "all_linear_names", "get_peft_model", "load_adapter", "add_adapter", "merge_and_unload", "merge_report",
            "requantize_"]
 
@@ -335,6 +341,273 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
 
 # --------------------------------------------------------------------------------------------------
+# LoRA on quantized fused experts (peft ``target_parameters``)
+# --------------------------------------------------------------------------------------------------
+class QuantLoraExperts(ParamWrapper):
+    """peft's ``ParamWrapper`` (LoRA on one 3-D expert parameter) for a weight of a qtune ``QuantExperts``.
+
+    peft's own wrapper cannot take a quantized stack: it finds its targets with ``named_parameters()`` (a
+    ``QuantExpertStack`` is a module of packed buffers) and adds the delta through ``torch.nn.utils.parametrize``
+    to the whole dense ``[E, out, in]`` parameter on every forward, which is the dense copy the quantized
+    experts exist to avoid. This subclass keeps everything peft saves and loads (``lora_A`` ``[E·r, in]``,
+    ``lora_B`` ``[out, E·r]``, expert ``e``'s delta ``s · B[:, :, e] A[e]`` with ``A = lora_A.view(E, r, in)``,
+    ``B = lora_B.view(out, r, E)``, the nesting of one wrapper per parameter in the order the float module
+    registers them, hence the state-dict keys ``experts.base_layer.lora_A.weight`` / ``experts.lora_A.weight``),
+    so the adapter it saves is the one plain peft builds on the float model with the same ``target_parameters``,
+    and loads there. What changes is the forward: the outermost wrapper calls ``QuantExperts.forward`` with the
+    low-rank factors of every wrapper in the chain, and each routed expert adds ``s·(x A_eᵀ) B_eᵀ`` for the tokens
+    routed to it (the packed weights stay as they are; gradients reach A and B by autograd).
+
+    Merging dequantizes one expert at a time, adds its delta and re-quantizes it in the stack's format (as
+    :class:`QuantLoraLinear` does), recording the error in ``merge_errors``. As in peft: no dropout, DoRA,
+    LoRA bias or fan_in_fan_out (peft's ``ParamWrapper`` refuses them, and the adapter must load there).
+    """
+
+    keep_unmerged: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, parameter_name: str, config: LoraConfig,
+                 **kwargs: Any) -> None:
+        for key in ("loaded_in_8bit", "loaded_in_4bit", "device_map", "target_name"):
+            kwargs.pop(key, None)
+        self.merge_errors: dict[str, RequantizationError] = {}
+        self._unmerged_state: dict[str, dict[str, Tensor]] = {}
+        super().__init__(base_layer, adapter_name, parameter_name=parameter_name, config=config, **kwargs)
+
+    def get_param(self):
+        """The targeted :class:`QuantExpertStack` (peft's wrapper returns an ``nn.Parameter``)."""
+        return getattr(self.get_base_layer(), self.parameter_name)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # as ParamWrapper reads a 3-D parameter's shape [E, a, b] in the model's layout (update_layer swaps)
+        stack = self.get_param()
+        self.num_experts = stack.num_experts
+        self._param_ndim = 3
+        return stack.param_shape
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # the stack holds integer codes: move to its device, keep the adapter's float dtype (as for QuantLinear)
+        device = next(iter(self.get_param().buffers())).device
+        for layer_name in self.adapter_layer_names + self.other_param_names:
+            layer = getattr(self, layer_name, None)
+            if isinstance(layer, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in layer:
+                if not any(p.device.type == "meta" for p in layer[adapter_name].parameters()):
+                    layer[adapter_name] = layer[adapter_name].to(device)
+
+    def factors(self, adapter: str) -> tuple[Tensor, Tensor, float]:
+        """``(A [E, r, in], B [E, out, r], s)`` of ``adapter`` in a linear layer's orientation."""
+        a = self.lora_A[adapter].weight
+        b = self.lora_B[adapter].weight
+        return (a.reshape(self.num_experts, -1, a.shape[-1]),
+                b.reshape(b.shape[0], -1, self.num_experts).permute(2, 0, 1), float(self.scaling[adapter]))
+
+    def expert_delta(self, adapter: str, e: int) -> Tensor:
+        """Expert ``e``'s ``s · B_e A_e`` [out, in] in fp32."""
+        a, b, s = self.factors(adapter)
+        return (b[e].float() @ a[e].float()) * s
+
+    def get_delta_weight(self, adapter_name, *args, **kwargs) -> Tensor:
+        """All experts' deltas in the model's layout (``[E, out, in]``, transposed layouts ``[E, in, out]``),
+        fp32: for export; the forward and the merge never build it."""
+        stack = self.get_param()
+        deltas = torch.stack([self.expert_delta(adapter_name, e) for e in range(self.num_experts)])
+        return deltas.transpose(1, 2) if stack.transposed else deltas
+
+    def chain(self) -> tuple[list["QuantLoraExperts"], nn.Module]:
+        """The nested wrappers from this one inwards, and the ``QuantExperts`` at the bottom."""
+        wrappers, module = [], self
+        while isinstance(module, QuantLoraExperts):
+            wrappers.append(module)
+            module = module.base_layer
+        return wrappers, module
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, **kwargs: Any) -> Tensor:
+        self._check_forward_args(hidden_states, **kwargs)
+        wrappers, experts = self.chain()
+        lora: dict[str, list[tuple[Tensor, Tensor, float]]] = {}
+        for w in wrappers:
+            if w.disable_adapters:
+                if w.merged:
+                    w.unmerge()
+                continue
+            for adapter in w.active_adapters:
+                if adapter in w.lora_A.keys() and adapter not in w.merged_adapters:
+                    lora.setdefault(w.parameter_name, []).append(w.factors(adapter))
+        return experts(hidden_states, top_k_index, top_k_weights, lora=lora)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the adapters into the quantized stack, expert by expert: dequantize, add ``s·B_e A_e``,
+        re-quantize (``merge_errors`` records the error over all experts)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        stack = self.get_param()
+        name = self.kwargs.get("target_name") or f"experts.{self.parameter_name}"
+        for adapter in adapter_names:
+            if adapter not in self.lora_A.keys():
+                continue
+            if self.keep_unmerged:
+                self._unmerged_state[adapter] = {n: b.clone() for n, b in stack.named_buffers(recurse=False)}
+            sq_err = sq_w = sq_d = 0.0
+            max_abs = 0.0
+            for e in range(self.num_experts):
+                w0 = stack.dequantize(e, torch.float32)
+                d = self.expert_delta(adapter, e).to(w0.device)
+                merged = w0 + d
+                if safe_merge and not bool(torch.isfinite(merged).all()):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken "
+                                     f"({name}[{e}])")
+                stack.quantize_expert_(e, merged, name=f"{name}[{e}]")
+                err = stack.dequantize(e, torch.float32) - merged
+                sq_err += float(err.pow(2).sum())
+                sq_w += float(merged.pow(2).sum())
+                sq_d += float(d.pow(2).sum())
+                max_abs = max(max_abs, float(err.abs().max()))
+            n = self.num_experts * stack.in_features * stack.out_features
+            e_norm, d_norm = math.sqrt(sq_err), math.sqrt(sq_d)
+            self.merge_errors[adapter] = RequantizationError(
+                max_abs=max_abs, rms=e_norm / math.sqrt(max(n, 1)), rel_weight=e_norm / max(math.sqrt(sq_w), 1e-30),
+                rel_delta=(e_norm / d_norm) if d_norm > 0 else (0.0 if e_norm == 0 else math.inf))
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: restore the saved stack (exact), or re-quantize ``W − ΔW`` per expert."""
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        stack = self.get_param()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.lora_A.keys():
+                continue
+            state = self._unmerged_state.pop(adapter, None)
+            if state is not None:
+                for n, b in state.items():
+                    stack._buffers[n].copy_(b)
+                continue
+            for e in range(self.num_experts):
+                w = stack.dequantize(e, torch.float32)
+                stack.quantize_expert_(e, w - self.expert_delta(adapter, e).to(w.device))
+
+    def __repr__(self) -> str:
+        return "qtune." + super().__repr__()
+
+
+def _expert_stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """``{unwrapped name "<experts>.<weight>": QuantExpertStack}`` of every quantized experts weight."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantExperts):
+            clean = name.replace(".base_layer", "")
+            for w in module.weight_names:
+                out[f"{clean}.{w}"] = module._modules[w]
+    return out
+
+
+def _float_expert_params(model: nn.Module) -> list[str]:
+    out = []
+    for name, module in model.named_modules():
+        if is_fused_experts(module):
+            clean = name.replace(".base_layer", "")
+            out += [f"{clean}.{w}" for w in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")]
+    return out
+
+
+def _matches(key: str, target: str) -> bool:
+    # peft's rule for target_parameters (BaseTuner._inject_parameters)
+    return key == target or key.endswith("." + target)
+
+
+def all_experts_names(model: nn.Module) -> list[str]:
+    """The explicit ``target_parameters`` of every fused experts weight of ``model`` (quantized or float):
+    what ``target_parameters=["all-experts"]`` expands to."""
+    names = sorted(set(_expert_stacks(model)) | set(_float_expert_params(model)))
+    return [n.removeprefix("base_model.model.") for n in names]
+
+
+def _check_target_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """Expand ``["all-experts"]`` and refuse a target parameter that names nothing in ``model``."""
+    tp = getattr(config, "target_parameters", None)
+    if not tp:
+        return
+    if any(str(t).lower() == ALL_EXPERTS for t in tp):
+        names = all_experts_names(model)
+        if not names:
+            raise ValueError("target_parameters=['all-experts']: the model has no fused experts module")
+        config.target_parameters = sorted({*[t for t in tp if str(t).lower() != ALL_EXPERTS], *names})
+        tp = config.target_parameters
+    keys = set(_expert_stacks(model))
+    for name, module in model.named_modules():
+        clean = name.replace(".base_layer", "")
+        keys.update(f"{clean}.{p}" if clean else p for p, _ in module.named_parameters(recurse=False))
+        if hasattr(module, "parametrizations"):
+            keys.update(f"{clean}.{p}" for p in module.parametrizations.keys())
+    for t in tp:
+        if not any(_matches(k, t) for k in keys):
+            raise ValueError(f"target_parameters: {t!r} names no parameter of the model (expert weights are "
+                             f"named like {next(iter(sorted(_expert_stacks(model))), 'model.layers.0.mlp.experts.down_proj')!r})")
+    if _expert_stacks(model) and any(_matches(k, t) for k in _expert_stacks(model) for t in tp):
+        if config.lora_dropout:
+            raise ValueError(f"LoRA on experts (target_parameters) needs lora_dropout=0 (got {config.lora_dropout}): "
+                             "peft's ParamWrapper, which loads the adapter on the float model, refuses dropout")
+
+
+def _targets_quant_experts(model: nn.Module, config: PeftConfig) -> bool:
+    tp = getattr(config, "target_parameters", None) or []
+    return any(_matches(k, t) for k in _expert_stacks(model) for t in tp)
+
+
+@contextlib.contextmanager
+def _quiet_unmatched_parameters():
+    """peft warns that target_parameters matched nothing when they all name quantized expert weights, which
+    qtune wraps itself right after (:func:`_inject_expert_lora`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"target_parameters=.* were set but no parameter was matched")
+        yield
+
+
+def _inject_expert_lora(peft_model: PeftModel, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every targeted ``QuantExperts`` weight in :class:`QuantLoraExperts` (nested in the float module's
+    parameter order, as peft nests ``ParamWrapper``), or add ``adapter_name`` to the existing wrapper.
+
+    Returns the targeted names.
+    """
+    tp = getattr(config, "target_parameters", None)
+    if not tp:
+        return []
+    root = peft_model.base_model.model if isinstance(peft_model, PeftModel) else peft_model
+    targeted = []
+    experts_modules = [(n, m) for n, m in root.named_modules() if isinstance(m, QuantExperts)]
+    for name, experts in experts_modules:
+        clean = name.replace(".base_layer", "")
+        outer_name = clean
+        for wname in experts.weight_names:
+            key = f"{clean}.{wname}"
+            if not any(_matches(key, t) for t in tp):
+                continue
+            outer = root.get_submodule(outer_name)
+            existing = outer
+            while isinstance(existing, QuantLoraExperts) and existing.parameter_name != wname:
+                existing = existing.base_layer
+            # as peft's _create_and_replace: rank/alpha patterns match the key (here the parameter's name)
+            r_key = get_pattern_key(config.rank_pattern.keys(), key)
+            a_key = get_pattern_key(config.alpha_pattern.keys(), key)
+            kwargs = dict(r=config.rank_pattern.get(r_key, config.r),
+                          lora_alpha=config.alpha_pattern.get(a_key, config.lora_alpha))
+            if isinstance(existing, QuantLoraExperts):
+                existing.update_layer(adapter_name, config=config, **kwargs)
+            else:
+                new = QuantLoraExperts(outer, adapter_name, parameter_name=wname, config=config, target_name=key,
+                                       **kwargs)
+                new.kwargs["target_name"] = key
+                if adapter_name not in peft_model.active_adapters:
+                    new.requires_grad_(False)
+                    new.set_adapter(peft_model.active_adapters, inference_mode=config.inference_mode)
+                set_submodule(root, outer_name, new)
+            targeted.append(key)
+    return targeted
+
+
+# --------------------------------------------------------------------------------------------------
 # Configs, building and reloading
 # --------------------------------------------------------------------------------------------------
 def register_lora_config(config: PeftConfig) -> LoraConfig:
@@ -405,6 +678,7 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     The expansion lists full module names, as peft's does.
     """
     register_lora_config(config)
+    _check_target_parameters(model, config)
     tm = config.target_modules
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
         names = all_linear_names(model, config)
@@ -427,13 +701,18 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         ``peft.PeftModel`` whose targeted ``QuantLinear`` layers are wrapped in :class:`QuantLoraLinear`.
     """
     prepare_lora_config(model, config)
-    return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    with _quiet_unmatched_parameters():
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    _inject_expert_lora(peft_model, config, adapter_name)
+    return peft_model
 
 
 def add_adapter(peft_model: PeftModel, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
     """``PeftModel.add_adapter`` with the qtune mapping registered on ``config``."""
     prepare_lora_config(peft_model, config)
-    peft_model.add_adapter(adapter_name, config, **kwargs)
+    with _quiet_unmatched_parameters():
+        peft_model.add_adapter(adapter_name, config, **kwargs)
+    _inject_expert_lora(peft_model, config, adapter_name)
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, is_trainable: bool = False,
@@ -453,11 +732,20 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, 
     register_lora_config(config)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
+        with _quiet_unmatched_parameters():
+            model.add_adapter(adapter_name, config)
+        _inject_expert_lora(model, config, adapter_name)
         model.load_adapter(path, adapter_name, is_trainable=is_trainable, **kwargs)
         return model
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config, **kwargs)
+    if not _targets_quant_experts(model, config):
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                         config=config, **kwargs)
+    # expert LoRA layers are qtune's: build the adapter's layers, add them, then load the weights into both
+    with _quiet_unmatched_parameters():
+        peft_model = PeftModel(model, config, adapter_name=adapter_name)
+    _inject_expert_lora(peft_model, config, adapter_name)
+    peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable, **kwargs)
+    return peft_model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,7 +778,7 @@ class MergeReport:
 
 def _quant_lora_layers(model: nn.Module) -> Iterable[tuple[str, QuantLoraLinear]]:
     for name, module in model.named_modules():
-        if isinstance(module, QuantLoraLinear):
+        if isinstance(module, (QuantLoraLinear, QuantLoraExperts)):
             yield name, module
 
 

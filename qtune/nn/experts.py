@@ -141,21 +141,31 @@ class QuantExpertStack(nn.Module):
                              "fused experts yet; use a format without calibration (e.g. rtn, nf4, int8)")
         for e in range(self.num_experts):
             w = weight[e].detach()
-            layer = self.layer_class(self.in_features, self.out_features, False, self.config,
-                                     compute_dtype=self.compute_dtype, device=w.device)
-            layer.quantize_(w.t() if self.transposed else w, name=f"{name}[{e}]")
-            for n in self._buffer_names:
-                src, dst = layer._buffers[n], self._buffers[n]
-                if (src is None) != (dst is None) or (src is not None and (src.shape != dst.shape[1:]
-                                                                           or src.dtype != dst.dtype)):
-                    raise ValueError(f"{name}[{e}]: the {self.config.format} tensor {n!r} is "
-                                     f"{None if src is None else (tuple(src.shape), src.dtype)}, expected "
-                                     f"{None if dst is None else (tuple(dst.shape[1:]), dst.dtype)} as for the "
-                                     "other experts")
-                if src is not None:
-                    if dst.device != src.device:
-                        self._buffers[n] = dst = dst.to(src.device)
-                    dst[e].copy_(src)
+            self.quantize_expert_(e, w.t() if self.transposed else w, name=f"{name}[{e}]")
+
+    def quantize_expert_(self, e: int, weight: Tensor, *, name: str = "") -> None:
+        """Quantize expert ``e``'s dense ``weight`` [out_features, in_features] (a linear layer's orientation,
+        whatever the model's layout) into its slices of the stacked buffers (LoRA merges use it)."""
+        name = name or f"{type(self).__name__}[{e}]"
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{name}: expert weight has shape {tuple(weight.shape)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        w = weight.detach()
+        layer = self.layer_class(self.in_features, self.out_features, False, self.config,
+                                 compute_dtype=self.compute_dtype, device=w.device)
+        layer.quantize_(w, name=name)
+        for n in self._buffer_names:
+            src, dst = layer._buffers[n], self._buffers[n]
+            if (src is None) != (dst is None) or (src is not None and (src.shape != dst.shape[1:]
+                                                                       or src.dtype != dst.dtype)):
+                raise ValueError(f"{name}: the {self.config.format} tensor {n!r} is "
+                                 f"{None if src is None else (tuple(src.shape), src.dtype)}, expected "
+                                 f"{None if dst is None else (tuple(dst.shape[1:]), dst.dtype)} as for the "
+                                 "other experts")
+            if src is not None:
+                if dst.device != src.device:
+                    self._buffers[n] = dst = dst.to(src.device)
+                dst[e].copy_(src)
 
     def _apply(self, fn, recurse: bool = True):
         # the view still holds slices of the old buffers: drop them, or `.to()` would keep the old copy alive
@@ -272,7 +282,8 @@ class QuantExperts(nn.Module):
     def _apply_gate(self, gate_up: Tensor) -> Tensor:
         return self.float_class._apply_gate(self, gate_up)
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *,
+                lora: dict[str, list[tuple[Tensor, Tensor, float]]] | None = None) -> Tensor:
         """Mixture of the routed experts.
 
         Args:
@@ -280,11 +291,23 @@ class QuantExperts(nn.Module):
             top_k_index: (tokens, top_k) int expert ids; ids ``>= num_experts`` (expert-parallel sentinels) are
                 skipped.
             top_k_weights: (tokens, top_k) routing weights (differentiable: the router's gradient).
+            lora: low-rank deltas per weight name (``gate_up_proj``/``up_proj``, ``down_proj``): a list of
+                ``(A [E, r, in], B [E, out, r], s)``; expert ``e``'s linear becomes ``x Ŵ_eᵀ + s·(x A_eᵀ) B_eᵀ``
+                on the tokens routed to it, computed in A's dtype (the LoRA layer of ``qtune.integrations.peft``).
         Returns:
             (tokens, hidden) in ``hidden_states.dtype``.
         """
         up_name, down_name = self.weight_names
         up, down = self._modules[up_name], self._modules[down_name]
+        lora = lora or {}
+
+        def linear(name: str, stack: QuantExpertStack, e: int, x: Tensor) -> Tensor:
+            y = stack.expert(e)(x)
+            for a, b, s in lora.get(name, ()):
+                xa = x.to(a.dtype)
+                y = y + ((xa @ a[e].t()) @ b[e].t() * s).to(y.dtype)
+            return y
+
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             ids = top_k_index.reshape(-1)
@@ -293,11 +316,11 @@ class QuantExperts(nn.Module):
         down_bias = getattr(self, down_name + "_bias", None) if self.has_bias else None
         for e in hit:
             token_idx, slot = torch.where(top_k_index == e)
-            h = up.expert(e)(hidden_states[token_idx])
+            h = linear(up_name, up, e, hidden_states[token_idx])
             if up_bias is not None:
                 h = h + up_bias[e]
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = down.expert(e)(h)
+            h = linear(down_name, down, e, h)
             if down_bias is not None:
                 h = h + down_bias[e]
             if self.has_post_expert_norm:

@@ -1,0 +1,186 @@
+"""LoRA on quantized fused experts (issue 14 item 4): peft ``target_parameters`` on qtune ``QuantExperts``.
+
+A QLoRA step with expert adapters lowers the loss and trains them; the saved adapter is plain peft's (same
+keys and config as peft builds on the float model) and loads with plain peft on the float model; merging
+(quantized in memory, and the merged float export) folds the expert deltas in."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import qtune
+from qtune.formats import NF4Config
+from qtune.integrations import QTuneConfig
+from qtune.integrations.layouts import load_model
+from qtune.integrations.peft import QuantLoraExperts, all_experts_names
+from qtune.nn import QuantExperts, dequantize_model
+
+from .test_moe import NF4_DQ, float_model, moe_config, tokens
+
+ARCHS = ("mixtral", "qwen3_moe")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def moe_dir(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config(request.param), dtype=torch.float32)
+    path = tmp_path_factory.mktemp("moelora") / request.param
+    model.save_pretrained(path)
+    return path
+
+
+def lora_config(**kw):
+    from peft import LoraConfig
+
+    return LoraConfig(**{**dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                target_parameters=["all-experts"]), **kw})
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def expert_lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "experts" in n and "lora_" in n}
+
+
+def test_qlora_step_trains_the_expert_adapters(moe_dir):
+    q = qtune.prepare_model_for_kbit_training(load_model(moe_dir, QTuneConfig(**NF4_DQ)))
+    pm = qtune.get_peft_model(q, lora_config())
+    wrappers = [m for m in pm.modules() if isinstance(m, QuantLoraExperts)]
+    assert len(wrappers) == 4 and {w.parameter_name for w in wrappers} == {"gate_up_proj", "down_proj"}
+    assert sorted(pm.peft_config["default"].target_parameters) == sorted(all_experts_names(q))
+    stacks = {n: b.clone() for n, b in pm.named_buffers() if ".experts." in n}
+    experts_params = expert_lora_params(pm)
+    assert len(experts_params) == 8 and all(p.requires_grad for p in experts_params.values())
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in experts_params.items()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = tokens(batch=2, length=16, seed=3)
+    pm.train()
+    losses = []
+    for _ in range(6):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(experts_params[n].grad is not None and experts_params[n].grad.abs().sum() > 0
+                   for n in experts_params if "lora_B" in n)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, start[n]) for n, p in experts_params.items())  # every expert adapter learned
+    assert all(torch.equal(b, stacks[n]) for n, b in pm.named_buffers() if n in stacks)  # packed weights frozen
+
+
+def test_saved_adapter_is_plain_peft_and_loads_on_the_float_model(moe_dir, tmp_path):
+    from peft import PeftModel, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval()
+    pm = qtune.get_peft_model(q, lora_config())
+    randomize_lora(pm)
+    ids = tokens()
+    with torch.no_grad():
+        ours = pm(ids).logits
+        base = pm.get_base_model()
+        with pm.disable_adapter():
+            assert not torch.allclose(pm(ids).logits, ours, atol=1e-3)  # the expert deltas matter
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == sorted(all_experts_names(base))
+
+    # the same config on the float model with plain peft: same state-dict keys and shapes
+    plain = get_peft_model(float_model(moe_dir), lora_config(target_modules=cfg["target_modules"],
+                                                             target_parameters=cfg["target_parameters"]))
+    ref_sd = {k: v.shape for k, v in get_peft_model_state_dict(plain).items()}
+    our_sd = {k: v.shape for k, v in get_peft_model_state_dict(pm).items()}
+    assert our_sd == ref_sd and any(".experts.base_layer.lora_A" in k for k in our_sd)
+
+    # plain peft on the float model holding the dequantized weights: the same function
+    dense = dequantize_model(copy.deepcopy(load_model(moe_dir, QTuneConfig(**NF4_DQ)))).eval()
+    loaded = PeftModel.from_pretrained(dense, tmp_path / "adapter")
+    assert not any(isinstance(m, QuantExperts) for m in loaded.modules())
+    with torch.no_grad():
+        theirs = loaded(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    # and on the original float model: the same up to the quantization error
+    loaded_float = PeftModel.from_pretrained(float_model(moe_dir), tmp_path / "adapter")
+    with torch.no_grad():
+        diff = (loaded_float(ids).logits - ours).abs().max()
+    assert diff < 0.2 * ours.abs().max()
+
+    # qtune reload on a fresh quantized model: identical
+    again = qtune.load_adapter(load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval(), str(tmp_path / "adapter"))
+    assert sum(isinstance(m, QuantLoraExperts) for m in again.modules()) == 4
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours)
+
+
+def test_merges_fold_the_expert_deltas(moe_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qtune.export.merged import merge_to_float
+
+    ids = tokens()
+
+    def trained():
+        torch.manual_seed(0)  # lora_A's initialisation
+        pm = qtune.get_peft_model(load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval(), lora_config())
+        randomize_lora(pm)
+        return pm
+
+    pm = trained()
+    with torch.no_grad():
+        ref = pm(ids).logits
+    # merged float export: fp32 fold, then plain transformers save/load
+    merged, layers, plan = merge_to_float(pm)
+    assert sum(".experts." in l.name for l in layers) == 4 and all(l.delta_norm > 0 for l in layers)
+    assert "model.layers.0.mlp.experts" in plan
+    with torch.no_grad():
+        in_memory = merged(ids).logits
+    torch.testing.assert_close(in_memory, ref, atol=2e-4, rtol=1e-4)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, in_memory)
+
+    # quantized merge (experts re-quantized in place, one at a time) = quantizing the merged float model
+    qm, report = qtune.merge_and_unload(trained())
+    assert sum(".experts" in n for n in report.layers) == 4
+    assert all(0 < e.rel_delta < 1 for n, e in report.layers.items() if ".experts" in n)
+    assert any(isinstance(m, QuantExperts) for m in qm.modules())
+    assert not any(isinstance(m, QuantLoraExperts) for m in qm.modules())
+    requantized = copy.deepcopy(reloaded)
+    qtune.quantize_model(requantized, NF4Config(double_quant=True, compute_dtype="float32"))
+    sd_a, sd_b = qm.state_dict(), requantized.state_dict()
+    assert set(sd_a) == set(sd_b)
+    for k in sd_a:
+        if ".experts." in k:
+            assert torch.equal(sd_a[k], sd_b[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(qm(ids).logits, requantized(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(qm(ids).logits, ref, atol=1e-6)  # re-quantization moved it, a little
+    # unmerge is exact
+    pm2 = trained()
+    with torch.no_grad():
+        before = pm2(ids).logits
+        pm2.merge_adapter()
+        pm2.unmerge_adapter()
+        assert torch.equal(pm2(ids).logits, before)
+
+
+def test_bad_target_parameter_is_named(moe_dir):
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ))
+    with pytest.raises(ValueError, match="'experts.gate_proj'.*names no parameter"):
+        qtune.get_peft_model(q, lora_config(target_parameters=["experts.gate_proj"]))
+    with pytest.raises(ValueError, match="lora_dropout=0"):
+        qtune.get_peft_model(q, lora_config(lora_dropout=0.1))
