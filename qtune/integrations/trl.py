@@ -37,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..formats.base import parse_dtype
 from ..nn.base import QuantLinear, packed_storage_parameters
-from .peft import prepare_lora_config
+from .peft import _inject_expert_lora, _quiet_unmatched_parameters, prepare_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,16 @@ class QTuneTrainerMixin:
                 _set_checkpointing_kwargs(args, {**(gc_kwargs or {}), "use_reentrant": False})
             if peft_config is not None:
                 prepare_lora_config(model, peft_config)
-        super().__init__(model, args=args, peft_config=peft_config, **kwargs)
+        with _quiet_unmatched_parameters():
+            super().__init__(model, args=args, peft_config=peft_config, **kwargs)
+        if self.qtune_quantized and peft_config is not None:
+            # trl built the PeftModel with peft's own get_peft_model: add qtune's LoRA on quantized experts
+            # (target_parameters) in the dtype trl gave the other adapter weights
+            dtypes = {p.dtype for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n}
+            for name in _inject_expert_lora(self.model, peft_config, "default"):
+                for p in self.model.get_submodule("base_model.model." + name.rpartition(".")[0]).parameters():
+                    if p.requires_grad and len(dtypes) == 1:
+                        p.data = p.data.to(next(iter(dtypes)))
         if adapter_dtype is not None:
             dtype = parse_dtype(adapter_dtype, what="adapter_dtype")
             for p in self.model.parameters():

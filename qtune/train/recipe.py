@@ -123,6 +123,8 @@ LORA = {
     "target_modules": Opt((str, list), "all-linear", check=_str_list),
     "use_rslora": Opt((bool,), False),
     "use_dora": Opt((bool,), False),
+    "experts": Opt((bool,), False, doc="LoRA on the fused MoE experts too (peft target_parameters, all expert "
+                   "weights; needs dropout: 0)"),
     "bias": Opt((str,), "none", ("none", "all", "lora_only")),
     "modules_to_save": Opt((list, NONE), None, check=_str_list),
     "dtype": Opt((str,), "auto", ("auto",) + DTYPES,
@@ -525,6 +527,11 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         if section not in data and any(o.default is _REQUIRED for o in SCHEMAS[section].values()):
             raise ctx.error((section,), "section is required")
         out[section] = _validate_mapping(ctx, (section,), SCHEMAS[section], data.get(section))
+    if out["lora"]["experts"]:  # peft's ParamWrapper (which loads expert adapters) refuses these
+        for key, bad in (("dropout", out["lora"]["dropout"]), ("use_dora", out["lora"]["use_dora"])):
+            if bad:
+                raise ctx.error(("lora", key), f"must be {0 if key == 'dropout' else 'false'} with lora.experts: true "
+                                "(peft's target_parameters LoRA does not support it)")
     # quantization: the format decides which more keys are allowed (the format config's fields)
     q = data.get("quantization")
     if q is None:

@@ -124,6 +124,7 @@ def lora_config(recipe: Recipe):
         save += [h for h in SCORE_HEADS if h not in save]
     return LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=float(lo["dropout"]),
                       target_modules=lo["target_modules"], use_rslora=lo["use_rslora"], use_dora=lo["use_dora"],
+                      target_parameters=["all-experts"] if lo.get("experts") else None,
                       bias=lo["bias"], modules_to_save=save or None, task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
 
 

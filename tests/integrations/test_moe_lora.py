@@ -184,3 +184,48 @@ def test_bad_target_parameter_is_named(moe_dir):
         qtune.get_peft_model(q, lora_config(target_parameters=["experts.gate_proj"]))
     with pytest.raises(ValueError, match="lora_dropout=0"):
         qtune.get_peft_model(q, lora_config(lora_dropout=0.1))
+
+
+def test_trainer_trains_expert_adapters(tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from qtune.formats import NF4Config
+    from qtune.integrations.trl import QTuneSFTTrainer
+    from qtune.nn import quantize_model
+    from tests.train.models import CORPUS, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = moe_config("mixtral")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    quantize_model(model, NF4Config(compute_dtype="float32"))
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3,
+                     logging_steps=1, report_to="none", max_length=64, save_strategy="no", disable_tqdm=True,
+                     seed=0, data_seed=0, bf16=False)
+    ds = Dataset.from_dict({"text": [CORPUS[i:i + 200] for i in range(0, len(CORPUS) - 200, 40)]})
+    trainer = QTuneSFTTrainer(model, args, train_dataset=ds, processing_class=tok,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                     target_parameters=["all-experts"]))
+    assert sum(isinstance(m, QuantLoraExperts) for m in trainer.model.modules()) == 4
+    params = expert_lora_params(trainer.model)
+    assert params and all(p.requires_grad for p in params.values())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    assert all(not torch.equal(p, start[n]) for n, p in params.items()), [n for n, p in params.items() if torch.equal(p, start[n])]
+
+
+def test_recipe_switch():
+    from qtune.train.recipe import RecipeError, validate
+    from qtune.train.runner import lora_config as recipe_lora_config
+
+    data = {"model": {"path": "x"}, "quantization": {"format": "nf4"}, "dataset": {"train": {"source": "hf:trl-lib/Capybara"}},
+            "lora": {"experts": True, "dropout": 0.0}, "output": {"dir": "runs/x"}}
+    recipe = validate(data)
+    assert recipe_lora_config(recipe).target_parameters == ["all-experts"]
+    assert recipe_lora_config(validate({**data, "lora": {}})).target_parameters is None
+    with pytest.raises(RecipeError, match="dropout"):
+        validate({**data, "lora": {"experts": True}})
