@@ -325,6 +325,8 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
         else:
             continue
         name = key.split(part)[0].removeprefix("base_model.model.")
+        while name.endswith(".base_layer"):  # nested peft ParamWrappers (LoRA on expert parameters)
+            name = name.removesuffix(".base_layer")
         try:
             module = model.get_submodule(name)
         except AttributeError:
