@@ -424,6 +424,12 @@ def plan_recipe(recipe) -> MemoryPlan:
     targets = _lora_targets(model, lo["target_modules"])
     r = lo["r"]
     trainable = sum(r * (k + n) for _, k, n in targets)
+    if lo.get("experts"):  # target_parameters: E·r·(in + out) per fused expert weight (peft's ParamWrapper)
+        for _, m in model.named_modules():
+            if is_fused_experts(m):
+                for n in ("gate_up_proj" if m.has_gate else "up_proj", "down_proj"):
+                    ne, a, b = m._parameters[n].shape
+                    trainable += int(ne) * r * (int(a) + int(b))
     if lo["use_dora"]:
         trainable += sum(n for _, _, n in targets)
     if lo["bias"] != "none":

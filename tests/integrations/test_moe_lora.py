@@ -272,3 +272,19 @@ def test_float_experts_under_peft_paramwrapper_fold_in_the_merged_export(moe_dir
         merged, layers, _ = merge_to_float(pm)
         assert sum(".experts." in l.name for l in layers) == 4
         torch.testing.assert_close(merged(ids).logits, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_memory_plan_counts_the_expert_adapters(moe_dir):
+    from qtune.plan import plan_recipe
+    from qtune.train.recipe import validate
+
+    def plan(experts):
+        return plan_recipe(validate({
+            "model": {"path": str(moe_dir), "dtype": "float32"}, "quantization": {"format": "nf4"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "dtype": "float32", "experts": experts},
+            "dataset": {"train": {"source": "x.txt"}}, "output": {"dir": "unused"},
+            "training": {"per_device_train_batch_size": 2, "max_length": 32, "optim": "adamw_torch"}}))
+
+    pm = qtune.get_peft_model(load_model(moe_dir, QTuneConfig(**NF4_DQ)), lora_config())
+    n_experts = sum(p.numel() for p in expert_lora_params(pm).values())
+    assert plan(True).trainable_params - plan(False).trainable_params == n_experts
