@@ -656,7 +656,9 @@ def all_linear_names(model: nn.Module, config: PeftConfig | None = None) -> list
     heads = _head_modules(model, config) if config is not None else _head_modules(model, LoraConfig())
     names: list[str] = []
     inside_tuner: list[str] = []
-    for name, module in model.named_modules():
+    # names as peft matches them: relative to the base model (add_adapter passes the PeftModel)
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    for name, module in root.named_modules():
         if any(name.startswith(p + ".") for p in inside_tuner):
             continue
         if isinstance(module, BaseTunerLayer):

@@ -15,7 +15,7 @@ import qtune
 from qtune.formats import NF4Config
 from qtune.integrations import QTuneConfig
 from qtune.integrations.layouts import load_model
-from qtune.integrations.peft import QuantLoraExperts, all_experts_names
+from qtune.integrations.peft import QuantLoraExperts, add_adapter, all_experts_names
 from qtune.nn import QuantExperts, dequantize_model
 
 from .test_moe import NF4_DQ, float_model, moe_config, tokens
@@ -288,3 +288,26 @@ def test_memory_plan_counts_the_expert_adapters(moe_dir):
     pm = qtune.get_peft_model(load_model(moe_dir, QTuneConfig(**NF4_DQ)), lora_config())
     n_experts = sum(p.numel() for p in expert_lora_params(pm).values())
     assert plan(True).trainable_params - plan(False).trainable_params == n_experts
+
+
+def test_second_adapter_on_the_same_expert_wrappers(moe_dir, tmp_path):
+    torch.manual_seed(0)
+    pm = qtune.get_peft_model(load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval(), lora_config())
+    randomize_lora(pm, seed=1)
+    pm.save_pretrained(tmp_path / "first")
+    ids = tokens()
+    with torch.no_grad():
+        first = pm(ids).logits
+    add_adapter(pm, "second", lora_config())
+    assert sum(isinstance(m, QuantLoraExperts) for m in pm.modules()) == 4  # no extra nesting
+    assert all(set(m.lora_A) == {"default", "second"} for m in pm.modules() if isinstance(m, QuantLoraExperts))
+    pm.set_adapter("second")  # zero-initialised B: the base model's output
+    with torch.no_grad(), pm.disable_adapter():
+        base = pm(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, base)
+    # load the first adapter again, under a third name, onto the PeftModel
+    qtune.load_adapter(pm, str(tmp_path / "first"), adapter_name="again")
+    pm.set_adapter("again")
+    with torch.no_grad():
+        assert torch.equal(pm(ids).logits, first)
