@@ -32,6 +32,10 @@ quantized. Re-quantization rounds the delta to the format's grid; the error it l
 extra copy of the quantized layer while merged; set ``layer.keep_unmerged = False`` to re-quantize
 ``W − ΔW`` instead). :func:`merge_and_unload` never keeps those copies.
 
+LoRA on quantized fused MoE experts goes through peft's ``target_parameters`` (``["all-experts"]`` expands to
+every expert weight): :class:`QuantLoraExperts`, a peft ``ParamWrapper`` for ``QuantExperts`` stacks, which saves
+and loads in plain peft's format (see docs/moe.md).
+
 ``target_modules="all-linear"`` only matches ``nn.Linear``/``Conv1D`` subclasses inside peft; qtune
 expands it to the explicit names of every ``QuantLinear``, ``nn.Linear`` and ``Conv1D`` except the
 output head (:func:`all_linear_names`), as peft does for dense models.
@@ -54,6 +58,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.other import get_pattern_key
 
 from ..nn import set_submodule
@@ -557,12 +562,22 @@ def _targets_quant_experts(model: nn.Module, config: PeftConfig) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_unmatched_parameters():
-    """peft warns that target_parameters matched nothing when they all name quantized expert weights, which
-    qtune wraps itself right after (:func:`_inject_expert_lora`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"target_parameters=.* were set but no parameter was matched")
-        yield
+def _quiet_unmatched_parameters(model: nn.Module | None = None, config: PeftConfig | None = None):
+    """While peft builds its layers for ``config``: qtune adds the layers of quantized expert weights itself right
+    after (:func:`_inject_expert_lora`), so peft must not warn that ``target_parameters`` matched nothing, nor
+    refuse a config that targets nothing else (``target_modules=[]``: peft's dummy target is used meanwhile)."""
+    dummy = (config is not None and model is not None and not config.target_modules
+             and _targets_quant_experts(model, config))
+    saved = config.target_modules if dummy else None
+    if dummy:
+        config.target_modules = DUMMY_TARGET_MODULES
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"target_parameters=.* were set but no parameter was matched")
+            yield
+    finally:
+        if dummy:
+            config.target_modules = saved
 
 
 def _inject_expert_lora(peft_model: PeftModel, config: LoraConfig, adapter_name: str) -> list[str]:
@@ -703,7 +718,7 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         ``peft.PeftModel`` whose targeted ``QuantLinear`` layers are wrapped in :class:`QuantLoraLinear`.
     """
     prepare_lora_config(model, config)
-    with _quiet_unmatched_parameters():
+    with _quiet_unmatched_parameters(model, config):
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     _inject_expert_lora(peft_model, config, adapter_name)
     return peft_model
@@ -712,7 +727,7 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 def add_adapter(peft_model: PeftModel, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
     """``PeftModel.add_adapter`` with the qtune mapping registered on ``config``."""
     prepare_lora_config(peft_model, config)
-    with _quiet_unmatched_parameters():
+    with _quiet_unmatched_parameters(peft_model, config):
         peft_model.add_adapter(adapter_name, config, **kwargs)
     _inject_expert_lora(peft_model, config, adapter_name)
 
@@ -734,7 +749,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, 
     register_lora_config(config)
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
-        with _quiet_unmatched_parameters():
+        with _quiet_unmatched_parameters(model, config):
             model.add_adapter(adapter_name, config)
         _inject_expert_lora(model, config, adapter_name)
         model.load_adapter(path, adapter_name, is_trainable=is_trainable, **kwargs)
@@ -743,7 +758,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, 
         return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
                                          config=config, **kwargs)
     # expert LoRA layers are qtune's: build the adapter's layers, add them, then load the weights into both
-    with _quiet_unmatched_parameters():
+    with _quiet_unmatched_parameters(model, config):
         peft_model = PeftModel(model, config, adapter_name=adapter_name)
     _inject_expert_lora(peft_model, config, adapter_name)
     peft_model.load_adapter(path, adapter_name, is_trainable=is_trainable, **kwargs)

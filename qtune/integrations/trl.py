@@ -178,7 +178,7 @@ class QTuneTrainerMixin:
                 _set_checkpointing_kwargs(args, {**(gc_kwargs or {}), "use_reentrant": False})
             if peft_config is not None:
                 prepare_lora_config(model, peft_config)
-        with _quiet_unmatched_parameters():
+        with _quiet_unmatched_parameters(model if peft_config is not None else None, peft_config):
             super().__init__(model, args=args, peft_config=peft_config, **kwargs)
         if self.qtune_quantized and peft_config is not None:
             # trl built the PeftModel with peft's own get_peft_model: add qtune's LoRA on quantized experts

@@ -311,3 +311,23 @@ def test_second_adapter_on_the_same_expert_wrappers(moe_dir, tmp_path):
     pm.set_adapter("again")
     with torch.no_grad():
         assert torch.equal(pm(ids).logits, first)
+
+
+def test_experts_only_adapter(moe_dir, tmp_path):
+    """target_modules=[] and only quantized expert weights: peft alone would find no target and refuse."""
+    from peft import PeftModel
+
+    pm = qtune.get_peft_model(load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval(),
+                              lora_config(target_modules=[], target_parameters=["experts.gate_up_proj",
+                                                                                "experts.down_proj"]))
+    assert sum(isinstance(m, QuantLoraExperts) for m in pm.modules()) == 4
+    assert all("experts" in n for n, p in pm.named_parameters() if p.requires_grad)
+    randomize_lora(pm)
+    pm.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == []
+    plain = PeftModel.from_pretrained(float_model(moe_dir), tmp_path / "a")
+    assert sum(type(m).__name__ == "ParamWrapper" for m in plain.modules()) == 4
+    again = qtune.load_adapter(load_model(moe_dir, QTuneConfig(**NF4_DQ)).eval(), str(tmp_path / "a"))
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, pm(ids).logits)
