@@ -16,6 +16,7 @@ import torch
 
 import qtune
 from qtune.formats import GPTQConfig, NF4Config
+from qtune.inspection import float_tensors
 from qtune.integrations import QTuneConfig, mark_quantized
 from qtune.integrations.layouts import load_model, save_quantized
 from qtune.nn import QuantExperts, QuantLinear, fused_experts_modules
@@ -49,18 +50,9 @@ def family_config(arch: str):
 
 
 def float_leftovers(model: torch.nn.Module) -> list[str]:
-    """Names (with shapes) of floating-point parameters/buffers above the threshold and not allow-listed."""
-    # a quantized layer's own state besides its packed weight is its scales and code tables (absmax, the
-    # per-expert nested quant maps, GPTQ scales): quantization metadata, not a float copy of the weight
-    quantized = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts)))
-    found = []
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.startswith(quantized) and not name.endswith(".weight"):
-            continue
-        if t.is_floating_point() and t.numel() > MAX_FLOAT_ELEMENTS:
-            if not any(re.search(pattern, name) for pattern, _reason in ALLOWED_FLOAT):
-                found.append(f"{name} {tuple(t.shape)}")
-    return found
+    """``qtune inspect``'s floating-point tensors above the threshold that the allow-list does not cover."""
+    return [f"{name} {shape}" for name, shape, _ in float_tensors(model, MAX_FLOAT_ELEMENTS)
+            if not any(re.search(pattern, name) for pattern, _reason in ALLOWED_FLOAT)]
 
 
 def assert_covered(model: torch.nn.Module) -> None:
@@ -237,11 +229,18 @@ def test_refused_with_a_clear_error_and_the_workaround_works(fmt, arch, family_d
     assert torch.equal(logits(r, ids), logits(q, ids))
 
 
-def test_coverage_check_names_a_float_weight(family_dir):
-    """The check fails, naming the tensor, when a layer is left in floating point."""
+def test_coverage_check_names_a_float_weight(family_dir, tmp_path, capsys):
+    """The check fails, naming the tensor, when a layer is left in floating point; `qtune inspect` lists it."""
+    from qtune.cli.main import main
+
     q = load_model(family_dir("llama"), QTuneConfig("nf4", compute_dtype="float32",
                                                     skip_modules=["lm_head", "down_proj"]))
     left = float_leftovers(q)
     assert left == ["model.layers.0.mlp.down_proj.weight (64, 128)", "model.layers.1.mlp.down_proj.weight (64, 128)"]
     with pytest.raises(AssertionError, match=r"model\.layers\.0\.mlp\.down_proj\.weight"):
         assert_covered(q)
+    assert main(["inspect", str(save_quantized(q, tmp_path / "q")), "--float-above", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "floating-point tensors above 512 elements: 4" in out  # embed_tokens, lm_head and the two down_proj
+    assert "  model.layers.1.mlp.down_proj.weight [64, 128] float32" in out
+    assert "  model.embed_tokens.weight [128, 64] float32" in out
