@@ -124,6 +124,22 @@ def parameter_counts(model: nn.Module) -> tuple[int, int | None]:
     return total, total - experts_weights + experts_weights * top_k // n_experts.pop()
 
 
+def float_tensors(model: nn.Module, min_elements: int = 4096) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Floating-point parameters and buffers of ``model`` with more than ``min_elements`` elements, as
+    ``(name, shape, dtype)``: what quantization left in 16/32 bits (embeddings, skipped layers, weights of a
+    module qtune does not quantize). A quantized layer's own scales and code tables (``absmax``, nested quant
+    maps, GPTQ ``scales``) are not listed; a float ``weight`` inside one would be. Tied tensors count once.
+    """
+    quantized = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts)))
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(quantized) and not name.endswith(".weight"):
+            continue
+        if t.is_floating_point() and t.numel() > min_elements:
+            out.append((name, tuple(t.shape), t.dtype))
+    return out
+
+
 def _experts_error(m: QuantExperts, reference: dict[str, Tensor]) -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` over every expert weight of ``m``, one expert dequantized at a time."""
     num = den = 0.0

@@ -15,7 +15,7 @@ from . import model_dtype, one_line_errors
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    from ..inspection import float_weights, format_table, layer_table, parameter_counts, plot, quantized_copy
+    from ..inspection import float_tensors, float_weights, format_table, layer_table, parameter_counts, plot, quantized_copy
     from ..integrations.layouts import load_model, read_config_json
     from ..integrations import QTuneConfig
     from ..assets import resolve_model
@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
                                                        use_safetensors=True)
             reference = float_weights(ref)
     print(format_table(layer_table(model, reference)))
+    left = float_tensors(model, args.float_above)
+    print(f"floating-point tensors above {args.float_above:,} elements: {len(left)}")
+    for name, shape, dtype in left:
+        print(f"  {name} {list(shape)} {str(dtype).removeprefix('torch.')}")
     total, active = parameter_counts(model)
     if active != total:
         print(f"parameters: {total:,} total, " + (f"{active:,} active per token (routed experts)" if active is not None
@@ -76,5 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", default="nf4", help="format spec for a float PATH (default nf4)")
     p.add_argument("--reference", default=None, help="float model folder for errors of a quantized PATH")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--float-above", type=int, default=4096, metavar="N",
+                   help="list every floating-point tensor with more than N elements (default 4096)")
     p.set_defaults(func=run)
     return p

@@ -187,10 +187,18 @@ def plan_layers(model: nn.Module, config: QuantConfig | None, *, skip_modules=No
     return plan
 
 
+# nn.Linear subclasses whose own forward is still ``y = x Wᵀ + b`` (so a QuantLinear can stand in), by
+# "module.QualName": Falcon's FalconLinear writes the matmul out (``input @ self.weight.T``) for its own reasons.
+PLAIN_LINEAR_SUBCLASSES = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+
+
 def _own_forward(module: nn.Module) -> bool:
     """An ``nn.Linear`` subclass whose forward is not ``nn.Linear``'s (Phi-MoE's router returns logits, weights and
-    indices): a ``QuantLinear`` computes ``x Ŵᵀ + b`` only, so it cannot stand in for it."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    indices): a ``QuantLinear`` computes ``x Ŵᵀ + b`` only, so it cannot stand in for it. Subclasses listed in
+    :data:`PLAIN_LINEAR_SUBCLASSES` compute exactly that and are quantized."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+            and f"{cls.__module__}.{cls.__qualname__}" not in PLAIN_LINEAR_SUBCLASSES)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None, *, skip_modules=DEFAULT_SKIP,

@@ -34,6 +34,26 @@ def tiny_config(arch: str):
     if arch == "gpt_neox":  # untied embed_out
         return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, rotary_pct=0.5,
                                 **common)
+    # more decoder families (tests/integrations/test_architectures.py); not in ARCHS to keep the other
+    # parametrized tests as they are
+    if arch == "qwen3":  # q/k norms
+        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, **common)
+    if arch == "gemma2":  # soft-capping, sandwich norms, tied embeddings
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, sliding_window=32, **common)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, sliding_window=32, **common)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             pad_token_id=0, bos_token_id=0, eos_token_id=1, **common)
+    if arch == "falcon":  # fused query_key_value, parallel attention
+        return tf.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+                               new_decoder_architecture=False, multi_query=True, bos_token_id=0, eos_token_id=1)
+    if arch == "cohere":  # logit scale, tied embeddings, layer norm without bias
+        return tf.CohereConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               pad_token_id=0, bos_token_id=0, eos_token_id=1, **common)
     raise ValueError(arch)
 
 
