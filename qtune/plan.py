@@ -1,7 +1,7 @@
 """Predict the peak training memory of a recipe from the model's config alone (no weights loaded).
 
 ``qtune plan RECIPE.yaml`` builds the model skeleton on the meta device from its config (a local
-folder's ``config.json``, or :data:`KNOWN_CONFIGS` for the 7–8B models of the shipped recipes, since
+folder's ``config.json``, or :data:`KNOWN_CONFIGS` for the models of the shipped recipes, since
 the Hub may be unreachable), applies the recipe's quantization plan with empty ``QuantLinear`` layers
 and its LoRA targets, and adds up per device:
 
@@ -65,7 +65,7 @@ AUTO_PLAN_DTYPE = "bfloat16"
 GPU_OVERHEAD_GIB = 0.75
 CARDS_GB = (24, 16, 12)
 
-# config.json fields of the 7–8B models the shipped recipes use (the Hub is not always reachable)
+# config.json fields of the models the shipped recipes use (the Hub is not always reachable)
 _LLAMA31_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
@@ -82,6 +82,17 @@ _SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size":
                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                  "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
                  "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+# Qwen/Qwen3-30B-A3B config.json (128 experts, top-8, every layer MoE: mlp_only_layers [], decoder_sparse_step 1);
+# shapes cross-checked with MindSpeed-RL configs/model/qwen3_30b_a3b.yaml and Qwen3-Coder-30B-A3B's config.json.
+# intermediate_size is the dense MLP width no layer uses; it equals top-k × moe_intermediate_size (8 × 768), so
+# the MLP activation term (4·e·i per token) counts the eight routed experts' activations.
+_QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                  "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                  "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                  "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+                  "bos_token_id": 151643, "eos_token_id": 151645}
 _GPTQ4_G128 = {"format": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -94,6 +105,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-7B": _QWEN25_7B,
     "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
     "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4": {**_QWEN25_7B, "quantization": _GPTQ4_G128},
+    "Qwen/Qwen3-30B-A3B": _QWEN3_30B_A3B,
     "qtune:smollm2-135m-instruct": _SMOLLM2_135M,
     "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
 }

@@ -1,6 +1,6 @@
 """``qtune plan RECIPE.yaml [section.key=value ...]``: predicted peak training memory of a recipe.
 
-Reads only the model's config (a local folder, or qtune's table of the 7–8B recipe models), never its
+Reads only the model's config (a local folder, or qtune's table of the shipped recipes' models), never its
 weights. Prints the split into quantized weights, float weights, LoRA parameters, gradients, optimizer
 state and activations (with and without gradient checkpointing), and whether 24/16/12 GB cards fit.
 """

@@ -63,3 +63,17 @@ def test_training_recipes_default_to_auto_dtypes(path):
     raw = yaml.safe_load(path.read_text())
     assert raw["model"]["dtype"] == "auto"
     assert raw["quantization"]["compute_dtype"] == "auto"
+
+
+def test_moe_recipe_plans_quantized_experts_and_expert_adapters():
+    plan = plan_recipe(load_recipe(RECIPES / "qwen3-30b-a3b" / "qlora-nf4.yaml"))
+    layers, experts, h, moe_i, r = 48, 128, 2048, 768, 8
+    attention = h * 32 * 128 * 2 + h * 4 * 128 * 2          # q, o and k, v (GQA) per layer
+    expert_weights = experts * 3 * h * moe_i                # gate_up_proj [E, 2·I, H] + down_proj [E, H, I]
+    # the expert stacks are packed with the attention layers, not left in bf16
+    assert plan.quantized_params == layers * (attention + expert_weights)
+    assert plan.float_weights < 1.5 * 2**30                 # embeddings, head, routers, norms
+    # LoRA on attention (r·(in + out)) and on every expert weight (E·r·(in + out), peft's ParamWrapper)
+    attn_lora = r * ((h + 4096) + 2 * (h + 512) + (4096 + h))
+    expert_lora = experts * r * ((h + 2 * moe_i) + (moe_i + h))
+    assert plan.trainable_params == layers * (attn_lora + expert_lora)
