@@ -8,8 +8,10 @@ file                        ops it implements on CUDA
 ``dequant_4bit.py``         ``qtune::dequantize_4bit``  (NF4/FP4, fused double-quant absmax)
 ``dequant_int8.py``         ``qtune::dequantize_int8``  (absmax per row/group, zero-point)
 ``dequant_gptq.py``         ``qtune::dequantize_gptq``  (2/3/4/8-bit, ``g_idx`` act-order)
+``dequant_gguf.py``         ``qtune::dequantize_gguf``  (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks)
 ``matmul_4bit.py``          ``qtune::linear_4bit``, ``qtune::linear_4bit_grad_input``
 ``matmul_gptq.py``          ``qtune::linear_gptq``, ``qtune::linear_gptq_grad_input``
+``matmul_gguf.py``          ``qtune::linear_gguf``, ``qtune::linear_gguf_grad_input`` (every GGUF type)
 ``matmul_int8.py``          ``qtune::linear_int8``, ``qtune::linear_int8_grad_input``,
                             ``qtune::linear_llm_int8_grad_input``
 ``matmul_llm_int8.py``      ``qtune::linear_llm_int8``  (int8×int8→int32 GEMM + fused scaling epilogue,
@@ -43,10 +45,13 @@ _WRAPPERS = {
     "dequantize_4bit": "dequant_4bit",
     "dequantize_int8": "dequant_int8",
     "dequantize_gptq": "dequant_gptq",
+    "dequantize_gguf": "dequant_gguf",
     "linear_4bit": "matmul_4bit",
     "linear_4bit_grad_input": "matmul_4bit",
     "linear_gptq": "matmul_gptq",
     "linear_gptq_grad_input": "matmul_gptq",
+    "linear_gguf": "matmul_gguf",
+    "linear_gguf_grad_input": "matmul_gguf",
     "linear_int8": "matmul_int8",
     "linear_int8_grad_input": "matmul_int8",
     "linear_llm_int8_grad_input": "matmul_int8",

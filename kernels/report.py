@@ -53,6 +53,14 @@ def _bgptq(bits: int, act_order: bool = False) -> float:
     return bits / 8 + (2 + bits / 8) / GPTQ_G + (4 / NDIM if act_order else 0.0)
 
 
+def _bgguf(ggml_type: int) -> float:
+    """GGUF: the block's bytes over its weights."""
+    from qtune.formats.gguf import config_for_ggml_type
+
+    cfg = config_for_ggml_type(ggml_type)
+    return cfg.type_size / cfg.block_size
+
+
 def _b8(zero: bool, per_row: bool) -> float:
     if per_row:
         return 1 + (5 if zero else 4) / KDIM
@@ -92,7 +100,8 @@ def _jobs(level: str) -> list[Job]:
     first config, in every variant (dtype, bits, double quant, act-order, odd K); "all": "default" plus
     every config of every list at the list's first variant.
     """
-    from . import dequant_4bit, dequant_gptq, dequant_int8, matmul_4bit, matmul_gptq, matmul_int8, matmul_llm_int8
+    from . import (dequant_4bit, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf, matmul_gptq,
+                   matmul_int8, matmul_llm_int8)
 
     jobs: list[Job] = []
     main_sets = {"fwd", "bwd", "fwd_decode", "bwd_decode", "gemm", "gemm_decode", "quantize", "dequant"}
@@ -145,6 +154,15 @@ def _jobs(level: str) -> list[Job]:
     ] + [("4-bit act-order -> bf16", dg("*bf16"), dict(BITS=4, GROUP_SIZE=0), _bgptq(4, True) + 2, ()),
          ("3-bit g32 -> fp32", dg("*fp32"), dict(BITS=3, GROUP_SIZE=32), 3 / 8 + 2.375 / 32 + 4, ())],
         fp_fusion=False, matmul=False)
+
+    # GGUF: every block type, the output dtypes spread over them
+    gguf_out = {"Q4_0": "*fp16", "Q4_1": "*bf16", "Q5_0": "*fp16", "Q5_1": "*fp32", "Q8_0": "*fp16", "Q4_K": "*bf16",
+                "Q5_K": "*fp16", "Q6_K": "*fp32"}
+    add("dequant_gguf:_dequant_gguf_kernel", "dequant_gguf", dequant_gguf.CONFIGS, [
+        (f"{name} -> {out[1:]}", {"w_ptr": u8, "out_ptr": out}, dict(TYPE=t),
+         _bgguf(t) + (4 if out == f32 else 2), ())
+        for t, name in dequant_gguf.TYPES.items() for out in (gguf_out[name],)
+    ], fp_fusion=False, matmul=False)
 
     def prec(act):
         return "tf32x3" if act == f32 else "tf32"
@@ -249,6 +267,41 @@ def _jobs(level: str) -> list[Job]:
         kernel = "_linear_int8_fwd_kernel" if set_name.startswith("fwd") else "_linear_int8_bwd_kernel"
         add(f"matmul_int8:{kernel}", f"linear_int8[{set_name}]", matmul_int8.CONFIGS[set_name], variants,
             set_name=set_name)
+
+    # -- fused GGUF -------------------------------------------------------------------------------------
+    def vq(direction, act, name, bias=False, decode=False):
+        t = next(k for k, v in dequant_gguf.TYPES.items() if v == name)
+        p = {"dy_ptr" if direction == "bwd" else "x_ptr": act, "w_ptr": u8}
+        c = dict(TYPE=t, DOT_FP32=False, DOT_PRECISION=prec(act))
+        out = f32 if decode else act
+        if direction == "fwd":
+            p["bias_ptr"] = act
+            p["y_ptr"] = out
+            c["HAS_BIAS"] = bias
+        else:
+            p["dx_ptr"] = out
+        return (f"{act[1:]} {name}{' bias' if bias else ''}", p, c, _bgguf(t), ())
+
+    h, b16 = "*fp16", "*bf16"
+    variantsq = {
+        "fwd": [vq("fwd", h, "Q4_1", bias=True), vq("fwd", b16, "Q4_K"), vq("fwd", h, "Q6_K")],
+        "fwd_fp32": [vq("fwd", f32, "Q8_0")],
+        # decode is the fused kernel's main use (dispatch: forward fused for M ≤ 16): every type
+        "fwd_decode": [vq("fwd", h, "Q4_0", bias=True, decode=True), vq("fwd", b16, "Q4_1", decode=True),
+                       vq("fwd", h, "Q5_0", decode=True), vq("fwd", f32, "Q5_1", decode=True),
+                       vq("fwd", b16, "Q8_0", decode=True), vq("fwd", h, "Q4_K", decode=True),
+                       vq("fwd", b16, "Q5_K", decode=True), vq("fwd", h, "Q6_K", decode=True)],
+        "bwd": [vq("bwd", h, "Q4_1"), vq("bwd", b16, "Q4_K")],
+        "bwd_fp32": [vq("bwd", f32, "Q5_0")],
+        "bwd_decode": [vq("bwd", h, "Q8_0", decode=True), vq("bwd", f32, "Q6_K", decode=True)],
+        "fwd_decode_det": [vq("fwd", h, "Q4_1", bias=True), vq("fwd", b16, "Q5_K")],
+        "bwd_decode_det": [vq("bwd", b16, "Q4_0"), vq("bwd", f32, "Q6_K")],
+    }
+    for set_name, variants in variantsq.items():
+        kernel = "_linear_gguf_fwd_kernel" if set_name.startswith("fwd") else "_linear_gguf_bwd_kernel"
+        # without FMA contraction, as launched: the tile is the reference's fp32 Ŵ
+        add(f"matmul_gguf:{kernel}", f"linear_gguf[{set_name}]", matmul_gguf.CONFIGS[set_name], variants,
+            fp_fusion=False, set_name=set_name)
 
     # -- LLM.int8 -------------------------------------------------------------------------------------
     llm_variants = [

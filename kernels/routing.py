@@ -21,10 +21,13 @@ import torch
 from qtune.ops import dispatch
 
 from .dequant_4bit import dequantize_4bit
+from .dequant_gguf import check_gguf_args, dequantize_gguf
 from .dequant_gptq import check_gptq_args, dequantize_gptq
 from .dequant_int8 import dequantize_int8
 from .matmul_4bit import linear_4bit as _fused_4bit
 from .matmul_4bit import linear_4bit_grad_input as _fused_4bit_grad
+from .matmul_gguf import linear_gguf as _fused_gguf
+from .matmul_gguf import linear_gguf_grad_input as _fused_gguf_grad
 from .matmul_gptq import linear_gptq as _fused_gptq
 from .matmul_gptq import linear_gptq_grad_input as _fused_gptq_grad
 from .matmul_int8 import linear_int8 as _fused_int8
@@ -142,3 +145,24 @@ def linear_gptq_grad_input(grad_out: torch.Tensor, qweight: torch.Tensor, qzeros
     n, k = check_gptq_args(*w, "linear_gptq_grad_input")
     return _dense_grad_input(grad_out, lambda out: dequantize_gptq(*w, grad_out.dtype, out=out), n, k)
 
+
+
+# -- GGUF block types (one op family, every type: the kernels specialise on ggml_type) ----------------------
+def linear_gguf(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, in_features: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``qtune::linear_gguf`` on the device."""
+    if dispatch.choose("gguf", "forward", _rows(x), x.device) == "fused":
+        return _fused_gguf(x, weight, ggml_type, in_features, bias)
+    _, n, k = check_gguf_args(weight, ggml_type, in_features, "linear_gguf")
+    return _dense_forward(x, lambda out: dequantize_gguf(weight, ggml_type, in_features, x.dtype, out=out), n, k,
+                          bias)
+
+
+def linear_gguf_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ggml_type: int,
+                           in_features: int) -> torch.Tensor:
+    """``qtune::linear_gguf_grad_input`` on the device (``dx = dy Ŵ``)."""
+    if dispatch.choose("gguf", "grad_input", _rows(grad_out), grad_out.device) == "fused":
+        return _fused_gguf_grad(grad_out, weight, ggml_type, in_features)
+    _, n, k = check_gguf_args(weight, ggml_type, in_features, "linear_gguf_grad_input")
+    return _dense_grad_input(
+        grad_out, lambda out: dequantize_gguf(weight, ggml_type, in_features, grad_out.dtype, out=out), n, k)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qtune.formats import gptq, int8, nf4
+from qtune.formats import gguf, gptq, int8, nf4
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
@@ -37,6 +37,33 @@ def int8_weight(n: int, k: int, symmetric: bool = True, group_size: int = -1, se
     g = torch.Generator().manual_seed(seed)
     t = int8.quantize_int8(torch.randn(n, k, generator=g), int8.Int8Config(symmetric=symmetric, group_size=group_size))
     return (t.weight, t.scale, t.zero, t.group_size)
+
+
+GGUF_TYPES = list(gguf.GGUF_CONFIGS)  # every GGUF block type (config classes), 32-weight types first
+GGUF = {c.type_name: c for c in GGUF_TYPES}
+# byte offsets of each type's fp16 fields (d, m / dmin): random bytes there could be NaN or huge
+_GGUF_FP16 = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+              "Q5_K": (0, 2), "Q6_K": (208,)}
+# fp16 edge values written into some blocks by ``gguf_weight(edge=True)``: −0, 0, the smallest subnormal,
+# the largest finite fp16 and its negative, a large power of two
+_GGUF_EDGES = (-0.0, 0.0, 2.0 ** -24, 65504.0, -65504.0, 2.0 ** 15)
+
+
+def gguf_weight(cfg: type, n: int, k: int, seed: int = 0, edge: bool = False) -> tuple:
+    """``(weight, ggml_type, in_features)`` of random GGUF blocks of type ``cfg``: random code and scale
+    bytes, every fp16 field a random finite value (|d| ≈ 0.05); with ``edge`` the fp16 fields of the
+    first blocks take the values of ``_GGUF_EDGES`` (−0, large, subnormal: their products overflow fp16)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = n * k // cfg.block_size
+    blocks = torch.randint(0, 256, (nb, cfg.type_size), dtype=torch.uint8, generator=g)
+    for off in _GGUF_FP16[cfg.type_name]:
+        d = (torch.randn(nb, generator=g) * 0.05).to(torch.float16)
+        if edge:
+            e = torch.tensor(_GGUF_EDGES, dtype=torch.float16).repeat(-(-nb // len(_GGUF_EDGES)))[:nb]
+            first = min(nb, 2 * len(_GGUF_EDGES))
+            d[:first] = e[torch.randperm(nb, generator=g)[:first] % len(_GGUF_EDGES)]
+        blocks[:, off:off + 2] = d.view(torch.uint8).reshape(nb, 2)
+    return (blocks.reshape(n, cfg.row_bytes(k)), cfg.ggml_type, k)
 
 
 def activations(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:

@@ -38,15 +38,16 @@ def _key(cfg) -> str:
 
 def test_every_kernel_and_config_compiles(rows):
     # imported under the interpreter here: only their config lists are read
-    from qtune.kernels import dequant_4bit, dequant_gptq, dequant_int8, matmul_4bit, matmul_gptq, matmul_int8, \
-        matmul_llm_int8
+    from qtune.kernels import dequant_4bit, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf, \
+        matmul_gptq, matmul_int8, matmul_llm_int8
 
     failed = [(r["kernel"], r["variant"], r["arch"], r["config"], r.get("error", "")[:300])
               for r in rows if not r["ok"]]
     assert not failed, failed
     compiled = {(r["kernel"].split("[")[0], r["arch"], json.dumps(r["config"], sort_keys=True)) for r in rows}
     for arch in ("sm_80", "sm_90"):
-        for op, module in (("linear_4bit", matmul_4bit), ("linear_gptq", matmul_gptq), ("linear_int8", matmul_int8)):
+        for op, module in (("linear_4bit", matmul_4bit), ("linear_gptq", matmul_gptq), ("linear_int8", matmul_int8),
+                           ("linear_gguf", matmul_gguf)):
             for cfgs in module.CONFIGS.values():
                 for cfg in cfgs:
                     assert (op, arch, _key(cfg)) in compiled, (op, arch, cfg)
@@ -54,7 +55,7 @@ def test_every_kernel_and_config_compiles(rows):
             for cfg in cfgs:
                 assert ("llm_int8", arch, _key(cfg)) in compiled, (arch, cfg)
         for name, module in (("dequant_4bit", dequant_4bit), ("dequant_int8", dequant_int8),
-                             ("dequant_gptq", dequant_gptq)):
+                             ("dequant_gptq", dequant_gptq), ("dequant_gguf", dequant_gguf)):
             for cfg in module.CONFIGS:
                 assert (name, arch, _key(cfg)) in compiled, (name, arch, cfg)
 

@@ -5,10 +5,11 @@ import torch
 pytest.importorskip("triton")
 
 import qtune  # noqa: E402,F401  (registers the qtune:: ops)
-from qtune.kernels import dequantize_4bit, dequantize_gptq, dequantize_int8  # noqa: E402
+from qtune.kernels import dequantize_4bit, dequantize_gguf, dequantize_gptq, dequantize_int8  # noqa: E402
 from qtune.ops import dequantize as ref_ops  # noqa: E402
 
-from .cases import DTYPES, assert_dequant_equal, gptq_weight, int8_weight, nf4_weight  # noqa: E402
+from .cases import (DTYPES, GGUF, GGUF_TYPES, assert_dequant_equal, gguf_weight, gptq_weight, int8_weight,  # noqa: E402
+                    nf4_weight)
 
 SHAPES_4BIT = [((33, 77), 64), ((67, 301), 128), ((64, 256), 64)]  # odd N·K, K % bs != 0, aligned rows
 
@@ -109,3 +110,40 @@ def test_trivial_group_size_detection():
     g_idx[:] = g_idx[torch.randperm(k)]           # in place: the version counter invalidates the cache
     assert trivial_group_size(g_idx, 5, k) == 0
     assert trivial_group_size(torch.zeros(k, dtype=torch.int32), 1, k) == 512  # one group: a power of two ≥ K
+
+
+# -- GGUF: every block type, bit for bit against the reference (itself gguf.quants.dequantize) ------------------
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # d = ±65504 → ±inf in fp16
+@pytest.mark.parametrize("cfg", GGUF_TYPES, ids=lambda c: c.type_name)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_gguf(cfg, dtype):
+    # 3 blocks per row (a partial last tile), edge fp16 fields (−0, 0, subnormal, ±65504: fp16 overflow to ±inf)
+    w = gguf_weight(cfg, 5, 3 * cfg.block_size, edge=True)
+    out = dequantize_gguf(*w, dtype)
+    ref = ref_ops.dequantize_gguf(*w, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32))   # −0 vs 0 too
+    else:
+        assert_dequant_equal(out, ref)
+
+
+@pytest.mark.parametrize("cfg", GGUF_TYPES, ids=lambda c: c.type_name)
+@pytest.mark.parametrize("block_k", [32, 64, 512])
+def test_dequantize_gguf_tiles(cfg, block_k):
+    # BLOCK_K 32/64: a tile is part of one 256-weight K-quant block (its sub-blocks picked by k0), 512: several
+    # blocks per tile; BLOCK_N 4 over 7 rows: a partial row tile
+    w = gguf_weight(cfg, 7, 2 * cfg.block_size, seed=block_k)
+    out = dequantize_gguf(*w, torch.float32, config={"BLOCK_N": 4, "BLOCK_K": block_k})
+    assert torch.equal(out.view(torch.int32), ref_ops.dequantize_gguf(*w, torch.float32).view(torch.int32))
+
+
+def test_dequantize_gguf_validation():
+    w = gguf_weight(GGUF["Q4_1"], 4, 64)
+    with pytest.raises(ValueError, match="GGML type 1 has no kernel"):
+        dequantize_gguf(w[0], 1, 64, torch.float16)                       # F16 is not a block type
+    with pytest.raises(ValueError, match="do not hold in_features=96"):
+        dequantize_gguf(w[0], w[1], 96, torch.float16)
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_gguf(w[0].view(torch.int8), w[1], 64, torch.float16)
+    with pytest.raises(ValueError, match="BLOCK_K=16"):
+        dequantize_gguf(*w, torch.float16, config={"BLOCK_N": 4, "BLOCK_K": 16})
