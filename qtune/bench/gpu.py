@@ -8,14 +8,15 @@ first run is Triton compiling and autotuning, both kept on disk (``TRITON_CACHE_
 second run on the same machine skips them. ``--quick`` measures two weight shapes at M ∈ {1, 4096}.
 
 ``dispatch``
-    A tiny Llama with a qtune layer of every format (NF4+DQ, FP4, int8 ± zero point, LLM.int8, GPTQ)
+    A tiny Llama with a qtune layer of every format (NF4+DQ, FP4, int8 ± zero point, LLM.int8, GPTQ, GGUF Q4_1)
     plus peft LoRA runs forward + backward in bf16 and fp32 under ``torch.profiler``. It lists the
     ``qtune::`` ops and the GPU kernels that ran, and flags an op family that ran on CUDA tensors
     without any of its Triton kernels (the pure-PyTorch reference: a silent slow path).
 ``correct``
     Every kernel and variant against the reference (``qtune.formats``) on the same GPU: NF4/FP4 ±
     double quant, odd K and K not a multiple of the blocksize, GPTQ 2/3/4/8-bit ± act-order, int8 ±
-    zero point (group that does not divide K), LLM.int8 with injected outlier columns, strided and
+    zero point (group that does not divide K), LLM.int8 with injected outlier columns, every GGUF type
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 quantized by qtune; Q4_K, Q5_K, Q6_K as random blocks), strided and
     storage-offset inputs, transposed ``grad_out``, bias; on a machine with two GPUs also weights on the
     last GPU while the first is current (the launchers' device guard). ``dequantize_*`` must be bit-identical;
     forward ``y = x Ŵᵀ + b`` and ``grad_input = dy Ŵ`` must satisfy
@@ -26,7 +27,8 @@ second run on the same machine skips them. ``--quick`` measures two weight shape
     ``force("dequant")`` (the branch the dispatcher took is recorded and must be the forced one).
 ``bench``
     Weights (N, K) ∈ {4096², 11008×4096, 4096×11008, 14336×4096, 4096×14336}, M ∈ {1, 16, 64, 256,
-    4096}, fp16 and bf16, NF4+DQ / GPTQ-4 / int8 / LLM.int8, forward and backward (grad_input): median
+    4096}, fp16 and bf16, NF4+DQ / GPTQ-4 / int8 / LLM.int8 / GGUF Q4_1 and Q4_K, forward and backward
+    (grad_input): median
     ms (``triton.testing.do_bench``) of the ``qtune::`` op forced to its fused branch, GB/s (weight +
     activation bytes), TFLOP/s, ratio to the same op forced to dequantize + cuBLAS and to a dense
     ``torch.matmul`` (ratios are ``baseline ms / fused ms``: > 1 means the fused kernel is faster), and
@@ -66,7 +68,7 @@ import torch
 STAGES = ("dispatch", "correct", "bench", "step")
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))  # (N out, K in)
 TOKENS = (1, 16, 64, 256, 4096)
-FAMILIES = ("4bit", "gptq", "int8", "llm_int8")  # the qtune::linear_<family> ops
+FAMILIES = ("4bit", "gptq", "int8", "llm_int8", "gguf")  # the qtune::linear_<family> ops
 
 # relative-error floors of the fused matmuls (fp32 runs as 3×TF32 on tensor cores)
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-5}
@@ -207,21 +209,49 @@ def _llm_int8(name: str, w: torch.Tensor) -> Weight:
     return Weight(name, "llm_int8", args, lambda dt: int8.dequantize_int8(t.weight, t.scale, None, -1, dt))
 
 
+def _gguf(name: str, w: torch.Tensor, type_name: str, gen: torch.Generator) -> Weight:
+    """GGUF blocks of ``w``'s shape: quantized from ``w`` (``gguf.quants.quantize``'s bytes) for the 32-weight
+    types; for the K-quants, which neither qtune nor the gguf package can quantize, random blocks (random
+    code and scale bytes, fp16 ``d``/``dmin`` ≈ N(0, 0.002²)): the same bytes per weight and the same maths."""
+    from ..formats import gguf
+
+    cfg = next(c for c in gguf.GGUF_CONFIGS if c.type_name == type_name)
+    n, k = w.shape
+    if cfg.can_quantize:
+        blocks = gguf.quantize_gguf(w, cfg.ggml_type, name=name)
+    else:
+        nb = n * k // cfg.block_size
+        blocks = torch.randint(0, 256, (nb, cfg.type_size), generator=gen, device=w.device, dtype=torch.uint8)
+        for off in ((208,) if type_name == "Q6_K" else (0, 2)):
+            d = (torch.randn(nb, generator=gen, device=w.device) * 0.002).to(torch.float16)
+            blocks[:, off:off + 2] = d.view(torch.uint8).reshape(nb, 2)
+        blocks = blocks.reshape(n, cfg.row_bytes(k))
+    args = (blocks, cfg.ggml_type, k)
+    return Weight(name, "gguf", args, lambda dt: gguf.dequantize_gguf(*args, dt))
+
+
 def main_weights(n: int, k: int, device: torch.device, seed: int = 0) -> list[Weight]:
-    """The formats the bench times: NF4+DQ (blocksize 64), GPTQ 4-bit g128, int8 per row, LLM.int8."""
+    """The formats the bench times: NF4+DQ (blocksize 64), GPTQ 4-bit g128, int8 per row, LLM.int8, GGUF Q4_1
+    and (when 256 divides K) Q4_K."""
     from ..formats import int8, nf4
 
     gen = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(n, k, generator=gen, device=device) * 0.02
-    return [_four_bit("nf4_dq", w, nf4.NF4Config(blocksize=64, double_quant=True)),
-            _gptq("gptq4_g128", w, 4, 128, False, gen),
-            _int8("int8_row", w, int8.Int8Config(symmetric=True, group_size=-1)),
-            _llm_int8("llm_int8", w)]
+    out = [_four_bit("nf4_dq", w, nf4.NF4Config(blocksize=64, double_quant=True)),
+           _gptq("gptq4_g128", w, 4, 128, False, gen),
+           _int8("int8_row", w, int8.Int8Config(symmetric=True, group_size=-1)),
+           _llm_int8("llm_int8", w)]
+    if k % 32 == 0:
+        out.append(_gguf("gguf_q4_1", w, "Q4_1", gen))
+    if k % 256 == 0:
+        out.append(_gguf("gguf_q4_k", w, "Q4_K", gen))
+    return out
 
 
 def variant_weights(n: int, k: int, device: torch.device, seed: int = 1) -> list[Weight]:
     """Every other variant: FP4, NF4 without DQ, odd K, K not a multiple of the blocksize, GPTQ 2/3/8-bit
-    and act-order with a partial last group, int8 zero point, an int8 group that does not divide K."""
+    and act-order with a partial last group, int8 zero point, an int8 group that does not divide K, the GGUF
+    types the main weights leave out."""
     from ..formats import int8, nf4
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -237,6 +267,10 @@ def variant_weights(n: int, k: int, device: torch.device, seed: int = 1) -> list
         out.append(_gptq(f"gptq{bits}_g{group}{'_act' if act else ''}", rand(n, k + 4), bits, group, act, gen))
     out += [_int8("int8_zp_g128", rand(n, k), int8.Int8Config(symmetric=False, group_size=128)),
             _int8("int8_sym_g100", rand(n, k), int8.Int8Config(symmetric=True, group_size=100))]
+    # every other GGUF type; K rounded up to whole blocks (256 weights for the K-quants), N odd
+    for type_name in ("Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q5_K", "Q6_K"):
+        blk = 256 if type_name.endswith("_K") else 32
+        out.append(_gguf(f"gguf_{type_name.lower()}", rand(n - 1, -(-k // blk) * blk), type_name, gen))
     return out
 
 
@@ -261,7 +295,8 @@ def kernel_dequant(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     if w.family == "llm_int8":
         weight, scb, _ = w.args
         return K.dequantize_int8(weight, scb.view(-1, 1), None, -1, dtype)
-    fn = {"4bit": K.dequantize_4bit, "gptq": K.dequantize_gptq, "int8": K.dequantize_int8}[w.family]
+    fn = {"4bit": K.dequantize_4bit, "gptq": K.dequantize_gptq, "int8": K.dequantize_int8,
+          "gguf": K.dequantize_gguf}[w.family]
     return fn(*w.args, dtype)
 
 
@@ -557,18 +592,19 @@ def stage_bench(run: Run) -> dict:
 # ----------------------------------------------------------------------------------------- stage: dispatch
 # Triton kernel (jit function) names per op family: what the profiler must show when the family ran
 _FAMILY_KERNELS = {"4bit": ("_linear_4bit_", "_dequant_4bit_"), "gptq": ("_linear_gptq_", "_dequant_gptq_"),
-                   "int8": ("_linear_int8_", "_dequant_int8_"),
+                   "int8": ("_linear_int8_", "_dequant_int8_"), "gguf": ("_linear_gguf_", "_dequant_gguf_"),
                    "llm_int8": ("_int8_matmul_kernel", "_quantize_rows_kernel", "_linear_int8_bwd", "_dequant_int8_")}
-_LAYER_FORMATS = {"q_proj": "nf4_dq", "k_proj": "fp4", "v_proj": "int8_zp", "o_proj": "int8",
+_LAYER_FORMATS = {"q_proj": "nf4_dq", "k_proj": "fp4", "v_proj": "int8_zp", "o_proj": "gguf_q4_1",
                   "gate_proj": "gptq4", "up_proj": "llm_int8", "down_proj": "gptq3_g32"}
 
 
 def _layer_configs() -> dict:
     from ..formats import FP4Config, Int8Config, LLMInt8Config, NF4Config, RTNConfig
+    from ..formats.gguf import GGUFQ4_1Config
 
     # RTN writes the GPTQ layout (a calibrated GPTQ needs data and gives the same tensors)
     return {"q_proj": NF4Config(double_quant=True), "k_proj": FP4Config(blocksize=128),
-            "v_proj": Int8Config(symmetric=False, group_size=64), "o_proj": Int8Config(),
+            "v_proj": Int8Config(symmetric=False, group_size=64), "o_proj": GGUFQ4_1Config(),
             "gate_proj": RTNConfig(bits=4, group_size=64, sym=False), "up_proj": LLMInt8Config(),
             "down_proj": RTNConfig(bits=3, group_size=32, sym=False)}
 

@@ -106,7 +106,7 @@ def test_interpreter_run_dispatch_lists_the_chain(interpreter_run):
     assert dispatch_stage["ok"] is True
     assert all(dispatch_stage["registered"].values()) and dispatch_stage["slow_path_reason"] is None
     for run in dispatch_stage["runs"]:
-        assert run["families"] == ["4bit", "gptq", "int8", "llm_int8"]
+        assert run["families"] == ["4bit", "gguf", "gptq", "int8", "llm_int8"]
         assert run["reference_on_device"] == [] and run["lora_grads_finite"]
         for family in run["families"]:
             assert any(k.startswith(f"{family}.forward.") for k in run["branches"]), family
@@ -146,3 +146,23 @@ def test_step_compare_runs_qtune_and_bitsandbytes_on_cpu(one_thread):
     assert out["loss_difference"] < 1e-2, out
     skipped = gpu.step_compare(run, shape, 32, "bitsandbytes has no CUDA build here", steps=1)
     assert skipped["bitsandbytes"] == {"skipped": "bitsandbytes has no CUDA build here"}
+
+
+def test_interpreter_run_checks_every_gguf_type(tmp_path):
+    # the correct stage for the gguf family alone: every GGUF type (the main weights' Q4_1, the variants' others;
+    # Q4_K joins the main weights where 256 divides K, as on the GPU shapes), both branches, views, forced ops
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "qtune.bench.gpu", "--interpret", "--stages", "correct",
+                           "--formats", "gguf", "--out", str(out)], env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    correct = read_results(out)["results"]["correct"]
+    rows = [r for r in correct["rows"] if "ok" in r]
+    assert correct["ok"] is True and rows and all(r["ok"] for r in rows)
+    whats = " | ".join(r["what"] for r in rows)
+    for name in ("gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_q8_0", "gguf_q5_k", "gguf_q6_k"):
+        for needle in (f"fused fwd {name}", f"dequant bwd {name}"):
+            assert needle in whats, needle
+    assert {r["check"] for r in rows} == {"dequantize", "matmul", "op_branch"}
+    assert all(r["family"] == "gguf" for r in correct["rows"] if "family" in r)
