@@ -52,16 +52,15 @@ _GGUF_EDGES = (-0.0, 0.0, 2.0 ** -24, 65504.0, -65504.0, 2.0 ** 15)
 def gguf_weight(cfg: type, n: int, k: int, seed: int = 0, edge: bool = False) -> tuple:
     """``(weight, ggml_type, in_features)`` of random GGUF blocks of type ``cfg``: random code and scale
     bytes, every fp16 field a random finite value (|d| ≈ 0.05); with ``edge`` the fp16 fields of the
-    first blocks take the values of ``_GGUF_EDGES`` (−0, large, subnormal: their products overflow fp16)."""
+    first 12 blocks take the values of ``_GGUF_EDGES`` (−0, 0, subnormal, ±65504: products overflow fp16)."""
     g = torch.Generator().manual_seed(seed)
     nb = n * k // cfg.block_size
     blocks = torch.randint(0, 256, (nb, cfg.type_size), dtype=torch.uint8, generator=g)
     for off in _GGUF_FP16[cfg.type_name]:
         d = (torch.randn(nb, generator=g) * 0.05).to(torch.float16)
-        if edge:
-            e = torch.tensor(_GGUF_EDGES, dtype=torch.float16).repeat(-(-nb // len(_GGUF_EDGES)))[:nb]
+        if edge:  # each edge value in two blocks (of different rows when a row holds fewer than 12 blocks)
             first = min(nb, 2 * len(_GGUF_EDGES))
-            d[:first] = e[torch.randperm(nb, generator=g)[:first] % len(_GGUF_EDGES)]
+            d[:first] = torch.tensor(_GGUF_EDGES, dtype=torch.float16)[torch.arange(first) % len(_GGUF_EDGES)]
         blocks[:, off:off + 2] = d.view(torch.uint8).reshape(nb, 2)
     return (blocks.reshape(n, cfg.row_bytes(k)), cfg.ggml_type, k)
 
