@@ -89,6 +89,7 @@ def gguf_tile(w_ptr, offs_n, k0, N, K, TYPE: tl.constexpr, BLOCK_K: tl.constexpr
     s = ((k0 % BS) // SS + tl.arange(0, NS))[None, None, :, None]    # sub-block of the block, [1,1,NS,1]
     t = tl.arange(0, SS)[None, None, None, :]                         # weight of the sub-block
     j = s * SS + t                                                    # weight of the block, [1,1,NS,SS]
+    # masks of each load's own shape (Triton 3.4 broadcasts a mask to the pointers, never the pointers to it)
     ms = mb & (s >= 0)                                                # [BN,NB,NS,1]
     me = ms & (t >= 0)                                                # [BN,NB,NS,SS]
     if TYPE == 2:
@@ -132,7 +133,8 @@ def gguf_tile(w_ptr, offs_n, k0, N, K, TYPE: tl.constexpr, BLOCK_K: tl.constexpr
         # sub-blocks 2i and 2i + 1: low and high nibbles of bytes 32i .. 32i + 31
         q = (_u8(w_ptr, blk + QS + 32 * (s // 2) + t, me) >> ((s % 2) * 4)) & 15
         if TYPE == 13:
-            q = q | (((_u8(w_ptr, blk + 16 + t, me) >> s) & 1) << 4)   # bit s of qh[t]
+            # bit s of qh[t]: the 32 qh bytes are loaded once for all sub-blocks ([BN, NB, 1, SS])
+            q = q | (((_u8(w_ptr, blk + 16 + t, mb & (t >= 0)) >> s) & 1) << 4)
         w = scale * q.to(tl.float32) - offset
     else:  # Q6_K: ql[128], qh[64], scales[16] (int8), d
         h = j // 128
