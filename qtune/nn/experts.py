@@ -26,7 +26,12 @@ Forward (the contract of every ``experts_implementation``, computed as transform
         h = x[t] Ŵ_up[e]ᵀ (+ b_up[e])           qtune::linear_<family> on expert e's packed tensors
         h = _apply_gate(h)   (act_fn(h) without a gate)
         h = h Ŵ_down[e]ᵀ (+ b_down[e])          (post_expert_norm(h) when the family has one)
-        y[t] += top_k_weights[t, j] · h
+        s[t, j] = top_k_weights[t, j] · h
+    y[t] = Σ_j s[t, j]
+
+The slots are sorted by expert once (one ``argsort``, one gather of ``x``); each expert reads a contiguous
+slice, and the weighted outputs are written to their slots and summed over the top-k (no ``index_add_``, which
+is slow on CPU).
 
 GPTQ stacks are quantized expert by expert with each expert's own Hessians (``QuantExpertStack.quantize_(...,
 hessians=[...])``, built from the model's routing by :func:`qtune.calibration.gptq_quantize_model`); an expert
@@ -348,15 +353,22 @@ class QuantExperts(nn.Module):
                 y = y + ((xa @ a[e].t()) @ b[e].t() * s).to(y.dtype)
             return y
 
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
+        tokens, top_k = top_k_index.shape
+        with torch.no_grad():  # the routing, sorted by expert once: slot (t, j) is row t·k + j of the flat order
             ids = top_k_index.reshape(-1)
-            hit = torch.unique(ids[(ids >= 0) & (ids < self.num_experts)]).tolist()
+            ids = torch.where((ids >= 0) & (ids < self.num_experts), ids, self.num_experts)  # sentinels sort last
+            order = torch.argsort(ids, stable=True)
+            counts = torch.bincount(ids, minlength=self.num_experts + 1)[:self.num_experts].tolist()
+            routed = order[:sum(counts)]  # the routed slots, grouped by expert (ascending), tokens ascending
         up_bias = getattr(self, up_name + "_bias", None) if self.has_bias else None
         down_bias = getattr(self, down_name + "_bias", None) if self.has_bias else None
-        for e in hit:
-            token_idx, slot = torch.where(top_k_index == e)
-            h = linear(up_name, up, e, hidden_states[token_idx])
+        x = hidden_states[routed // top_k]  # [routed slots, H], one gather (its backward: one accumulate)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:  # an expert without tokens is never touched (nor dequantized)
+                continue
+            h = linear(up_name, up, e, x[start:start + n])
+            start += n
             if up_bias is not None:
                 h = h + up_bias[e]
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
@@ -365,9 +377,13 @@ class QuantExperts(nn.Module):
                 h = h + down_bias[e]
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
-            h = h * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, h.to(out.dtype))
-        return out
+            outs.append(h)
+        if not outs:
+            return torch.zeros_like(hidden_states)
+        h = torch.cat(outs) * top_k_weights.reshape(-1)[routed, None]
+        # each slot written once (no accumulation, no atomics), then the top-k slots of a token summed
+        slots = h.new_zeros(tokens * top_k, h.shape[-1]).index_copy(0, routed, h)
+        return slots.view(tokens, top_k, -1).sum(1).to(hidden_states.dtype)
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A float module of the original class holding the dequantized weights (and this module's biases,
