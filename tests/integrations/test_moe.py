@@ -363,3 +363,47 @@ def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(t
         hf_logging.disable_propagation()
     err = caplog.text
     assert f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected ({E}, {H}, {I})" in err
+
+
+def test_plan_and_inspect_report_total_and_active_parameters_by_hand(tmp_path, capsys):
+    """Qwen3-MoE, 2 layers, E=4 experts of intermediate I=96, top-2, hidden 64, 4 query heads and 2 KV heads of
+    16, vocab 128, untied head: the counts written out term by term."""
+    from qtune.cli.main import main
+    from qtune.plan import plan_recipe
+    from qtune.train.recipe import validate
+
+    moe_config("qwen3_moe").save_pretrained(tmp_path)  # the config is all `qtune plan` reads
+    embed = head = 128 * H
+    attention = H * 64 + 2 * (H * 32) + 64 * H + 2 * 16  # q, k, v, o, q_norm and k_norm (head_dim 16)
+    norms, router = 2 * H, E * H
+    experts = E * (2 * I * H) + E * (H * I)  # gate_up_proj [E, 2I, H] + down_proj [E, H, I]
+    total = embed + head + H + 2 * (attention + norms + router + experts)
+    active = total - 2 * experts + 2 * experts * 2 // E  # top-2 of 4 experts
+    assert (total, active) == (189_312, 115_584)
+    recipe = validate({"model": {"path": str(tmp_path), "dtype": "float32"}, "quantization": {"format": "nf4"},
+                       "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+                       "dataset": {"train": {"source": "x.txt"}}, "output": {"dir": "unused"}})
+    plan = plan_recipe(recipe)
+    assert (plan.total_params, plan.active_params) == (total, active)
+    assert f"parameters          {total:,} total, {active:,} active per token (routed experts)" in plan.report()
+    assert plan.to_dict()["active_params"] == active
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("qwen3_moe")).save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model"), "--format", "nf4"]) == 0
+    assert f"parameters: {total:,} total, {active:,} active per token" in capsys.readouterr().out
+
+
+def test_experts_per_token_under_the_names_transformers_configs_use():
+    import transformers as tf
+
+    from qtune.inspection import experts_per_token
+
+    assert experts_per_token(tf.MixtralConfig(num_experts_per_tok=3)) == 3
+    assert experts_per_token(tf.Ernie4_5_MoeConfig(moe_k=5)) == 5  # attribute_map num_experts_per_tok -> moe_k
+    assert experts_per_token(tf.AriaTextConfig(moe_topk=4)) == 4  # moe_topk, no alias
+    assert experts_per_token(tf.HunYuanMoEV1Config(moe_topk=[2, 2, 2])) == 2  # one per layer, all equal
+    assert experts_per_token(tf.HunYuanMoEV1Config(moe_topk=[1, 2])) is None  # they differ: no single top-k
+    assert experts_per_token(tf.DbrxConfig(ffn_config={"moe_top_k": 6})) == 6  # nested ffn_config
+    assert experts_per_token(tf.LlamaConfig()) is None
