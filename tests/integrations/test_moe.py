@@ -187,6 +187,18 @@ def test_reload_rejects_expert_tensors_that_disagree_with_the_config(moe_dir, tm
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"key 'model\.layers\.1\.mlp\.experts\.down_proj\.absmax' has shape"):
         load_model(out)
+    sd = load_file(str(out / "model.safetensors"))  # one expert fewer in the packed gate_up_proj than the config
+    sd["model.layers.1.mlp.experts.down_proj.absmax"] = sd["model.layers.0.mlp.experts.down_proj.absmax"].clone()
+    key = "model.layers.1.mlp.experts.gate_up_proj.weight"
+    shape = list(sd[key].shape)
+    sd[key] = sd[key][:-1].contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        load_model(out)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{out / 'model.safetensors'}: key '{key}' has shape "
+                                                      f"{[shape[0] - 1, *shape[1:]]}")
+    assert f"layer model.layers.1.mlp.experts" in message and f"expects {shape}" in message
 
 
 def test_quantize_model_then_save_writes_the_experts_into_the_layers_map(moe_dir, tmp_path):
@@ -342,7 +354,8 @@ def test_requantize_merged_experts_and_layouts_that_cannot_store_them(moe_dir, t
 
 def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(tmp_path, caplog):
     """transformers skips its own shape check for tensors a quantizer claims; QuantExpertStack checks the merged
-    stack. transformers then stops with its conversion report, which carries qtune's one-line reason."""
+    stack. transformers then stops with a generic RuntimeError and its conversion report; qtune.load_model raises
+    qtune's reason instead, as one line naming the folder, the tensor and both shapes."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -357,12 +370,17 @@ def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(t
 
     hf_logging.enable_propagation()
     try:
-        with pytest.raises((RuntimeError, ValueError)):
+        with pytest.raises(ValueError) as info:
             load_model(tmp_path, QTuneConfig("nf4"))
     finally:
         hf_logging.disable_propagation()
-    err = caplog.text
-    assert f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected ({E}, {H}, {I})" in err
+    reason = (f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected "
+              f"({E}, {H}, {I})")
+    assert str(info.value) == f"{tmp_path}: {reason}"
+    assert reason in caplog.text  # and transformers' own report still carries it
+    from qtune.integrations.transformers import CONVERSION_ERRORS
+
+    assert CONVERSION_ERRORS == []  # nothing left over for the next load
 
 
 def test_plan_and_inspect_report_total_and_active_parameters_by_hand(tmp_path, capsys):
