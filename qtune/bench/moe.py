@@ -74,6 +74,12 @@ def float_parameters(config) -> int:
 
 
 def experts_implementation(model: nn.Module) -> str | None:
+    """What computes the experts: transformers' ``config._experts_implementation``, or qtune's own loop over the
+    routed experts (``QuantExperts`` does not dispatch on it)."""
+    from ..nn.experts import QuantExperts
+
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        return "qtune QuantExperts (routed experts, one dequantized at a time)"
     return getattr(model.config, "_experts_implementation", None)
 
 
