@@ -18,6 +18,7 @@ layers outside the decoder blocks (rarely quantized) are calibrated by one final
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from .formats import QuantConfig
 from .formats.gptq import GPTQHessian
 from .nn import (QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_experts,
                  quantize_layer)
+from .nn.experts import QuantExperts
+from .nn.replace import LayerReport, set_submodule
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".csv": "csv"}
@@ -212,16 +215,19 @@ def _to(v: Any, device: torch.device) -> Any:
     return v
 
 
-def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, dict], device) -> list[list[str]]:
-    """Layers of ``block`` grouped by shared input tensor, in execution order (one forward on one sample)."""
+def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, dict], device,
+                     alone: frozenset[str] = frozenset()) -> list[list[str]]:
+    """Layers of ``block`` grouped by shared input tensor, in execution order (one forward on one sample);
+    the modules in ``alone`` (fused experts) form groups of their own."""
     order: list[tuple[str, int]] = []
     alive: list[Tensor] = []  # keeps the inputs alive so their ids are not reused during the forward
     handles = []
     for n in names:
-        def hook(module, args, n=n):
-            alive.append(args[0])
-            order.append((n, id(args[0])))
-        handles.append(block.get_submodule(n).register_forward_pre_hook(hook))
+        def hook(module, args, kwargs, n=n):
+            x = args[0] if args else next(iter(kwargs.values()))
+            alive.append(x)
+            order.append((n, id(x)))
+        handles.append(block.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         hidden, kwargs = sample
         _call(block, hidden[:1], kwargs, device)
@@ -240,13 +246,155 @@ def _groups_in_order(block: nn.Module, names: list[str], sample: tuple[Tensor, d
         if n in done:
             continue
         done.add(n)
-        if key in seen:
+        if n in alone:  # a fused experts module: calibrated on its own (per-expert Hessians)
+            groups.append([n])
+        elif key in seen:
             groups[seen[key]].append(n)
         else:
             seen[key] = len(groups)
             groups.append([n])
     groups.extend([[n] for n in names if n not in done])  # layers the forward did not reach
     return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused experts: per-expert Hessians from the model's own routing
+# ------------------------------------------------------------------------------------------------
+def _routed_call(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """``(hidden_states [T, H], top_k_index [T, k])`` of a call ``experts(hidden_states, top_k_index,
+    top_k_weights)`` (the contract of transformers' ``use_experts_implementation``), positional or keyword."""
+    bound = inspect.signature(experts.forward).bind_partial(*args, **kwargs).arguments
+    values = list(bound.values())
+    hidden = bound.get("hidden_states", values[0] if values else None)
+    index = bound.get("top_k_index", values[1] if len(values) > 1 else None)
+    if not isinstance(hidden, Tensor) or not isinstance(index, Tensor):
+        raise ValueError(f"{type(experts).__name__}: called without (hidden_states, top_k_index, ...) tensors; qtune "
+                         "cannot see which tokens the router sends to each expert")
+    return hidden, index
+
+
+def routed_tokens(top_k_index: Tensor, num_experts: int) -> dict[int, Tensor]:
+    """``{expert: rows of the tokens routed to it}`` for a ``[T, k]`` routing (ids ``>= num_experts``, the
+    expert-parallel sentinels, and negative ids are ignored), experts in ascending order."""
+    ids = top_k_index.reshape(-1)
+    hit = torch.unique(ids[(ids >= 0) & (ids < num_experts)]).tolist()
+    return {e: torch.where(top_k_index == e)[0] for e in hit}
+
+
+def expert_hidden(experts: nn.Module, e: int, x: Tensor, up: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Expert ``e``'s intermediate activations on its routed tokens ``x`` [t, H]: the input of its
+    ``down_proj``, ``_apply_gate(up(e, x) + b_up[e])`` (``act_fn(...)`` without a gate), as the model's eager loop
+    computes it. ``up(e, x)`` is ``x W_up[e]ᵀ`` (float or quantized)."""
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    h = up(e, x)
+    if experts.has_bias and getattr(experts, up_name + "_bias", None) is not None:
+        h = h + getattr(experts, up_name + "_bias")[e]
+    return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+
+
+def float_up(experts: nn.Module) -> Callable[[int, Tensor], Tensor]:
+    """``up(e, x) = x W_up[e]ᵀ`` with the float experts module's own 3-D weight (either layout)."""
+    w = experts._parameters["gate_up_proj" if experts.has_gate else "up_proj"]
+
+    def up(e: int, x: Tensor) -> Tensor:
+        we = w[e].t() if experts.is_transposed else w[e]
+        return torch.nn.functional.linear(x.to(we.dtype), we)
+    return up
+
+
+def expert_hessians(block: nn.Module, name: str, inputs: list[tuple[Tensor, dict]], device: torch.device, *,
+                    up: Callable[[int, Tensor], Tensor] | None = None) -> tuple[list[GPTQHessian], list[GPTQHessian] | None]:
+    """Per-expert Hessians of the fused experts module ``name`` of ``block``, from the model's own routing.
+
+    Each block forward on the calibration ``inputs`` is stopped when it reaches the experts module (nothing
+    after it changes the experts' inputs); the call's ``hidden_states`` [T, H] and ``top_k_index`` [T, k] (the
+    router's choice) give, for each expert ``e``, the rows ``X_e`` of the tokens routed to it:
+
+        H_up[e]   = 2/n_e · X_eᵀ X_e                    (gate_up_proj / up_proj, in = H)
+        H_down[e] = 2/n_e · Z_eᵀ Z_e,  Z_e = expert_hidden(e, X_e)   (down_proj, in = I; only with ``up``)
+
+    ``n_e`` (``.nsamples``) is the number of tokens routed to ``e``; the routing weights do not enter (they scale
+    the expert's output, not its inputs). The experts implementation (eager, batched_mm, grouped_mm) does not
+    matter: the hook reads the module's inputs, which the router fixes.
+
+    Returns:
+        ``(H_up, H_down)``: one :class:`GPTQHessian` per expert each (``H_down`` is ``None`` without ``up``).
+    """
+    experts = block.get_submodule(name)
+    num_experts = experts._parameters["down_proj"].shape[0]
+    w_up, w_down = (experts._parameters[n] for n in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"))
+    k_up = w_up.shape[1] if experts.is_transposed else w_up.shape[2]
+    k_down = w_down.shape[1] if experts.is_transposed else w_down.shape[2]
+    h_up = [GPTQHessian(int(k_up), device=device) for _ in range(num_experts)]
+    h_down = [GPTQHessian(int(k_down), device=device) for _ in range(num_experts)] if up is not None else None
+
+    def hook(module, args, kwargs):
+        hidden, index = _routed_call(module, args, kwargs)
+        for e, rows in routed_tokens(index, num_experts).items():
+            x = hidden[rows].detach()
+            h_up[e].add_batch(x)
+            if h_down is not None:
+                h_down[e].add_batch(expert_hidden(module, e, x, up).detach())
+        raise _StopForward
+
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in inputs:
+            try:
+                _call(block, hidden, kwargs, device)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if sum(h.nsamples for h in h_up) == 0:
+        raise ValueError(f"experts module {name}: the block forward never reached it, so it has no calibration inputs")
+    return h_up, h_down
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFallback:
+    """An expert that received too few calibration tokens for GPTQ and was quantized round-to-nearest."""
+
+    module: str
+    expert: int
+    tokens: int
+
+    def __str__(self) -> str:
+        return f"{self.module}[{self.expert}] ({self.tokens} tokens)"
+
+
+def gptq_experts(model: nn.Module, block: nn.Module, prefix: str, name: str, cfg: QuantConfig,
+                 inputs: list[tuple[Tensor, dict]], device: torch.device, *, sequential: bool,
+                 min_tokens: int) -> tuple[LayerReport, list[ExpertFallback]]:
+    """GPTQ the fused experts module ``prefix + name`` (``name`` inside ``block``) expert by expert and swap in
+    its :class:`~qtune.nn.experts.QuantExperts`.
+
+    With ``sequential`` (true-sequential GPTQ) the ``down_proj`` Hessians are taken after ``gate_up_proj`` is
+    quantized, on the quantized experts' activations; otherwise both come from one pass on the float experts.
+    An expert that received fewer than ``min_tokens`` tokens is quantized round-to-nearest on the same grid
+    (``cfg.without_calibration()``) in both weights; the fallbacks are returned.
+    """
+    experts = block.get_submodule(name)
+    q = QuantExperts(experts, cfg, name=prefix + name)
+    up_name, down_name = q.weight_names
+    up_stack = q._modules[up_name]
+    if sequential:
+        h_up, _ = expert_hessians(block, name, inputs, device)
+    else:
+        h_up, h_down = expert_hessians(block, name, inputs, device, up=float_up(experts))
+    counts = [h.nsamples for h in h_up]
+    keep = [n >= min_tokens for n in counts]
+    up_stack.quantize_(experts._parameters[up_name], name=f"{prefix}{name}.{up_name}",
+                       hessians=[h if k else None for h, k in zip(h_up, keep)])
+    del h_up
+    if sequential:
+        _, h_down = expert_hessians(block, name, inputs, device, up=lambda e, x: up_stack.expert(e)(x))
+    q._modules[down_name].quantize_(experts._parameters[down_name], name=f"{prefix}{name}.{down_name}",
+                                    hessians=[h if k else None for h, k in zip(h_down, keep)])
+    before = sum(experts._parameters[n].numel() * experts._parameters[n].element_size() for n in q.weight_names)
+    set_submodule(model, prefix + name, q)
+    fallbacks = [ExpertFallback(prefix + name, e, n) for e, n in enumerate(counts) if not keep[e]]
+    return LayerReport(prefix + name, cfg.format, q.bits_per_parameter(), before, q.quantized_bytes()), fallbacks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +483,8 @@ def _shared_hessians(block: nn.Module, group: list[str], inputs: list[tuple[Tens
 def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConfig, *,
                         skip_modules=None, overrides: Mapping[str, QuantConfig | None] | None = None,
                         true_sequential: bool | None = None, batch_size: int = 8,
-                        device: torch.device | str | None = None, progress: bool = True) -> QuantizationReport:
+                        device: torch.device | str | None = None, progress: bool = True,
+                        min_expert_tokens: int | None = None) -> QuantizationReport:
     """Quantize a causal LM in place with sequential, block-by-block GPTQ.
 
     Args:
@@ -349,10 +498,15 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         batch_size: calibration windows per forward.
         device: where each block runs (default: the device of the model's first parameter).
         progress: tqdm bar over blocks.
+        min_expert_tokens: fused experts planned with GPTQ are calibrated expert by expert on the tokens the
+            model's own router sends to each (:func:`expert_hessians`); an expert that receives fewer tokens is
+            quantized round-to-nearest on the same grid and listed in ``report.expert_fallbacks`` (default:
+            ``2 × group_size``, 256 for ``group_size=-1``).
     Returns:
         :class:`qtune.QuantizationReport` (``report.seconds`` holds the wall time).
     Raises:
-        ValueError: bad calibration shape; a damped Hessian that is not positive definite.
+        ValueError: bad calibration shape; a damped Hessian that is not positive definite; GPTQ experts outside
+            the decoder blocks.
     """
     from tqdm.auto import tqdm
 
@@ -360,11 +514,9 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         raise ValueError("calibration must be an integer tensor [samples, seq_len] of token ids")
     start = time.perf_counter()
     plan = plan_layers(model, config, skip_modules=skip_modules, overrides=overrides)
-    needs = [n for n, c in plan.experts.items() if c.needs_calibration]
-    if needs:
-        raise ValueError(f"{needs[0]}: GPTQ calibration of fused experts is not implemented; quantize the experts with "
-                         "a format without calibration (overrides={'experts': 'rtn'} or 'nf4') or skip them "
-                         "(skip_modules=[..., 'experts'])")
+    if min_expert_tokens is not None and (isinstance(min_expert_tokens, bool) or not isinstance(min_expert_tokens, int)
+                                          or min_expert_tokens < 1):
+        raise ValueError(f"min_expert_tokens={min_expert_tokens!r} must be a positive integer")
     if true_sequential is None:
         true_sequential = bool(getattr(config, "true_sequential", True))
     first = next(model.parameters())
@@ -372,9 +524,14 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
     was_training = model.training
     model.eval()
     report = QuantizationReport()
-    for name, cfg in plan.experts.items():  # round-to-nearest formats only (checked above): no Hessian needed
-        report.layers.append(quantize_experts(model, name, cfg))
+    for name, cfg in plan.experts.items():  # round-to-nearest experts need no Hessian
+        if not cfg.needs_calibration:
+            report.layers.append(quantize_experts(model, name, cfg))
     blocks_name, blocks = find_blocks(model)
+    outside = [n for n, c in plan.experts.items() if c.needs_calibration and not n.startswith(blocks_name + ".")]
+    if outside:
+        raise ValueError(f"{outside[0]}: fused experts outside the decoder blocks ({blocks_name}) cannot be GPTQ "
+                         "calibrated; quantize them with a format without calibration (e.g. rtn)")
     batches = [calibration[i:i + batch_size].to(first.device) for i in range(0, calibration.shape[0], batch_size)]
     inputs = _capture_block_inputs(model, blocks[0], batches)
 
@@ -385,26 +542,45 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         block.to(device)
         prefix = f"{blocks_name}.{i}."
         names = [n[len(prefix):] for n in plan if n.startswith(prefix)]
-        bar.set_postfix_str(f"{len(names)} layers")
+        experts = [n[len(prefix):] for n, c in plan.experts.items() if n.startswith(prefix) and c.needs_calibration]
+        bar.set_postfix_str(f"{len(names)} layers" + (f", {len(experts)} experts modules" if experts else ""))
         calibrated = [n for n in names if plan[prefix + n].needs_calibration]
         for n in names:
             if n not in calibrated:
                 _quantize_layer(model, prefix + n, plan[prefix + n], None, report)
-        if calibrated:
+
+        def gptq_experts_module(n: str, sequential: bool) -> None:
+            cfg = plan.experts[prefix + n]
+            threshold = min_expert_tokens or (2 * cfg.group_size if cfg.group_size > 0 else 256)
+            layer, fallbacks = gptq_experts(model, block, prefix, n, cfg, inputs, device, sequential=sequential,
+                                            min_tokens=threshold)
+            report.layers.append(layer)
+            report.expert_fallbacks.extend(fallbacks)
+
+        if calibrated or experts:
             if true_sequential:  # each group calibrated on the outputs of the already-quantized ones
-                # groups of layers that read one tensor, in execution order
-                for group in _groups_in_order(block, calibrated, inputs[0], device):
+                # groups of layers that read one tensor, in execution order; each experts module on its own
+                for group in _groups_in_order(block, calibrated + experts, inputs[0], device, frozenset(experts)):
+                    if group[0] in experts:
+                        gptq_experts_module(group[0], True)
+                        continue
                     hessians = _shared_hessians(block, group, inputs, device)
                     for n in group:
                         _quantize_layer(model, prefix + n, plan[prefix + n], hessians.pop(n), report)
-            else:
-                hessians = _hessians_from(block, calibrated, lambda: _run_block(block, inputs, device), device)
+            else:  # every layer and expert calibrated on the float block's activations
+                hessians = _hessians_from(block, calibrated, lambda: _run_block(block, inputs, device),
+                                          device) if calibrated else {}
+                for n in experts:  # before any layer of the block is swapped
+                    gptq_experts_module(n, False)
                 for n in calibrated:
                     _quantize_layer(model, prefix + n, plan[prefix + n], hessians.pop(n), report)
         outputs = _run_block(block, inputs, device)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
         block.to(home)
 
+    if report.expert_fallbacks:  # always said: these experts are not GPTQ-calibrated
+        print(f"GPTQ: {len(report.expert_fallbacks)} experts with fewer than the minimum calibration tokens were "
+              "quantized round-to-nearest: " + ", ".join(map(str, report.expert_fallbacks)))
     rest = [n for n in plan if not isinstance(model.get_submodule(n), QuantLinear)]
     if rest:
         gptq_rest = [n for n in rest if plan[n].needs_calibration]
@@ -426,4 +602,4 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, source: str | Pa
 
 
 __all__ = ["calibration_texts", "calibration_windows", "gptq_quantize_model", "quantize_with_calibration",
-           "find_blocks", "plan_layers", "check_group_sizes"]
+           "find_blocks", "plan_layers", "check_group_sizes", "expert_hessians", "routed_tokens", "ExpertFallback"]

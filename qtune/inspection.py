@@ -94,10 +94,41 @@ def format_table(infos: list[LayerInfo]) -> str:
     return "\n".join(lines)
 
 
+#: the names transformers configs give the number of experts each token is routed to (most families use the
+#: first; ``attribute_map`` aliases some others to it, e.g. Ernie 4.5's ``moe_k``, Hunyuan's ``moe_topk``)
+TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "moe_k", "moe_top_k", "num_experts_per_token", "experts_per_token")
+
+
+def experts_per_token(config: Any) -> int | None:
+    """The routed experts per token of a transformers config (``top_k``), or ``None`` when it names none.
+
+    Reads :data:`TOP_K_NAMES` on the config, its text config (multimodal models) and DBRX's ``ffn_config``
+    (``moe_top_k``); a per-layer list counts when all its entries agree.
+    """
+    places = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        places.append(get_text())
+    for sub in ("text_config", "ffn_config"):
+        if getattr(config, sub, None) is not None:
+            places.append(getattr(config, sub))
+    for place in places:
+        for name in TOP_K_NAMES:
+            v = place.get(name) if isinstance(place, dict) else getattr(place, name, None)
+            if isinstance(v, (list, tuple)) and v and len(set(v)) == 1:
+                v = v[0]
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int | None]:
     """``(total, active per token)`` weights of ``model``, counting quantized weights as the float ones they
-    replace. Active: every weight outside the fused experts plus ``top_k / E`` of the expert weights
-    (``config.num_experts_per_tok``); ``None`` when the model has experts but no such config entry.
+    replace. Active: every weight outside the fused experts (attention, shared experts, routers, embeddings,
+    norms, expert biases) plus ``top_k / E`` of the expert weights, with ``E`` the experts modules' own number of
+    experts and ``top_k`` from the config (:func:`experts_per_token`); ``None`` when the model has experts but its
+    config names no ``top_k``, or when its experts modules differ in ``E``. A model without fused experts is all
+    active. Works on a meta-device skeleton (``qtune plan``).
     """
     seen: set[int] = set()
     total = 0
@@ -118,8 +149,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int | None]:
         n_experts.add(getattr(m, "down_proj").shape[0])
     if not experts_weights:
         return total, total
-    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
-    if not isinstance(top_k, int) or len(n_experts) != 1:
+    top_k = experts_per_token(getattr(model, "config", None))
+    if top_k is None or len(n_experts) != 1:
         return total, None
     return total, total - experts_weights + experts_weights * top_k // n_experts.pop()
 

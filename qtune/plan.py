@@ -135,6 +135,8 @@ class MemoryPlan:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     task: str = "sft"
     task_extra: dict[str, int] = dataclasses.field(default_factory=dict)
+    total_params: int | None = None  # the model's weights (quantized ones counted as the float they replace)
+    active_params: int | None = None  # per token: all but the routed experts' weights, plus top_k/E of those
 
     @property
     def activations(self) -> int:
@@ -168,6 +170,14 @@ class MemoryPlan:
         rows = [
             f"memory plan for {self.model}: {self.tokens:,} tokens per step per device "
             f"(gradient checkpointing {ck})",
+        ]
+        if self.total_params is not None:
+            n = lambda c: f"{c / 1e9:.2f} B" if c >= 10**8 else f"{c:,}"  # noqa: E731
+            active = ("all active" if self.active_params == self.total_params else
+                      f"{n(self.active_params)} active per token (routed experts)"
+                      if self.active_params is not None else "active per token unknown (no num_experts_per_tok)")
+            rows.append(f"  parameters          {n(self.total_params)} total, {active}")
+        rows += [
             f"  quantized weights   {g(self.quantized_weights)}  ({self.quantized_params / 1e9:.2f} B params packed)",
             f"  float weights       {g(self.float_weights)}  (embeddings, norms, head, unquantized layers)",
             f"  LoRA parameters     {g(self.lora_params)}  ({self.trainable_params / 1e6:.1f} M trainable)",
@@ -401,6 +411,7 @@ def adapter_dtype_for(recipe, quantized: bool) -> torch.dtype:
 def plan_recipe(recipe) -> MemoryPlan:
     """Predict the per-device peak memory of training ``recipe`` (see the module docstring)."""
     from .formats.base import parse_dtype
+    from .inspection import parameter_counts
     from .integrations.transformers import meta_experts, meta_layer
     from .nn.experts import is_fused_experts
 
@@ -411,6 +422,7 @@ def plan_recipe(recipe) -> MemoryPlan:
     task = TASKS[recipe.task]
     e = _dtype_bytes(dtype)
     model = _skeleton(config, dtype)
+    total_params, active_params = parameter_counts(model)
     qplan = _quantization_plan(recipe, model, quant)
 
     quantized_bytes, quantized_params, quantized_ids = 0, 0, set()
@@ -482,6 +494,7 @@ def plan_recipe(recipe) -> MemoryPlan:
                       float_weights=float_bytes, lora_params=lora_bytes, gradients=lora_bytes,
                       optimizer_state=optimizer_bytes, activations_checkpointed=checkpointed, activations_full=full,
                       gradient_checkpointing=gc, trainable_params=trainable, quantized_params=quantized_params,
+                      total_params=total_params, active_params=active_params,
                       details={"per_layer_bytes_per_token": per_layer, "logits_bytes_per_token": logits,
                                "layers": layers, "lora_targets": len(targets), "adapter_dtype": str(a_dtype),
                                "optimizer": optim, "quantized_layers": len(qplan), "task": counts})

@@ -125,15 +125,18 @@ def requantize_model(model: nn.Module, plan: list[str], cfg: QuantConfig, *, cal
             raise ValueError(f"{cfg.format} re-quantization needs calibration data (--calibration)")
         from ..calibration import gptq_quantize_model
 
-        experts = [n for n in plan if is_fused_experts(model.get_submodule(n))]
-        if experts:
-            raise ValueError(f"{experts[0]}: GPTQ calibration of fused experts is not implemented; export with a "
-                             "format without calibration (rtn, nf4, int8)")
-        weights = {n: float_weight_of(model.get_submodule(n), n)[0].float().clone() for n in plan}
+        # fused experts: GPTQ per expert on the tokens the router sends it (the float modules kept for the error)
+        experts = {n: model.get_submodule(n) for n in plan if is_fused_experts(model.get_submodule(n))}
+        weights = {n: float_weight_of(model.get_submodule(n), n)[0].float().clone() for n in plan if n not in experts}
         gptq_quantize_model(model, calibration, None, skip_modules=(), overrides={n: cfg for n in plan},
                             progress=progress)
         for n in plan:
             layer = model.get_submodule(n)
+            if n in experts:
+                if not isinstance(layer, QuantExperts):
+                    raise ValueError(f"experts module {n}: GPTQ left it unquantized")
+                errors.append(_experts_error(n, layer, experts.pop(n)))
+                continue
             if not isinstance(layer, QuantLinear):
                 raise ValueError(f"layer {n}: GPTQ left it unquantized (tied or kept in fp32 by the model)")
             errors.append(_error(n, layer, weights.pop(n), merged.get(n)))

@@ -170,6 +170,12 @@ class GPTQConfig(QuantConfig):
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"{cls}.block_size={bs!r} must be a positive integer (128 is usual)")
 
+    def without_calibration(self) -> "RTNConfig":
+        """The round-to-nearest config on the same grid (bits, group size, symmetry, compute dtype): what a
+        weight gets when it has too few calibration inputs for a Hessian (e.g. an expert the router rarely
+        picks). Its tensors have the same shapes and layout as GPTQ's (``g_idx = k // group_size``)."""
+        return RTNConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, compute_dtype=self.compute_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class RTNConfig(QuantConfig):

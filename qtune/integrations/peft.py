@@ -47,6 +47,7 @@ import dataclasses
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -747,6 +748,10 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, 
     """
     config = PeftConfig.from_pretrained(path)
     register_lora_config(config)
+    try:  # peft would only warn and load nothing for a target parameter the model does not have
+        _check_target_parameters(model, config)
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / 'adapter_config.json'}: {e}") from None
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         with _quiet_unmatched_parameters(model, config):

@@ -324,6 +324,11 @@ def _skip_parent_init(model: nn.Module, names) -> None:
             parent._is_hf_initialized = True
 
 
+#: the reasons quantize-on-load failed during the current ``qtune.load_model`` (transformers copies the
+#: quantization config and converts in loader threads, so the record is kept here; one load at a time per process)
+CONVERSION_ERRORS: list[str] = []
+
+
 class QTuneQuantize(ConversionOps):
     """Quantize-on-load op: one float ``<layer>.weight`` in, the layer swapped for its ``QuantLinear``."""
 
@@ -333,6 +338,16 @@ class QTuneQuantize(ConversionOps):
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None, full_layer_name: str | None = None,
                 missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        try:
+            return self._convert(input_dict, model, missing_keys)
+        except ValueError as e:
+            # transformers turns this into a generic RuntimeError and logs the reason in its load report;
+            # qtune.load_model raises the first reason itself, as one line
+            CONVERSION_ERRORS.append(str(e))
+            raise
+
+    def _convert(self, input_dict: dict[str, Any], model: nn.Module | None,
+                 missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for key, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value

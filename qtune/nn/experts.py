@@ -26,7 +26,16 @@ Forward (the contract of every ``experts_implementation``, computed as transform
         h = x[t] Ŵ_up[e]ᵀ (+ b_up[e])           qtune::linear_<family> on expert e's packed tensors
         h = _apply_gate(h)   (act_fn(h) without a gate)
         h = h Ŵ_down[e]ᵀ (+ b_down[e])          (post_expert_norm(h) when the family has one)
-        y[t] += top_k_weights[t, j] · h
+        s[t, j] = top_k_weights[t, j] · h
+    y[t] = Σ_j s[t, j]
+
+The slots are sorted by expert once (one ``argsort``, one gather of ``x``); each expert reads a contiguous
+slice, and the weighted outputs are written to their slots and summed over the top-k (no ``index_add_``, which
+is slow on CPU).
+
+GPTQ stacks are quantized expert by expert with each expert's own Hessians (``QuantExpertStack.quantize_(...,
+hessians=[...])``, built from the model's routing by :func:`qtune.calibration.gptq_quantize_model`); an expert
+without one is quantized round-to-nearest on the same grid.
 
 Only the experts that received tokens are dequantized, one at a time, inside their op (never a dense
 ``[E, 2·I, H]`` copy). Backward is the ops' autograd rule per expert (``dx = dy Ŵ_e``, re-dequantized from
@@ -125,35 +134,63 @@ class QuantExpertStack(nn.Module):
         stack.quantize_(weight, name=name)
         return stack
 
-    def quantize_(self, weight: Tensor, *, name: str = "") -> None:
+    def quantize_(self, weight: Tensor, *, name: str = "", hessians: list | None = None) -> None:
         """Quantize ``weight`` (the model's 3-D layout) into the stacked buffers, one expert at a time.
 
+        Args:
+            weight: [E, out, in] (``transposed``: [E, in, out]), float.
+            name: the parameter's dotted name, for error messages.
+            hessians: formats that need calibration (GPTQ) only: one entry per expert, the Hessian of the
+                inputs routed to it (``qtune.formats.gptq.GPTQHessian`` or a [in, in] tensor), or ``None`` for an
+                expert quantized round-to-nearest on the same grid (``config.without_calibration()``: too few
+                routed tokens, see :func:`qtune.calibration.gptq_quantize_model`).
         Raises:
             ValueError: wrong shape; NaN/Inf (the format's message, naming ``<name>[<expert>]``); a format whose
-                tensors differ in shape or dtype between experts.
+                tensors differ in shape or dtype between experts; a format that needs calibration without
+                ``hessians`` (or with a list of the wrong length).
         """
         name = name or type(self).__name__
         expected = (self.num_experts, *self.param_shape)
         if tuple(weight.shape) != expected:
             raise ValueError(f"{name}: expert weights have shape {tuple(weight.shape)}, expected {expected}")
-        if self.config.needs_calibration:
-            raise ValueError(f"{name}: format {self.config.format!r} needs calibration, which qtune does not do for "
-                             "fused experts yet; use a format without calibration (e.g. rtn, nf4, int8)")
+        if self.config.needs_calibration and hessians is None:
+            raise ValueError(f"{name}: format {self.config.format!r} needs calibration: quantize the model with "
+                             "qtune.calibration.gptq_quantize_model (per-expert Hessians from the router's routing), "
+                             "or use a format without calibration (e.g. rtn, nf4, int8)")
+        if hessians is not None and (not self.config.needs_calibration or len(hessians) != self.num_experts):
+            raise ValueError(f"{name}: hessians are for formats that need calibration, one per expert; got "
+                             f"{len(hessians)} for {self.num_experts} experts in format {self.config.format!r}")
         for e in range(self.num_experts):
             w = weight[e].detach()
-            self.quantize_expert_(e, w.t() if self.transposed else w, name=f"{name}[{e}]")
+            self.quantize_expert_(e, w.t() if self.transposed else w, name=f"{name}[{e}]",
+                                  **({"hessian": hessians[e]} if hessians is not None else {}))
 
-    def quantize_expert_(self, e: int, weight: Tensor, *, name: str = "") -> None:
+    def quantize_expert_(self, e: int, weight: Tensor, *, name: str = "", **calibration: Any) -> None:
         """Quantize expert ``e``'s dense ``weight`` [out_features, in_features] (a linear layer's orientation,
-        whatever the model's layout) into its slices of the stacked buffers (LoRA merges use it)."""
+        whatever the model's layout) into its slices of the stacked buffers (LoRA merges use it).
+
+        Args:
+            calibration: ``hessian=`` for a format that needs calibration (GPTQ); ``hessian=None`` quantizes the
+                expert round-to-nearest on the same grid (``config.without_calibration()``).
+        """
         name = name or f"{type(self).__name__}[{e}]"
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"{name}: expert weight has shape {tuple(weight.shape)}, expected "
                              f"{(self.out_features, self.in_features)}")
         w = weight.detach()
-        layer = self.layer_class(self.in_features, self.out_features, False, self.config,
+        config = self.config
+        if config.needs_calibration and calibration.get("hessian", None) is None:
+            fallback = getattr(config, "without_calibration", None)
+            if fallback is None:
+                raise ValueError(f"{name}: format {config.format!r} needs calibration and has no round-to-nearest "
+                                 "fallback for an expert without calibration inputs")
+            config, calibration = fallback(), {}
+            if layer_class_for(config) is not self.layer_class:
+                raise ValueError(f"{name}: the fallback {config.format!r} of {self.config.format!r} is stored by "
+                                 f"{layer_class_for(config).__name__}, not {self.layer_class.__name__}")
+        layer = self.layer_class(self.in_features, self.out_features, False, config,
                                  compute_dtype=self.compute_dtype, device=w.device)
-        layer.quantize_(w, name=name)
+        layer.quantize_(w, name=name, **calibration)
         for n in self._buffer_names:
             src, dst = layer._buffers[n], self._buffers[n]
             if (src is None) != (dst is None) or (src is not None and (src.shape != dst.shape[1:]
@@ -262,21 +299,29 @@ class QuantExperts(nn.Module):
         self.num_experts = self._modules[weight_names[1]].num_experts
 
     @classmethod
-    def from_float(cls, experts: nn.Module, config: QuantConfig, *, name: str = "") -> "QuantExperts":
+    def from_float(cls, experts: nn.Module, config: QuantConfig, *, name: str = "",
+                   hessians: dict[str, list] | None = None) -> "QuantExperts":
         """Quantize a float fused experts module into a new :class:`QuantExperts` (``experts`` is left untouched).
 
+        Args:
+            hessians: formats that need calibration (GPTQ): ``{weight name: [one Hessian or None per expert]}``
+                (see :meth:`QuantExpertStack.quantize_`; :func:`qtune.calibration.gptq_quantize_model` builds
+                them from the tokens the model's router sends to each expert).
         Raises:
             TypeError: not a fused experts module, or it has other 3-D parameters.
-            ValueError: the format needs calibration (GPTQ); non-finite weights (naming ``<name>.<param>[e]``).
+            ValueError: the format needs calibration (GPTQ) and no ``hessians`` are given; non-finite weights
+                (naming ``<name>.<param>[e]``).
         """
         name = name or type(experts).__name__
-        if config.needs_calibration:
-            raise ValueError(f"{name}: format {config.format!r} needs calibration, which qtune does not do for fused "
-                             "experts yet; use a format without calibration (e.g. rtn, nf4, int8), or skip the "
-                             "experts (skip_modules=['experts'])")
+        if config.needs_calibration and hessians is None:
+            raise ValueError(f"{name}: format {config.format!r} needs calibration: quantize the model with "
+                             "qtune.calibration.gptq_quantize_model (per-expert Hessians from the router's routing), "
+                             "use a format without calibration (e.g. rtn, nf4, int8), or skip the experts "
+                             "(skip_modules=['experts'])")
         new = cls(experts, config, name=name)
         for n in new.weight_names:
-            new._modules[n].quantize_(experts._parameters[n], name=f"{name}.{n}")
+            new._modules[n].quantize_(experts._parameters[n], name=f"{name}.{n}",
+                                      hessians=None if hessians is None else hessians[n])
         return new
 
     def _apply_gate(self, gate_up: Tensor) -> Tensor:
@@ -308,15 +353,22 @@ class QuantExperts(nn.Module):
                 y = y + ((xa @ a[e].t()) @ b[e].t() * s).to(y.dtype)
             return y
 
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
+        tokens, top_k = top_k_index.shape
+        with torch.no_grad():  # the routing, sorted by expert once: slot (t, j) is row t·k + j of the flat order
             ids = top_k_index.reshape(-1)
-            hit = torch.unique(ids[(ids >= 0) & (ids < self.num_experts)]).tolist()
+            ids = torch.where((ids >= 0) & (ids < self.num_experts), ids, self.num_experts)  # sentinels sort last
+            order = torch.argsort(ids, stable=True)
+            counts = torch.bincount(ids, minlength=self.num_experts + 1)[:self.num_experts].tolist()
+            routed = order[:sum(counts)]  # the routed slots, grouped by expert (ascending), tokens ascending
         up_bias = getattr(self, up_name + "_bias", None) if self.has_bias else None
         down_bias = getattr(self, down_name + "_bias", None) if self.has_bias else None
-        for e in hit:
-            token_idx, slot = torch.where(top_k_index == e)
-            h = linear(up_name, up, e, hidden_states[token_idx])
+        x = hidden_states[routed // top_k]  # [routed slots, H], one gather (its backward: one accumulate)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:  # an expert without tokens is never touched (nor dequantized)
+                continue
+            h = linear(up_name, up, e, x[start:start + n])
+            start += n
             if up_bias is not None:
                 h = h + up_bias[e]
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
@@ -325,9 +377,13 @@ class QuantExperts(nn.Module):
                 h = h + down_bias[e]
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
-            h = h * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, h.to(out.dtype))
-        return out
+            outs.append(h)
+        if not outs:
+            return torch.zeros_like(hidden_states)
+        h = torch.cat(outs) * top_k_weights.reshape(-1)[routed, None]
+        # each slot written once (no accumulation, no atomics), then the top-k slots of a token summed
+        slots = h.new_zeros(tokens * top_k, h.shape[-1]).index_copy(0, routed, h)
+        return slots.view(tokens, top_k, -1).sum(1).to(hidden_states.dtype)
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A float module of the original class holding the dequantized weights (and this module's biases,

@@ -41,10 +41,15 @@ class LayerReport:
 
 @dataclasses.dataclass
 class QuantizationReport:
-    """Bytes before/after for each replaced layer, and totals over the replaced layers."""
+    """Bytes before/after for each replaced layer, and totals over the replaced layers.
+
+    ``expert_fallbacks``: experts that GPTQ quantized round-to-nearest because the router sent them too few
+    calibration tokens (:class:`qtune.calibration.ExpertFallback`: module, expert, tokens).
+    """
 
     layers: list[LayerReport] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    expert_fallbacks: list = dataclasses.field(default_factory=list)
 
     @property
     def bytes_before(self) -> int:
@@ -60,9 +65,13 @@ class QuantizationReport:
         return 8.0 * self.bytes_after / params if params else 0.0
 
     def summary(self) -> str:
-        return (f"{len(self.layers)} layers quantized, {len(self.skipped)} skipped: "
+        text = (f"{len(self.layers)} layers quantized, {len(self.skipped)} skipped: "
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
                 f"({self.bits_per_param:.2f} bits/param)")
+        if self.expert_fallbacks:
+            text += (f"\n{len(self.expert_fallbacks)} experts got too few calibration tokens for GPTQ and were "
+                     "quantized round-to-nearest: " + ", ".join(map(str, self.expert_fallbacks)))
+        return text
 
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

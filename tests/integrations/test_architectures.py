@@ -167,7 +167,7 @@ def test_nf4_end_to_end(arch, family_dir, tmp_path):
 OTHER_FORMATS = [
     ("int8", "llama"), ("int8", "gpt2"), ("int8", "phi3"), ("int8", "mixtral"), ("int8", "deepseek_v3"),
     ("rtn", "qwen2"), ("rtn", "falcon"), ("rtn", "gpt_oss"), ("rtn", "qwen3_moe"),
-    ("gptq", "llama"), ("gptq", "gpt2"), ("gptq", "gemma2"),
+    ("gptq", "llama"), ("gptq", "gpt2"), ("gptq", "gemma2"), ("gptq", "mixtral"), ("gptq", "qwen3_moe"),
 ]
 
 
@@ -196,37 +196,6 @@ def test_other_formats(fmt, arch, family_dir, tmp_path):
     assert torch.equal(logits(r, ids), ref)
     losses = qlora_steps(r, steps=3)
     assert losses[-1] < losses[0], losses
-
-
-# Expected refusals: (format, family) -> (the error qtune raises, naming the module; why)
-REFUSED = {
-    ("gptq", "mixtral"): (r"model\.layers\.0\.mlp\.experts: GPTQ calibration of fused experts is not implemented",
-                          "GPTQ Hessians per expert need router-aware calibration (issue 14, build item 3)"),
-}
-
-
-@pytest.mark.parametrize("fmt,arch", list(REFUSED), ids=[f"{f}-{a}" for f, a in REFUSED])
-def test_refused_with_a_clear_error_and_the_workaround_works(fmt, arch, family_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from qtune.calibration import gptq_quantize_model
-    from qtune.formats import RTNConfig
-
-    calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(5))
-    q = AutoModelForCausalLM.from_pretrained(family_dir(arch), dtype=torch.float32).eval()
-    with pytest.raises(ValueError, match=REFUSED[fmt, arch][0]):
-        gptq_quantize_model(q, calibration, GPTQConfig(bits=4, group_size=32), progress=False)
-    # the error's own advice: GPTQ on the linear layers, RTN on the experts
-    q = AutoModelForCausalLM.from_pretrained(family_dir(arch), dtype=torch.float32).eval()
-    gptq_quantize_model(q, calibration, GPTQConfig(bits=4, group_size=32),
-                        overrides={"experts": RTNConfig(bits=4, group_size=32)}, progress=False)
-    mark_quantized(q)
-    assert_covered(q)
-    assert {m.quant_config.format for m in q.modules() if isinstance(m, QuantExperts)} == {"rtn"}
-    assert {m.config.format for m in q.modules() if isinstance(m, QuantLinear)} == {"gptq"}
-    ids = tokens(length=12)
-    r = load_model(save_quantized(q, tmp_path / "q")).eval()
-    assert torch.equal(logits(r, ids), logits(q, ids))
 
 
 def test_coverage_check_names_a_float_weight(family_dir, tmp_path, capsys):

@@ -187,6 +187,18 @@ def test_reload_rejects_expert_tensors_that_disagree_with_the_config(moe_dir, tm
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"key 'model\.layers\.1\.mlp\.experts\.down_proj\.absmax' has shape"):
         load_model(out)
+    sd = load_file(str(out / "model.safetensors"))  # one expert fewer in the packed gate_up_proj than the config
+    sd["model.layers.1.mlp.experts.down_proj.absmax"] = sd["model.layers.0.mlp.experts.down_proj.absmax"].clone()
+    key = "model.layers.1.mlp.experts.gate_up_proj.weight"
+    shape = list(sd[key].shape)
+    sd[key] = sd[key][:-1].contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        load_model(out)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{out / 'model.safetensors'}: key '{key}' has shape "
+                                                      f"{[shape[0] - 1, *shape[1:]]}")
+    assert f"layer model.layers.1.mlp.experts" in message and f"expects {shape}" in message
 
 
 def test_quantize_model_then_save_writes_the_experts_into_the_layers_map(moe_dir, tmp_path):
@@ -329,9 +341,12 @@ def test_requantize_merged_experts_and_layouts_that_cannot_store_them(moe_dir, t
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
     err = {e.name: e for e in errors}["model.layers.0.mlp.experts"]
     assert err.format == "nf4" and 0.0 < err.rel_weight < 0.2 and err.rel_delta is None
-    with pytest.raises(ValueError, match="model.layers.0.mlp.experts: GPTQ calibration of fused experts"):
-        requantize_model(float_model(moe_dir), names, GPTQConfig(bits=4, group_size=32),
-                         calibration=torch.zeros(1, 8, dtype=torch.long))
+    gptq_model = float_model(moe_dir)  # GPTQ per expert (tests/integrations/test_moe_gptq.py)
+    errors = requantize_model(gptq_model, names, GPTQConfig(bits=4, group_size=32),
+                              calibration=tokens(batch=4, length=32, seed=3))
+    assert isinstance(gptq_model.model.layers[0].mlp.experts, QuantExperts)
+    err = {e.name: e for e in errors}["model.layers.0.mlp.experts"]
+    assert err.format == "gptq" and 0.0 < err.rel_weight < 0.3
     with pytest.raises(ValueError, match="model.layers.0.mlp.experts: the bnb layout cannot store quantized fused"):
         save_quantized(model, tmp_path / "bnb", layout="bnb")
     assert not (tmp_path / "bnb").exists()
@@ -339,7 +354,8 @@ def test_requantize_merged_experts_and_layouts_that_cannot_store_them(moe_dir, t
 
 def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(tmp_path, caplog):
     """transformers skips its own shape check for tensors a quantizer claims; QuantExpertStack checks the merged
-    stack. transformers then stops with its conversion report, which carries qtune's one-line reason."""
+    stack. transformers then stops with a generic RuntimeError and its conversion report; qtune.load_model raises
+    qtune's reason instead, as one line naming the folder, the tensor and both shapes."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -354,9 +370,58 @@ def test_quantize_on_load_refuses_expert_tensors_that_disagree_with_the_config(t
 
     hf_logging.enable_propagation()
     try:
-        with pytest.raises((RuntimeError, ValueError)):
+        with pytest.raises(ValueError) as info:
             load_model(tmp_path, QTuneConfig("nf4"))
     finally:
         hf_logging.disable_propagation()
-    err = caplog.text
-    assert f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected ({E}, {H}, {I})" in err
+    reason = (f"model.layers.1.mlp.experts.down_proj: expert weights have shape ({E}, {H}, {I - 2}), expected "
+              f"({E}, {H}, {I})")
+    assert str(info.value) == f"{tmp_path}: {reason}"
+    assert reason in caplog.text  # and transformers' own report still carries it
+    from qtune.integrations.transformers import CONVERSION_ERRORS
+
+    assert CONVERSION_ERRORS == []  # nothing left over for the next load
+
+
+def test_plan_and_inspect_report_total_and_active_parameters_by_hand(tmp_path, capsys):
+    """Qwen3-MoE, 2 layers, E=4 experts of intermediate I=96, top-2, hidden 64, 4 query heads and 2 KV heads of
+    16, vocab 128, untied head: the counts written out term by term."""
+    from qtune.cli.main import main
+    from qtune.plan import plan_recipe
+    from qtune.train.recipe import validate
+
+    moe_config("qwen3_moe").save_pretrained(tmp_path)  # the config is all `qtune plan` reads
+    embed = head = 128 * H
+    attention = H * 64 + 2 * (H * 32) + 64 * H + 2 * 16  # q, k, v, o, q_norm and k_norm (head_dim 16)
+    norms, router = 2 * H, E * H
+    experts = E * (2 * I * H) + E * (H * I)  # gate_up_proj [E, 2I, H] + down_proj [E, H, I]
+    total = embed + head + H + 2 * (attention + norms + router + experts)
+    active = total - 2 * experts + 2 * experts * 2 // E  # top-2 of 4 experts
+    assert (total, active) == (189_312, 115_584)
+    recipe = validate({"model": {"path": str(tmp_path), "dtype": "float32"}, "quantization": {"format": "nf4"},
+                       "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+                       "dataset": {"train": {"source": "x.txt"}}, "output": {"dir": "unused"}})
+    plan = plan_recipe(recipe)
+    assert (plan.total_params, plan.active_params) == (total, active)
+    assert f"parameters          {total:,} total, {active:,} active per token (routed experts)" in plan.report()
+    assert plan.to_dict()["active_params"] == active
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("qwen3_moe")).save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model"), "--format", "nf4"]) == 0
+    assert f"parameters: {total:,} total, {active:,} active per token" in capsys.readouterr().out
+
+
+def test_experts_per_token_under_the_names_transformers_configs_use():
+    import transformers as tf
+
+    from qtune.inspection import experts_per_token
+
+    assert experts_per_token(tf.MixtralConfig(num_experts_per_tok=3)) == 3
+    assert experts_per_token(tf.Ernie4_5_MoeConfig(moe_k=5)) == 5  # attribute_map num_experts_per_tok -> moe_k
+    assert experts_per_token(tf.AriaTextConfig(moe_topk=4)) == 4  # moe_topk, no alias
+    assert experts_per_token(tf.HunYuanMoEV1Config(moe_topk=[2, 2, 2])) == 2  # one per layer, all equal
+    assert experts_per_token(tf.HunYuanMoEV1Config(moe_topk=[1, 2])) is None  # they differ: no single top-k
+    assert experts_per_token(tf.DbrxConfig(ffn_config={"moe_top_k": 6})) == 6  # nested ffn_config
+    assert experts_per_token(tf.LlamaConfig()) is None

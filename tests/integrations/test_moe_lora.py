@@ -186,6 +186,23 @@ def test_bad_target_parameter_is_named(moe_dir):
         qtune.get_peft_model(q, lora_config(lora_dropout=0.1))
 
 
+def test_adapter_whose_target_parameters_the_model_lacks_is_refused_by_name(moe_dir, tmp_path):
+    """peft alone would warn and load the adapter without that weight's LoRA; qtune.load_adapter refuses it,
+    naming the file and the parameter, on the base model and on a PeftModel."""
+    q = load_model(moe_dir, QTuneConfig(**NF4_DQ))
+    pm = qtune.get_peft_model(q, lora_config())
+    pm.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["target_parameters"] = [*cfg["target_parameters"], "model.layers.7.mlp.experts.down_proj"]
+    path.write_text(json.dumps(cfg))
+    for base in (load_model(moe_dir, QTuneConfig(**NF4_DQ)), pm):
+        with pytest.raises(ValueError) as info:
+            qtune.load_adapter(base, str(tmp_path / "adapter"), adapter_name="again")
+        assert str(info.value).startswith(f"{path}: target_parameters: 'model.layers.7.mlp.experts.down_proj' names "
+                                          "no parameter of the model")
+
+
 def test_trainer_trains_expert_adapters(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig

@@ -130,7 +130,20 @@ def test_per_expert_tensors_are_the_formats_quantization_of_each_slice(family, f
     assert q.quantized_bytes() == per_layer_bytes  # E quantized layers' bytes, nothing more
 
 
-@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+#: transformers' experts implementations that run on CPU (its registry also holds CUDA-only kernels)
+IMPLS = ("eager", "batched_mm", "grouped_mm")
+CUDA_ONLY_IMPLS = {"deepgemm", "sonicmoe"}
+
+
+def test_every_cpu_experts_implementation_of_transformers_is_compared():
+    """A new implementation in transformers' registry fails here until it is added to IMPLS (or, when it needs
+    CUDA, to CUDA_ONLY_IMPLS)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert set(ALL_EXPERTS_FUNCTIONS) | {"eager"} == set(IMPLS) | CUDA_ONLY_IMPLS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_and_input_gradient_equal_the_familys_experts_on_dequantized_weights(family, impl):
     m = make_experts(family)
@@ -155,6 +168,39 @@ def test_other_formats_forward(fmt):
     q = QuantExperts.from_float(m, CONFIGS[fmt], name="experts")
     ref = dense_twin(q, m, "eager")
     x, idx, w = routing()
+    torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("desc_act", [False, True], ids=["g_idx_trivial", "act_order"])
+def test_gptq_experts_per_expert_hessians_and_fallback(desc_act, impl):
+    """GPTQ stacks: each expert quantized with its own Hessian (act-order: its own g_idx), expert 2 without one
+    (round-to-nearest on the same grid); the forward equals the family's experts on the dequantized weights."""
+    from qtune.formats import GPTQConfig
+    from qtune.formats import gptq as gptq_fmt
+
+    cfg = GPTQConfig(bits=4, group_size=16, desc_act=desc_act)
+    m = make_experts("qwen3_moe")
+    g = torch.Generator().manual_seed(3)
+    hessians = {}
+    for n in ("gate_up_proj", "down_proj"):
+        k = getattr(m, n).shape[2]
+        hs = []
+        for e in range(E):
+            h = gptq_fmt.GPTQHessian(k)
+            h.add_batch(torch.randn(64, k, generator=g) * torch.linspace(0.1, 3, k))
+            hs.append(None if e == 2 else h)
+        hessians[n] = hs
+    q = QuantExperts.from_float(m, cfg, name="experts", hessians=hessians)
+    for n in ("gate_up_proj", "down_proj"):
+        stack, w = q._modules[n], getattr(m, n).detach()
+        for e in range(E):
+            t = (gptq_fmt.quantize_rtn(w[e], cfg.without_calibration()) if e == 2
+                 else gptq_fmt.gptq_quantize(w[e], hessians[n][e], cfg))
+            assert torch.equal(stack.qweight[e], t.qweight) and torch.equal(stack.g_idx[e], t.g_idx), (n, e)
+        assert desc_act is any(not torch.equal(stack.g_idx[e], stack.g_idx[2]) for e in range(E))
+    ref = dense_twin(q, m, impl)
+    x, idx, w = routing(skip=())
     torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-5)
 
 

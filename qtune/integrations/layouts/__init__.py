@@ -67,7 +67,17 @@ def load_model(path: str | Path, config: Any = None, *, dtype: Any = "auto", dev
         if config is None:
             raise ValueError(f"{path / 'config.json'}: the model is not quantized; pass config= (e.g. "
                              "QTuneConfig(format='nf4')) to quantize it while loading")
-        return auto_class.from_pretrained(path, quantization_config=as_qtune_config(config), dtype=dtype, **common)
+        from ..transformers import CONVERSION_ERRORS
+
+        CONVERSION_ERRORS.clear()
+        try:
+            return auto_class.from_pretrained(path, quantization_config=as_qtune_config(config), dtype=dtype, **common)
+        except RuntimeError:
+            if CONVERSION_ERRORS:  # transformers' generic conversion error: qtune's reason, one line, naming the tensor
+                raise ValueError(f"{path}: {CONVERSION_ERRORS[0]}") from None
+            raise
+        finally:
+            CONVERSION_ERRORS.clear()
     if not isinstance(qc, dict):
         raise ValueError(f"{path / 'config.json'}: quantization_config must be a JSON object")
     if config is not None:
