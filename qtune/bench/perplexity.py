@@ -151,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune gptq-4 g128 asym act-order", gptq("gptq:bits=4,group_size=128,sym=false,desc_act=true"),
          model_bits_per_param, True),
         ("qtune gptq-4 g128 act-order", gptq("gptq:bits=4,group_size=128,desc_act=true"), model_bits_per_param, True),
+        # the orderings that keep g_idx = k // group_size (kernels need no gather)
+        ("qtune gptq-4 g128 group-aware", gptq("gptq:bits=4,group_size=128,act_group_aware=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-4 g128 act-order static", gptq("gptq:bits=4,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-4 g128 no-order", gptq("gptq:bits=4,group_size=128,desc_act=false,act_group_aware=false"),
+         model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 act-order", gptq("gptq:bits=3,group_size=128,desc_act=true"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 group-aware", gptq("gptq:bits=3,group_size=128,act_group_aware=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-3 g128 act-order static", gptq("gptq:bits=3,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
     ]
     if args.skip_gptq:

@@ -57,6 +57,7 @@ activation-heavy ones are quantized while the most freedom is left to compensate
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import ClassVar
 
@@ -707,33 +708,63 @@ def _solve_blocked(Wt: torch.Tensor, Hinv: torch.Tensor, scales: torch.Tensor, z
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         E = err[: i2 - i1]
-        for j in range(i1, i2):
-            if not cfg.static_groups and j % gs == 0:
-                # the group's current values: rows of this batch are up to date; rows past the batch have not
-                # yet received this batch's lazy update, so it is applied to the slice here
-                end = min(j + gs, k)
-                cur = Wt[j:min(end, i2)]
-                if end > i2:
-                    rest = torch.addmm(Wt[i2:end], Hinv[i1:j, i2:end].T, E[: j - i1], alpha=-1)
-                    cur = torch.cat([cur, rest])
-                g = col_group[j]
-                scales[g], zeros[g] = _group_params(cur.amin(0), cur.amax(0), bits, cfg.sym, scale_dtype, name)
-            g = col_group[j]
-            s, z = scales[g], zeros[g]
-            w = Wt[j]
-            q = codes[j]
-            torch.div(w, s, out=q)
-            q.round_().add_(z).clamp_(0, maxq)
-            e = E[j - i1]
-            torch.sub(q, z, out=e)
-            e.mul_(s)
-            torch.sub(w, e, out=e)
-            e.div_(diag[j])
-            if j + 1 < i2:
-                Wt[j + 1:i2].addr_(Hinv[j, j + 1:i2], e, alpha=-1)
+        _solve_batch(Wt, Hinv, scales, zeros, col_group, codes, E, diag, i1, i2, cfg, scale_dtype, name)
         if i2 < k:
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1)
     return codes
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run a CPU solve on one intra-op thread.
+
+    Most ops of the solve touch one row of ``N`` floats: too little work to share, so a second thread only adds an
+    OpenMP barrier per op; on a loaded machine (threads descheduled) those barriers made the column loop 10-50×
+    slower, and LAPACK's ``cholesky_inverse`` of a 576×576 Hessian took 0.7 s on two threads against 0.02 s on
+    one. The calibration's forwards and Hessians, the large matmuls, keep every thread.
+    """
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _solve_batch(Wt: torch.Tensor, Hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, col_group: list[int],
+                 codes: torch.Tensor, E: torch.Tensor, diag: list[float], i1: int, i2: int, cfg: GPTQConfig,
+                 scale_dtype: torch.dtype, name: str) -> None:
+    """Columns ``[i1, i2)`` of :func:`_solve_blocked`: codes into ``codes[i1:i2]``, scaled errors into ``E``."""
+    k = Wt.shape[0]
+    bits, maxq = cfg.bits, 2**cfg.bits - 1
+    gs = k if cfg.group_size == -1 else cfg.group_size
+    for j in range(i1, i2):
+        if not cfg.static_groups and j % gs == 0:
+            # the group's current values: rows of this batch are up to date; rows past the batch have not
+            # yet received this batch's lazy update, so it is applied to the slice here
+            end = min(j + gs, k)
+            cur = Wt[j:min(end, i2)]
+            if end > i2:
+                rest = torch.addmm(Wt[i2:end], Hinv[i1:j, i2:end].T, E[: j - i1], alpha=-1)
+                cur = torch.cat([cur, rest])
+            g = col_group[j]
+            scales[g], zeros[g] = _group_params(cur.amin(0), cur.amax(0), bits, cfg.sym, scale_dtype, name)
+        g = col_group[j]
+        s, z = scales[g], zeros[g]
+        w = Wt[j]
+        q = codes[j]
+        torch.div(w, s, out=q)
+        q.round_().add_(z).clamp_(0, maxq)
+        e = E[j - i1]
+        torch.sub(q, z, out=e)
+        e.mul_(s)
+        torch.sub(w, e, out=e)
+        e.div_(diag[j])
+        if j + 1 < i2:
+            Wt[j + 1:i2].addr_(Hinv[j, j + 1:i2], e, alpha=-1)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg: GPTQConfig, name: str = "weight",
@@ -777,6 +808,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"{name}: hessian has shape {tuple(hessian.shape)}, expected [{k}, {k}] for weight "
                          f"of shape {tuple(weight.shape)}")
+    with _one_cpu_thread(device):
+        return _gptq_solve(weight, hessian, cfg, name, scale_dtype)
+
+
+def _gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig, name: str,
+                scale_dtype: torch.dtype) -> GPTQTensors:
+    """:func:`gptq_quantize` once its arguments are checked: ``weight`` ``[N, K]``, ``hessian`` ``[K, K]``."""
+    n, k = weight.shape
+    device = weight.device
     H = hessian.to(device=device, dtype=torch.float32, copy=True)
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"{name}: hessian holds NaN/Inf")
