@@ -503,31 +503,34 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
                 set_submodule(block, n, _Dequantized(layer))
             times.add("solve", t)
 
-        for n in names:
-            if n not in calibrated:
-                quantize(n, None)
-        if calibrated:
-            if true_sequential:  # each group calibrated on the outputs of the already-quantized ones
-                # groups of layers that read one tensor, in execution order
-                for group in _groups_in_order(block, calibrated, inputs[0], device):
+        try:
+            for n in names:
+                if n not in calibrated:
+                    quantize(n, None)
+            if calibrated:
+                if true_sequential:  # each group calibrated on the outputs of the already-quantized ones
+                    # groups of layers that read one tensor, in execution order
+                    for group in _groups_in_order(block, calibrated, inputs[0], device):
+                        t = times.now()
+                        hessians = _shared_hessians(block, group, inputs, device, times)
+                        times.add("forwards", t)
+                        for n in group:
+                            quantize(n, hessians.pop(n))
+                else:
                     t = times.now()
-                    hessians = _shared_hessians(block, group, inputs, device, times)
+                    hessians = _hessians_from(block, calibrated, lambda: _run_block(block, inputs, device, storage),
+                                              device)
                     times.add("forwards", t)
-                    for n in group:
+                    for n in calibrated:
                         quantize(n, hessians.pop(n))
-            else:
-                t = times.now()
-                hessians = _hessians_from(block, calibrated, lambda: _run_block(block, inputs, device, storage), device)
-                times.add("forwards", t)
-                for n in calibrated:
-                    quantize(n, hessians.pop(n))
-        t = times.now()
-        outputs = _run_block(block, inputs, device, storage)
-        times.add("forwards", t)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
-        for n, layer in quantized.items():
-            set_submodule(block, n, layer)
-        _move_block(block, home)
+            t = times.now()
+            outputs = _run_block(block, inputs, device, storage)
+            times.add("forwards", t)
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+        finally:  # also on an error: the quantized layers (not their stand-ins) go back, the block goes home
+            for n, layer in quantized.items():
+                set_submodule(block, n, layer)
+            _move_block(block, home)
         if progress:
             parts = {k: times.seconds.get(k, 0.0) for k in ("forwards", "hessians", "solve")}
             parts["forwards"] -= parts["hessians"]  # the Hessians are measured inside the forwards' hooks

@@ -5,8 +5,8 @@ see ``tests/integrations/gptqmodel_worker.py``), so it never runs in qtune's pro
 
 Usage: ``python -m qtune.bench.gptqmodel_worker JOB.pt RESULT.json`` where ``JOB.pt`` (``torch.save``) holds
 ``{"float": str (model folder), "out": str (folder to save to, or ""), "dtype": str ("float32"...), "bits": int,
-"group_size": int, "sym": bool, "batch_size": int, "calibration": int64 [S, L], "quantize_config": dict (extra QuantizeConfig
-fields)}``. ``RESULT.json`` gets ``{"quantize_s": float, "load_s": float, "gptqmodel": version,
+"group_size": int, "sym": bool, "batch_size": int, "calibration": int64 [S, L],
+"quantize_config": dict (extra QuantizeConfig fields)}``. ``RESULT.json`` gets ``{"quantize_s": float, "load_s": float, "gptqmodel": version,
 "quantize_config": {...}}``: ``quantize_s`` times ``model.quantize`` alone (calibration capture, Hessians,
 solve and packing; not the load or the save).
 """
