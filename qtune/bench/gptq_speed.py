@@ -70,7 +70,7 @@ def time_gptqmodel(path: Path, windows: torch.Tensor, batch_size: int, gptqmodel
                          "defuser==0.0.28 threadpoolctl==3.8.0, or pass --skip-gptqmodel")
     with tempfile.TemporaryDirectory(prefix="qtune-gptq-speed-") as tmp:
         job, result = Path(tmp) / "job.pt", Path(tmp) / "result.json"
-        torch.save({"float": str(path), "out": "", "dtype": dtype, "bits": 4, "group_size": 128, "sym": True,
+        torch.save({"float": str(Path(path).resolve()), "out": "", "dtype": dtype, "bits": 4, "group_size": 128, "sym": True,
                     "batch_size": batch_size, "calibration": windows}, job)
         env = dict(os.environ)
         # GPTQModel's folder only: the repository root would put qtune's kernels/ where Hugging Face's `kernels` goes
@@ -78,7 +78,8 @@ def time_gptqmodel(path: Path, windows: torch.Tensor, batch_size: int, gptqmodel
         load = load_average()
         start = time.perf_counter()
         worker = Path(__file__).with_name("gptqmodel_worker.py")
-        proc = subprocess.run([sys.executable, str(worker), str(job), str(result)], env=env)
+        # in the temporary folder: GPTQModel writes a logs/ folder into its working directory
+        proc = subprocess.run([sys.executable, str(worker), str(job), str(result)], env=env, cwd=tmp)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"GPTQModel's worker failed with exit status {proc.returncode} (output above)")
