@@ -79,7 +79,8 @@ def time_gptqmodel(path: Path, windows: torch.Tensor, batch_size: int, gptqmodel
         start = time.perf_counter()
         worker = Path(__file__).with_name("gptqmodel_worker.py")
         # in the temporary folder: GPTQModel writes a logs/ folder into its working directory
-        proc = subprocess.run([sys.executable, str(worker), str(job), str(result)], env=env, cwd=tmp)
+        # -P: the script's folder (qtune/bench, which holds a kernels.py) is not put on sys.path either
+        proc = subprocess.run([sys.executable, "-P", str(worker), str(job), str(result)], env=env, cwd=tmp)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"GPTQModel's worker failed with exit status {proc.returncode} (output above)")
