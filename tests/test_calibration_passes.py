@@ -1,6 +1,7 @@
-"""The calibration passes of sequential GPTQ: one Hessian per shared input, forwards cut short.
+"""The calibration passes of sequential GPTQ: one Hessian per shared input, forwards cut short, quantized
+layers read through dequantized stand-ins while their block is calibrated.
 
-Both are speed-ups that must not change a single bit of the result: the reference below is the
+All are speed-ups that must not change a single bit of the result: the reference below is the
 straightforward driver (one Hessian per layer over full block forwards).
 """
 from __future__ import annotations
@@ -61,16 +62,18 @@ def test_forwards_stop_after_the_groups_last_layer():
 
 
 def _reference_gptq_model(model, ids, cfg):
-    """The driver before the speed-ups: per-layer Hessians, full block forwards per group."""
-    original = calibration._shared_hessians
+    """The driver before the speed-ups: per-layer Hessians, full block forwards per group, and the quantized
+    layers' own forwards (no dequantized stand-ins)."""
+    original, stand_in = calibration._shared_hessians, calibration._Dequantized
 
-    def per_layer(block, group, inputs, device):
+    def per_layer(block, group, inputs, device, times=None):
         return _hessians_from(block, group, lambda: _run_block(block, inputs, device), device)
     calibration._shared_hessians = per_layer
+    calibration._Dequantized = lambda layer: layer
     try:
         return calibration.gptq_quantize_model(model, ids, cfg, progress=False)
     finally:
-        calibration._shared_hessians = original
+        calibration._shared_hessians, calibration._Dequantized = original, stand_in
 
 
 @pytest.mark.parametrize("cfg", [GPTQConfig(bits=4, group_size=16), GPTQConfig(bits=3, group_size=32, desc_act=True)],

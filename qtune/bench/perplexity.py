@@ -2,8 +2,8 @@
 
 ``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 32] [--out FILE]``
 
-Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 g128 (with and
-without act-order), GPTQ-3 g128, GPTQ-8 g128; and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
+Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 and GPTQ-3 g128 (the default
+group-aware order, act-order, act-order with static groups, the natural order), GPTQ-8 g128; and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
 transformers from the same float checkpoint. Each row has bits/parameter (linear layers, lm_head
 excluded), the time to load and quantize (for GPTQ: calibration included) and perplexity on the first ``--tokens``
 tokens of the held-out text in disjoint ``--seq-len`` windows. GPTQ calibrates on ``--samples`` random
@@ -151,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune gptq-4 g128 asym act-order", gptq("gptq:bits=4,group_size=128,sym=false,desc_act=true"),
          model_bits_per_param, True),
         ("qtune gptq-4 g128 act-order", gptq("gptq:bits=4,group_size=128,desc_act=true"), model_bits_per_param, True),
+        # the orderings that keep g_idx = k // group_size (kernels need no gather)
+        ("qtune gptq-4 g128 group-aware", gptq("gptq:bits=4,group_size=128,act_group_aware=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-4 g128 act-order static", gptq("gptq:bits=4,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-4 g128 no-order", gptq("gptq:bits=4,group_size=128,desc_act=false,act_group_aware=false"),
+         model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 act-order", gptq("gptq:bits=3,group_size=128,desc_act=true"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 no-order", gptq("gptq:bits=3,group_size=128,desc_act=false,act_group_aware=false"),
+         model_bits_per_param, True),
+        ("qtune gptq-3 g128 act-order static", gptq("gptq:bits=3,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
     ]
     if args.skip_gptq:

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                                       seed=args.seed)
         gptq_quantize_model(model, windows, qconfig.default_config(), skip_modules=qconfig.skip_modules,
                             overrides=qconfig.override_configs(), batch_size=args.batch_size,
-                            progress=not args.no_progress)
+                            device=args.device, progress=not args.no_progress)
         mark_quantized(model)
     else:
         model = load_model(path, qconfig, dtype=dtype, trust_remote_code=args.trust_remote_code)
@@ -187,6 +187,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     g.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None,
+                   help="where each block is calibrated, one block at a time (default: cuda when available, else cpu); "
+                        "the model stays on the CPU")
     g = p.add_argument_group("layers")
     g.add_argument("--skip", nargs="*", default=None, metavar="PATTERN",
                    help="modules kept in full precision (default: lm_head and the output embeddings)")

@@ -293,7 +293,7 @@ def test_act_order_helps_with_outlier_features():
     h.add_batch(x)
     errs = {}
     for desc_act, static in [(False, False), (True, False), (True, True)]:
-        cfg = GPTQConfig(bits=4, group_size=64, desc_act=desc_act, static_groups=static)
+        cfg = GPTQConfig(bits=4, group_size=64, desc_act=desc_act, static_groups=static, act_group_aware=False)
         errs[desc_act, static] = _output_error(x, w, gptq_quantize(w, h, cfg))
     base = errs[False, False]
     # measured with these seeds: 0.0493 in input order, 0.0239 with act-order, 0.0251 with static groups
@@ -301,6 +301,8 @@ def test_act_order_helps_with_outlier_features():
     assert errs[True, False] < 0.6 * base, errs
     assert errs[True, True] < 0.6 * base, errs
     assert errs[True, True] < _output_error(x, w, quantize_rtn(w, RTNConfig(bits=4, group_size=64)))
+    # group-aware order (the default) moves whole groups only: 0.0351 here (0.0375 and 0.0397 with seeds 4/5, 6/7)
+    assert _output_error(x, w, gptq_quantize(w, h, GPTQConfig(bits=4, group_size=64))) < 0.85 * base
 
 
 def test_act_order_g_idx():

@@ -46,7 +46,7 @@ def test_group_aware_equals_natural_gptq_on_the_reordered_problem(bits, k):
     scale/zero that the permuted problem fitted at its new position; ``g_idx`` stays ``k // g``."""
     w, h, _ = _layer(k=k)
     g = 16
-    cfg = GPTQConfig(bits=bits, group_size=g)
+    cfg = GPTQConfig(bits=bits, group_size=g, act_group_aware=False)  # the natural order
     perm = group_aware_order(torch.diagonal(h.H), g)
     gar = gptq_quantize(w, h, GPTQConfig(bits=bits, group_size=g, act_group_aware=True))
     ref = gptq_quantize(w[:, perm], h.H[perm][:, perm], cfg)
@@ -69,7 +69,7 @@ def test_identity_order_gives_the_natural_result_bit_for_bit():
     r = torch.randn(k, k, generator=torch.Generator().manual_seed(2))
     h = torch.diag(torch.linspace(3.0, 0.5, k) ** 2) + 0.01 * (r @ r.T) / k  # diagonal strictly descending
     assert torch.equal(group_aware_order(torch.diagonal(h), 16), torch.arange(k))
-    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16))
+    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_group_aware=False))
     b = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_group_aware=True))
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -78,3 +78,7 @@ def test_identity_order_gives_the_natural_result_bit_for_bit():
 def test_config_rejects_a_non_bool():
     with pytest.raises(ValueError, match="act_group_aware"):
         GPTQConfig(act_group_aware="yes")
+
+
+def test_group_aware_is_the_default():
+    assert GPTQConfig().act_group_aware and not GPTQConfig().desc_act

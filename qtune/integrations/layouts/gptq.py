@@ -70,7 +70,7 @@ def translate(headers: Headers, skeleton: nn.Module,
         group_size = int(qc.get("group_size", 128))
         cfg = GPTQConfig(bits=bits, group_size=group_size, desc_act=bool(qc.get("desc_act", False)),
                          sym=bool(qc.get("sym", True)), static_groups=bool(qc.get("static_groups", False)),
-                         compute_dtype=None)
+                         act_group_aware=bool(qc.get("act_group_aware", False)), compute_dtype=None)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"config.json quantization_config: invalid GPTQ settings ({type(e).__name__}: {e})") from None
     state: dict[str, Any] = {}
@@ -147,6 +147,8 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     static = unique({bool(getattr(c, "static_groups", False)) for c in cfgs}, "static_groups")
     damp = unique({float(getattr(c, "damp_percent", 0.01)) for c in cfgs}, "damp_percent")
     true_seq = unique({bool(getattr(c, "true_sequential", True)) for c in cfgs}, "true_sequential")
+    # how the codes were found, not how to read them (g_idx stays k // group_size): recorded as GPTQModel does
+    group_aware = any(getattr(c, "act_group_aware", False) and not getattr(c, "desc_act", False) for c in cfgs)
     if group_size != -1:
         for name, m in layers.items():
             if m.in_features % group_size:
@@ -161,7 +163,8 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16)
     qc = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-          "static_groups": static, "true_sequential": true_seq, "damp_percent": damp,
+          "static_groups": static, "act_group_aware": group_aware, "true_sequential": true_seq,
+          "damp_percent": damp,
           "checkpoint_format": "gptq", "pack_dtype": "int32", "quantizer": [f"qtune:{_version()}"],
           "modules_in_block_to_quantize": None}
     return tensors, qc
