@@ -8,6 +8,8 @@ file                        ops it implements on CUDA
 ``dequant_4bit.py``         ``qtune::dequantize_4bit``  (NF4/FP4, fused double-quant absmax)
 ``dequant_int8.py``         ``qtune::dequantize_int8``  (absmax per row/group, zero-point)
 ``dequant_gptq.py``         ``qtune::dequantize_gptq``  (2/3/4/8-bit, ``g_idx`` act-order)
+``dequant_affine.py``       ``qtune::dequantize_affine``  (2/3/4/8-bit codes, fp16 scale and offset per group;
+                            ``qtune::linear_affine`` is this kernel + cuBLAS)
 ``matmul_4bit.py``          ``qtune::linear_4bit``, ``qtune::linear_4bit_grad_input``
 ``matmul_gptq.py``          ``qtune::linear_gptq``, ``qtune::linear_gptq_grad_input``
 ``matmul_int8.py``          ``qtune::linear_int8``, ``qtune::linear_int8_grad_input``,
@@ -43,6 +45,7 @@ _WRAPPERS = {
     "dequantize_4bit": "dequant_4bit",
     "dequantize_int8": "dequant_int8",
     "dequantize_gptq": "dequant_gptq",
+    "dequantize_affine": "dequant_affine",
     "linear_4bit": "matmul_4bit",
     "linear_4bit_grad_input": "matmul_4bit",
     "linear_gptq": "matmul_gptq",
