@@ -136,5 +136,10 @@ def test_dequantize_affine_small_tiles_and_quantized_layer():
     w = layer.weight_args()
     out = dequantize_affine(*w, torch.float16, config={"BLOCK_N": 16, "BLOCK_K": 64})
     assert_dequant_equal(out, ref_ops.dequantize_affine(*w, torch.float16))
+    # tiles narrower than a group: one scale and offset per row and tile
+    layer = LinearAffine.from_float(torch.nn.Linear(200, 37), AffineConfig(bits=4, group_size=128))
+    w = layer.weight_args()
+    out = dequantize_affine(*w, torch.float32, config={"BLOCK_N": 16, "BLOCK_K": 32})
+    assert_dequant_equal(out, ref_ops.dequantize_affine(*w, torch.float32))
     with pytest.raises(ValueError, match="scale"):
-        dequantize_affine(w[0], w[1][:, :3], w[2], *w[3:], torch.float32)
+        dequantize_affine(w[0], w[1][:, :1], w[2], *w[3:], torch.float32)
