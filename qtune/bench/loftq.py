@@ -12,6 +12,10 @@ initialisation: the step-0 loss), the last one, the held-out perplexity before t
 model: for LoftQ the re-quantized base with its adapter) and after, and the run's wall time. Both
 initialisations of a format see the same batches (same seed).
 
+``--steps 0`` trains nothing: each row is the initialised model (base quantized, adapter attached, LoftQ applied
+or not), its mean token loss on the first ``--train-tokens`` tokens of the training text in ``training.max_length``
+windows (the step-0 loss) and its held-out perplexity; no trainer is built.
+
 Results: ``bench/results/loftq.json`` (``--out`` elsewhere).
 """
 from __future__ import annotations
@@ -80,36 +84,78 @@ def run_row(recipe_path: str, spec: str, init: str, iters: int, steps: int, work
     return row
 
 
+def init_row(recipe_path: str, spec: str, init: str, iters: int, workdir: Path, overrides: list[str],
+             train_tokens: int) -> dict[str, Any]:
+    """``--steps 0``: the initialised model only, no training: the mean token loss on the first ``train_tokens``
+    tokens of the training text (in ``training.max_length`` windows: the step-0 loss without the trainer's
+    batching) and the held-out perplexity of the recipe's ``dataset.perplexity``."""
+    from ..evaluate import perplexity, tokenize_text
+    from ..train import data
+    from ..train.base_model import load_base
+    from ..train.runner import attach_adapter
+
+    tag = f"{spec.replace(':', '-').replace(',', '-').replace('=', '')}-{init}"
+    recipe = _recipe(recipe_path, spec, init, iters, 1, workdir / tag, overrides)
+    t0 = time.perf_counter()
+    base = load_base(recipe)
+    model, peft_config = attach_adapter(recipe, base.model, base.path)
+    if peft_config is not None:  # the default init: the adapter as trl would attach it (B = 0)
+        from ..integrations.peft import get_peft_model
+        model = get_peft_model(model, peft_config)
+    train_text = data.read_text(recipe.dataset["train"]["source"])
+    ids = tokenize_text(train_text, base.tokenizer, tokens=train_tokens)
+    window = int(recipe.training.get("max_length", 256))
+    loss = perplexity(model, ids, seq_len=window, batch_size=4).nll
+    spec_ppl = recipe.dataset["perplexity"]
+    held = data.perplexity(model, base.tokenizer, data.read_text(spec_ppl["source"]),
+                           max_tokens=spec_ppl["max_tokens"], window=spec_ppl["window"])
+    wall = time.perf_counter() - t0
+    row = {"format": spec, "init": init, "loftq_iters": iters if init == "loftq" else None, "steps": 0,
+           "step0_loss": loss, "train_tokens": ids.numel(), "perplexity_before": held["perplexity"],
+           "perplexity_after": None, "wall_s": round(wall, 1)}
+    print(f"{spec:<32} {init:<8} step-0 loss {loss:.4f}  held-out perplexity {held['perplexity']:.2f}  ({wall:.0f} s)",
+          flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default=DEMO_RECIPE, help=f"recipe YAML (default: the demo, {DEMO_RECIPE})")
     p.add_argument("--format", action="append", dest="formats", metavar="SPEC",
                    help=f"format spec to compare on (repeatable; default {', '.join(FORMATS)})")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20,
+                   help="training steps; 0: no training, the initialised models only (step-0 loss on the first "
+                        "--train-tokens tokens of the training text, held-out perplexity)")
+    p.add_argument("--train-tokens", type=int, default=2048, help="with --steps 0: tokens of the step-0 loss")
     p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ's alternating steps T")
     p.add_argument("--workdir", default="runs/bench-loftq", help="the runs' output folders")
     p.add_argument("--out", help="results file (default bench/results/loftq.json)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="more recipe overrides (after --)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.loftq_iters < 1:
-        raise SystemExit("--steps and --loftq-iters must be >= 1")
+    if args.steps < 0 or args.loftq_iters < 1:
+        raise SystemExit("--steps must be >= 0 and --loftq-iters >= 1")
     formats = args.formats or list(FORMATS)
     workdir = Path(args.workdir)
     load_start = load_average()
     rows = []
     for spec in formats:
         for init in ("default", "loftq"):
-            rows.append(run_row(args.recipe, spec, init, args.loftq_iters, args.steps, workdir, args.overrides))
+            if args.steps == 0:
+                rows.append(init_row(args.recipe, spec, init, args.loftq_iters, workdir, args.overrides,
+                                     args.train_tokens))
+            else:
+                rows.append(run_row(args.recipe, spec, init, args.loftq_iters, args.steps, workdir, args.overrides))
     by = {(r["format"], r["init"]): r for r in rows}
     ratios = {spec: {"step0_loss": by[(spec, "loftq")]["step0_loss"] / by[(spec, "default")]["step0_loss"],
                      "perplexity_before": by[(spec, "loftq")]["perplexity_before"]
                      / by[(spec, "default")]["perplexity_before"],
-                     "perplexity_after": by[(spec, "loftq")]["perplexity_after"]
-                     / by[(spec, "default")]["perplexity_after"]}
+                     "perplexity_after": (by[(spec, "loftq")]["perplexity_after"]
+                                          / by[(spec, "default")]["perplexity_after"]) if args.steps else None}
               for spec in formats if by[(spec, "loftq")]["perplexity_before"] is not None}
     for spec, r in ratios.items():
-        print(f"{spec}: loftq/default step-0 loss {r['step0_loss']:.3f}, perplexity before {r['perplexity_before']:.3f}, "
-              f"after {r['perplexity_after']:.3f}")
+        after = f", after {r['perplexity_after']:.3f}" if r["perplexity_after"] is not None else ""
+        print(f"{spec}: loftq/default step-0 loss {r['step0_loss']:.3f}, perplexity before "
+              f"{r['perplexity_before']:.3f}{after}")
     results = {"recipe": args.recipe, "steps": args.steps, "loftq_iters": args.loftq_iters, "overrides": args.overrides,
                "rows": rows, "loftq_over_default": ratios, "load_average_start": load_start,
                "load_average_end": load_average()}
