@@ -105,7 +105,8 @@ def init_row(recipe_path: str, spec: str, init: str, iters: int, workdir: Path, 
     train_text = data.read_text(recipe.dataset["train"]["source"])
     ids = tokenize_text(train_text, base.tokenizer, tokens=train_tokens)
     window = int(recipe.training.get("max_length", 256))
-    loss = perplexity(model, ids, seq_len=window, batch_size=4).nll
+    res = perplexity(model, ids, seq_len=window, batch_size=4)
+    loss = res.nll / res.predicted  # mean token loss (the NLL is summed)
     spec_ppl = recipe.dataset["perplexity"]
     held = data.perplexity(model, base.tokenizer, data.read_text(spec_ppl["source"]),
                            max_tokens=spec_ppl["max_tokens"], window=spec_ppl["window"])

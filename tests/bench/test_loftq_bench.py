@@ -43,6 +43,7 @@ def test_loftq_bench_init_rows(tiny_model_dir, tmp_path, one_thread):
     assert [(r["format"], r["init"]) for r in rows] == [("affine:bits=2,group_size=32", "default"),
                                                         ("affine:bits=2,group_size=32", "loftq")]
     for r in rows:
-        assert math.isfinite(r["step0_loss"]) and r["perplexity_before"] > 1 and r["train_tokens"] == 128
+        # a mean token loss: below log(vocab) + a margin for a random tiny model, and positive
+        assert 0 < r["step0_loss"] < math.log(320) + 2 and r["perplexity_before"] > 1 and r["train_tokens"] == 128
     ratio = payload["results"]["loftq_over_default"]["affine:bits=2,group_size=32"]["step0_loss"]
     assert ratio == rows[1]["step0_loss"] / rows[0]["step0_loss"]
