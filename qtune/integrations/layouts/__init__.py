@@ -100,8 +100,8 @@ def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", 
     writer = get_layout(layout)
     from ...nn import QuantLinear
 
-    for name, m in model.named_modules():  # refuse, naming the layer, before anything is written
-        if isinstance(m, QuantLinear) and not writer.can_store(m.config):
+    for name, m in model.named_modules():  # float offsets: refused, naming the layer, before anything is written
+        if isinstance(m, QuantLinear) and getattr(m.config, "float_offset", False) and not writer.can_store(m.config):
             try:
                 writer.check(m.config)
             except ValueError as e:
