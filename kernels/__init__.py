@@ -9,6 +9,8 @@ file                        ops it implements on CUDA
 ``dequant_int8.py``         ``qtune::dequantize_int8``  (absmax per row/group, zero-point)
 ``dequant_gptq.py``         ``qtune::dequantize_gptq``  (2/3/4/8-bit, ``g_idx`` act-order)
 ``dequant_gguf.py``         ``qtune::dequantize_gguf``  (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks)
+``dequant_affine.py``       ``qtune::dequantize_affine``  (2/3/4/8-bit codes, fp16 scale and offset per group;
+                            ``qtune::linear_affine`` is this kernel + cuBLAS)
 ``matmul_4bit.py``          ``qtune::linear_4bit``, ``qtune::linear_4bit_grad_input``
 ``matmul_gptq.py``          ``qtune::linear_gptq``, ``qtune::linear_gptq_grad_input``
 ``matmul_gguf.py``          ``qtune::linear_gguf``, ``qtune::linear_gguf_grad_input`` (every GGUF type)
@@ -46,6 +48,7 @@ _WRAPPERS = {
     "dequantize_int8": "dequant_int8",
     "dequantize_gptq": "dequant_gptq",
     "dequantize_gguf": "dequant_gguf",
+    "dequantize_affine": "dequant_affine",
     "linear_4bit": "matmul_4bit",
     "linear_4bit_grad_input": "matmul_4bit",
     "linear_gptq": "matmul_gptq",

@@ -35,7 +35,7 @@ _PKG = __package__ or "qtune.kernels"
 
 # Scalars that real shapes (4096, 14336, ...) make multiples of 16, so Triton's JIT specializes them
 # that way too (``tt.divisibility``); every pointer is 16-byte aligned (PyTorch allocations are).
-_DIV16 = {"N", "K", "n_elements", "n_bytes", "stride_xm", "stride_ym", "stride_wn", "stride_dym", "stride_dxm",
+_DIV16 = {"N", "K", "W_BYTES", "n_elements", "n_bytes", "stride_xm", "stride_ym", "stride_wn", "stride_dym", "stride_dxm",
           "stride_on", "stride_z", "stride_qm"}
 _FLOAT_ARGS = {"threshold"}
 _LAUNCH = ("num_warps", "num_stages")
@@ -100,8 +100,8 @@ def _jobs(level: str) -> list[Job]:
     first config, in every variant (dtype, bits, double quant, act-order, odd K); "all": "default" plus
     every config of every list at the list's first variant.
     """
-    from . import (dequant_4bit, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf, matmul_gptq,
-                   matmul_int8, matmul_llm_int8)
+    from . import (dequant_4bit, dequant_affine, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf,
+                   matmul_gptq, matmul_int8, matmul_llm_int8)
 
     jobs: list[Job] = []
     main_sets = {"fwd", "bwd", "fwd_decode", "bwd_decode", "gemm", "gemm_decode", "quantize", "dequant"}
@@ -163,6 +163,14 @@ def _jobs(level: str) -> list[Job]:
          _bgguf(t) + (4 if out == f32 else 2), ())
         for t, name in dequant_gguf.TYPES.items() for out in (gguf_out[name],)
     ], fp_fusion=False, matmul=False)
+    def da(out):
+        return {"w_ptr": u8, "scale_ptr": "*fp16", "offset_ptr": "*fp16", "out_ptr": out}
+    add("dequant_affine:_dequant_affine_kernel", "dequant_affine", dequant_affine.CONFIGS, [
+        (f"affine {b}-bit g64 -> fp16", da("*fp16"), dict(BITS=b, GROUP_SIZE=64), b / 8 + 4 / 64 + 2, ())
+        for b in (4, 2, 3, 8)
+    ] + [("affine 4-bit g128 -> bf16", da("*bf16"), dict(BITS=4, GROUP_SIZE=128), 0.5 + 4 / 128 + 2, ()),
+         ("affine 3-bit g32 -> fp32", da("*fp32"), dict(BITS=3, GROUP_SIZE=32), 3 / 8 + 4 / 32 + 4, ())],
+        fp_fusion=False, matmul=False)
 
     def prec(act):
         return "tf32x3" if act == f32 else "tf32"

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from qtune.formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig
+from qtune.formats import AffineConfig, FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig
 from qtune.formats.gguf import GGUFQ4_1Config, GGUFQ5_0Config, GGUFQ8_0Config
 from qtune.formats.gptq import GPTQHessian
 from qtune.nn import layer_class_for
@@ -21,6 +21,7 @@ FORMAT_CONFIGS = {
     "gguf_q4_1": GGUFQ4_1Config(),
     "gguf_q5_0": GGUFQ5_0Config(),
     "gguf_q8_0": GGUFQ8_0Config(),
+    "affine3-g32": AffineConfig(bits=3, group_size=32),
 }
 
 

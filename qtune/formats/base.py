@@ -53,6 +53,9 @@ class QuantConfig:
     - ``format``: the name used in recipes, format specs, ``--format`` and ``quantization_config``;
     - ``bits``: bits per stored weight code (a class attribute or a dataclass field);
     - ``needs_calibration``: quantizing needs calibration activations (GPTQ), so load-time quantization refuses it;
+    - ``float_offset``: each group's offset is a stored float (``W = s·q + m``), not an integer zero point: layouts
+      whose readers know only integer zeros (GPTQ, bitsandbytes) refuse it, and a group-constant update can be
+      folded into the offsets exactly;
     - ``op_family``: the ``qtune::linear_<op_family>`` op family its layer computes with (a property where it
       depends on a field);
     - ``cli_options``: the fields offered as ``qtune quantize`` flags;
@@ -67,6 +70,7 @@ class QuantConfig:
 
     format: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    float_offset: ClassVar[bool] = False
     op_family: ClassVar[str] = ""
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
     spec_aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}

@@ -706,7 +706,8 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", **kwargs: Any):
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, loftq_weights: Any = None,
+                   loftq_iters: int = 1, **kwargs: Any):
     """``peft.get_peft_model`` for a model with qtune layers (and any other model).
 
     Args:
@@ -714,14 +715,28 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         config: a ``peft.LoraConfig``; r, lora_alpha, lora_dropout, use_rslora, use_dora,
             modules_to_save, bias/lora_bias and ``target_modules="all-linear"`` all apply to qtune layers.
         adapter_name: name of the adapter.
+        loftq_weights: LoftQ initialisation (:func:`qtune.integrations.loftq.loftq_init_`) from these float weights
+            (the float checkpoint folder the model was quantized from, ``{layer name: weight}`` or a callable):
+            the quantized layers are re-quantized and the adapter set so that ``deq(Q) + s·BA ≈ W``.
+        loftq_iters: LoftQ's alternating steps.
         kwargs: passed to ``peft.get_peft_model``.
     Returns:
         ``peft.PeftModel`` whose targeted ``QuantLinear`` layers are wrapped in :class:`QuantLoraLinear`.
+    Raises:
+        ValueError: ``init_lora_weights="loftq"`` (peft's LoftQ quantizes with bitsandbytes on CUDA and cannot
+            re-quantize qtune layers: pass ``loftq_weights=`` instead).
     """
+    if getattr(config, "init_lora_weights", True) == "loftq":
+        raise ValueError("LoraConfig(init_lora_weights='loftq') is peft's bitsandbytes LoftQ; for qtune layers pass "
+                         "qtune.get_peft_model(model, config, loftq_weights=<float checkpoint folder>, loftq_iters=T)")
     prepare_lora_config(model, config)
     with _quiet_unmatched_parameters(model, config):
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     _inject_expert_lora(peft_model, config, adapter_name)
+    if loftq_weights is not None:
+        from .loftq import loftq_init_
+
+        loftq_init_(peft_model, loftq_weights, iters=loftq_iters, adapter_name=adapter_name)
     return peft_model
 
 

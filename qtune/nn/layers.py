@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import gguf, gptq, int8, nf4
+from ..formats import affine, gguf, gptq, int8, nf4
+from ..formats.affine import AffineConfig
 from ..formats.gguf import GGUF_CONFIGS, GGUFConfig
 from ..formats.gptq import GPTQConfig, GPTQHessian, RTNConfig
 from ..formats.int8 import Int8Config, LLMInt8Config
@@ -198,6 +199,64 @@ class LinearGGUF(QuantLinear):
 
     def weight_args(self) -> tuple:
         return (self.packed(), self.ggml_type, self.in_features)
+
+
+@register_layer(AffineConfig)
+class LinearAffine(QuantLinear):
+    """Float-offset group layer ``Ŵ = s·q + m`` (see :mod:`qtune.formats.affine`).
+
+    Buffers: ``weight`` uint8 [out_features, ceil(in_features/8)·bits] (packed codes, a little-endian bit stream
+    per row), ``scale`` and ``offset`` fp16 [out_features, ceil(in_features/group_size)].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: AffineConfig, **kw: Any) -> None:
+        super().__init__(in_features, out_features, bias, config, **kw)
+        device = kw.get("device")
+        self.bits = config.bits
+        self.group_size = config.group_size
+        n, g = self.out_features, affine.n_groups(self.in_features, config.group_size)
+        self.register_buffer("weight", torch.zeros(n, affine.packed_width(self.in_features, config.bits),
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(n, g, dtype=torch.float16, device=device))
+        self.register_buffer("offset", torch.zeros(n, g, dtype=torch.float16, device=device))
+
+    def quantize_(self, weight: Tensor, *, name: str = "", **kwargs: Any) -> None:
+        name = name or type(self).__name__
+        _no_extras(kwargs, name)
+        t = affine.quantize_affine(weight, self.config, name=name)
+        self.weight, self.scale, self.offset = t.weight, t.scale, t.offset
+
+    def weight_args(self) -> tuple:
+        return (self.packed(), self.scale, self.offset, self.bits, self.group_size, self.in_features)
+
+    # -- exact merge of group-constant updates ---------------------------------------------------
+    @property
+    def offset_group_size(self) -> int | None:
+        """Input columns that share one float offset (the group size): a ``ΔW`` constant over each group folds
+        into :attr:`offset` exactly (:meth:`add_to_offsets_`)."""
+        return self.group_size
+
+    @torch.no_grad()
+    def add_to_offsets_(self, delta: Tensor, *, name: str = "") -> None:
+        """Add a per-group update to the offsets in place: ``m[n, j] ← fp16(m[n, j] + delta[n, j])``.
+
+        The dequantized weight then changes by ``delta[n, k // group_size]`` at every ``(n, k)``, up to the
+        fp16 rounding of the new offset; the codes and scales are unchanged.
+
+        Args:
+            delta: float [out_features, ceil(in_features / group_size)] (fp32 recommended).
+            name: the layer's name, for error messages.
+        Raises:
+            ValueError: wrong shape, or an offset that is not finite in fp16 afterwards (nothing is changed).
+        """
+        name = name or type(self).__name__
+        if tuple(delta.shape) != tuple(self.offset.shape):
+            raise ValueError(f"{name}: offset update has shape {tuple(delta.shape)}, expected "
+                             f"{tuple(self.offset.shape)} ([out_features, in_features / group_size])")
+        new = (self.offset.float() + delta.to(device=self.offset.device, dtype=torch.float32)).to(self.offset.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"{name}: offset update makes an offset non-finite in {self.offset.dtype}")
+        self.offset.copy_(new)
 
 
 def _no_extras(kwargs: dict, name: str) -> None:

@@ -1,7 +1,7 @@
 """Dequantize operators (packed weight → dense ``[out_features, in_features]``) and the 4-bit block quantizer.
 
-``qtune::dequantize_4bit``, ``qtune::dequantize_int8``, ``qtune::dequantize_gptq`` and
-``qtune::dequantize_gguf`` wrap the reference functions of :mod:`qtune.formats`, which define the maths.
+``qtune::dequantize_4bit``, ``qtune::dequantize_int8``, ``qtune::dequantize_gptq``, ``qtune::dequantize_gguf`` and
+``qtune::dequantize_affine`` wrap the reference functions of :mod:`qtune.formats`, which define the maths.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..formats import gguf, gptq, int8, nf4
+from ..formats import affine, gguf, gptq, int8, nf4
 from .library import define
 
 
@@ -72,6 +72,17 @@ def _dequantize_gguf_fake(blocks, ggml_type, in_features, dtype):
 # every GGUF block type through one op: device kernels override it per device and branch on ggml_type
 dequantize_gguf = define("dequantize_gguf(Tensor blocks, int ggml_type, int in_features, ScalarType dtype) -> Tensor",
                          gguf.dequantize_gguf, _dequantize_gguf_fake)
+
+
+def _dequantize_affine_fake(weight, scale, offset, bits, group_size, in_features, dtype):
+    torch._check(weight.dtype == torch.uint8, lambda: f"affine codes must be uint8, got {weight.dtype}")
+    torch._check(scale.shape == offset.shape, lambda: f"affine scale {scale.shape} and offset {offset.shape} differ")
+    return weight.new_empty((weight.shape[0], in_features), dtype=dtype)
+
+
+dequantize_affine = define("dequantize_affine(Tensor weight, Tensor scale, Tensor offset, int bits, int group_size, "
+                           "int in_features, ScalarType dtype) -> Tensor",
+                           affine.dequantize_affine, _dequantize_affine_fake)
 
 
 def _quantize_blocks_4bit_fake(flat, blocksize, code):

@@ -220,6 +220,11 @@ for _family in (
              dequantize=lambda weight, ggml_type, in_features, dtype:
                  dq.dequantize_gguf(weight, ggml_type, in_features, dtype),
              shape=lambda weight, in_features, **_: (weight.shape[0], in_features)),
+    # float-offset groups (qtune.formats.affine): packed codes uint8 [N, ceil(K/8)·bits], fp16 scale/offset [N, G]
+    OpFamily("affine", "Tensor weight, Tensor scale, Tensor offset, int bits, int group_size, int in_features",
+             dequantize=lambda weight, scale, offset, bits, group_size, in_features, dtype:
+                 dq.dequantize_affine(weight, scale, offset, bits, group_size, in_features, dtype),
+             shape=lambda weight, in_features, **_: (weight.shape[0], in_features)),
 ):
     register_op_family(_family)
 

@@ -126,6 +126,10 @@ LORA = {
     "experts": Opt((bool,), False, doc="LoRA on the fused MoE experts too (peft target_parameters, all expert "
                    "weights; needs dropout: 0)"),
     "bias": Opt((str,), "none", ("none", "all", "lora_only")),
+    "init": Opt((str,), "default", ("default", "loftq"),
+                doc="loftq: quantize the base and set the adapter together so that deq(Q) + s·BA ≈ W at step 0 "
+                    "(LoftQ; needs a float model.path quantized while loading)"),
+    "loftq_iters": Opt((int,), 1, check=_positive, doc="LoftQ's alternating quantize/SVD steps"),
     "modules_to_save": Opt((list, NONE), None, check=_str_list),
     "dtype": Opt((str,), "auto", ("auto",) + DTYPES,
                  doc="dtype of the trainable adapter weights; auto: what trl picks for a quantized base (bf16)"),
@@ -579,7 +583,27 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
     if name == "reward" and (out["quantization"]["backend"] != "qtune" or fmt == "pretrained" or calibrated):
         raise ctx.error(("quantization", "format"), "task reward loads the base as a sequence classifier: "
                         "quantize a float checkpoint while loading (nf4, fp4, int8, ...; backend qtune) or 'none'")
+    _validate_loftq(ctx, data, out, fmt, calibrated)
     return Recipe(**out, overrides=tuple(overrides), task=name, task_options=section, origin=ctx)
+
+
+def _validate_loftq(ctx: "_Ctx", data: dict, out: dict, fmt: str, calibrated: bool) -> None:
+    """``lora.init: loftq`` re-quantizes the base from the float checkpoint: it needs one, quantized while loading
+    by qtune with a format that needs no calibration, and plain LoRA (no DoRA, no expert adapters)."""
+    lo = out["lora"]
+    if lo["init"] != "loftq":
+        if "loftq_iters" in (data.get("lora") or {}):
+            raise ctx.error(("lora", "loftq_iters"), "applies to lora.init: loftq only")
+        return
+    if out["quantization"]["backend"] != "qtune" or fmt not in CONFIGS or calibrated:
+        raise ctx.error(("lora", "init"), f"loftq re-quantizes the base from its float weights: it needs a float "
+                        f"model.path quantized while loading with a format that needs no calibration (nf4, affine, "
+                        f"int8, rtn...; backend qtune), not quantization.format {fmt!r}"
+                        + (" with backend bitsandbytes" if out["quantization"]["backend"] != "qtune" else ""))
+    for key in ("use_dora", "experts"):
+        if lo[key]:
+            raise ctx.error(("lora", key), "must be false with lora.init: loftq (LoftQ initialises plain LoRA on "
+                            "quantized linear layers)")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -367,9 +367,21 @@ def find_adapter_dir(recipe: Recipe) -> Path:
                        "qtune train run folder with adapter/ (did that run finish?)")
 
 
-def attach_adapter(recipe: Recipe, model):
+def attach_adapter(recipe: Recipe, model, float_path: Path | None = None, say=None):
     """Step 4: ``(model, peft_config)``: the base and a new ``LoraConfig`` (trl wraps it), or the trained
-    adapter of ``model.adapter`` loaded trainable (a ``PeftModel``; ``peft_config`` ``None``)."""
+    adapter of ``model.adapter`` loaded trainable (a ``PeftModel``; ``peft_config`` ``None``), or with
+    ``lora.init: loftq`` the new adapter already attached and LoftQ-initialised from the float checkpoint
+    ``float_path`` (a ``PeftModel``; ``peft_config`` ``None``). LoftQ is deterministic, so a resumed run gets the
+    same quantized base back before the checkpoint's adapter weights are loaded over it."""
+    if recipe.model["adapter"] is None and recipe.lora.get("init", "default") == "loftq":
+        from ..integrations.loftq import loftq_init_
+        from ..integrations.peft import get_peft_model
+
+        if float_path is None:
+            raise ValueError("lora.init: loftq needs the float checkpoint folder (float_path)")
+        peft_model = get_peft_model(model, lora_config(recipe))
+        loftq_init_(peft_model, float_path, iters=recipe.lora["loftq_iters"], log=say)
+        return peft_model, None
     if recipe.model["adapter"] is None:
         return model, lora_config(recipe)
     from ..integrations.peft import load_adapter
@@ -572,8 +584,8 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
     r.summary.update(model=str(base.path), format=recipe.quantization["format"], load_s=base.load_s)
     r.say(f"qtune train: loaded {base.path} ({recipe.quantization['format']}, task {recipe.task}) in "
           f"{base.load_s:.1f} s")
-    model, peft_config = attach_adapter(recipe, base.model)
-    if peft_config is None:
+    model, peft_config = attach_adapter(recipe, base.model, base.path, say=r.say)
+    if peft_config is None and recipe.model["adapter"] is not None:
         r.summary["start_adapter"] = str(find_adapter_dir(recipe))
     ppl = _perplexity_before(r, base)
     _pair_margin(r, model, base, eval_ds, "before")

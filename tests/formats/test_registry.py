@@ -27,7 +27,7 @@ def test_every_builtin_format_declares_bits_calibration_and_op_family():
 
 
 def test_get_format_and_config_from_dict_name_the_allowed_values():
-    with pytest.raises(ValueError, match=r"'bogus' is not one of \['fp4', 'gguf_q4_0'"):
+    with pytest.raises(ValueError, match=r"'bogus' is not one of \['affine', 'fp4', 'gguf_q4_0'"):
         get_format("bogus")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['bits'\] for format 'nf4'"):
         config_from_dict({"format": "nf4", "bits": 4})

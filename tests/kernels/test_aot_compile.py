@@ -38,8 +38,8 @@ def _key(cfg) -> str:
 
 def test_every_kernel_and_config_compiles(rows):
     # imported under the interpreter here: only their config lists are read
-    from qtune.kernels import dequant_4bit, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf, \
-        matmul_gptq, matmul_int8, matmul_llm_int8
+    from qtune.kernels import dequant_4bit, dequant_affine, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, \
+        matmul_gguf, matmul_gptq, matmul_int8, matmul_llm_int8
 
     failed = [(r["kernel"], r["variant"], r["arch"], r["config"], r.get("error", "")[:300])
               for r in rows if not r["ok"]]
@@ -55,7 +55,8 @@ def test_every_kernel_and_config_compiles(rows):
             for cfg in cfgs:
                 assert ("llm_int8", arch, _key(cfg)) in compiled, (arch, cfg)
         for name, module in (("dequant_4bit", dequant_4bit), ("dequant_int8", dequant_int8),
-                             ("dequant_gptq", dequant_gptq), ("dequant_gguf", dequant_gguf)):
+                             ("dequant_gptq", dequant_gptq), ("dequant_gguf", dequant_gguf),
+                             ("dequant_affine", dequant_affine)):
             for cfg in module.CONFIGS:
                 assert (name, arch, _key(cfg)) in compiled, (name, arch, cfg)
 
@@ -81,7 +82,7 @@ def test_weight_loads_are_vectorized(rows):
     # 16-byte cp.async) at the configs whose tiles give a thread 16 contiguous bytes
     best: dict = {}
     for r in rows:
-        weight_kernel = r["kernel"].split("[")[0] in ("dequant_4bit", "dequant_int8") or r["matmul"]
+        weight_kernel = r["kernel"].split("[")[0] in ("dequant_4bit", "dequant_int8", "dequant_affine") or r["matmul"]
         if weight_kernel and "odd K" not in r["variant"]:
             key = (r["kernel"], r["arch"])
             best[key] = max(best.get(key, 0), r["ld_v4"] + r["cp_async_16"])

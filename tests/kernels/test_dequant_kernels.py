@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("triton")
 
 import qtune  # noqa: E402,F401  (registers the qtune:: ops)
-from qtune.kernels import dequantize_4bit, dequantize_gguf, dequantize_gptq, dequantize_int8  # noqa: E402
+from qtune.kernels import dequantize_4bit, dequantize_affine, dequantize_gguf, dequantize_gptq, dequantize_int8  # noqa: E402
 from qtune.ops import dequantize as ref_ops  # noqa: E402
 
 from .cases import (DTYPES, GGUF, GGUF_TYPES, assert_dequant_equal, gguf_weight, gptq_weight, int8_weight,  # noqa: E402
@@ -147,3 +147,35 @@ def test_dequantize_gguf_validation():
         dequantize_gguf(w[0].view(torch.int8), w[1], 64, torch.float16)
     with pytest.raises(ValueError, match="BLOCK_K=16"):
         dequantize_gguf(*w, torch.float16, config={"BLOCK_N": 4, "BLOCK_K": 16})
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,group_size", [((33, 77), 32), ((67, 301), 128), ((64, 256), 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_affine(bits, shape, group_size, dtype):
+    # K not a multiple of 8 (padded codes), partial last groups, and aligned rows; random codes, scales, offsets
+    from qtune.formats.affine import n_groups, pack_codes
+
+    n, k = shape
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    scale = (torch.rand(n, n_groups(k, group_size), generator=g) * 0.1 + 1e-3).half()
+    offset = (torch.randn(n, n_groups(k, group_size), generator=g) * 0.2).half()
+    args = (pack_codes(codes, bits), scale, offset, bits, group_size, k)
+    assert_dequant_equal(dequantize_affine(*args, dtype), ref_ops.dequantize_affine(*args, dtype))
+
+
+def test_dequantize_affine_small_tiles_and_quantized_layer():
+    # many programs with partial tiles along both dimensions, on a layer the quantizer filled
+    from qtune.formats import AffineConfig
+    from qtune.nn import LinearAffine
+
+    layer = LinearAffine.from_float(torch.nn.Linear(200, 37), AffineConfig(bits=3, group_size=32))
+    w = layer.weight_args()
+    out = dequantize_affine(*w, torch.float16, config={"BLOCK_N": 16, "BLOCK_K": 64})
+    assert_dequant_equal(out, ref_ops.dequantize_affine(*w, torch.float16))
+    # tiles narrower than a group: one scale and offset per row and tile
+    layer = LinearAffine.from_float(torch.nn.Linear(200, 37), AffineConfig(bits=4, group_size=128))
+    w = layer.weight_args()
+    out = dequantize_affine(*w, torch.float32, config={"BLOCK_N": 16, "BLOCK_K": 32})
+    assert_dequant_equal(out, ref_ops.dequantize_affine(*w, torch.float32))
+    with pytest.raises(ValueError, match="scale"):
+        dequantize_affine(w[0], w[1][:, :1], w[2], *w[3:], torch.float32)

@@ -69,14 +69,15 @@ def test_every_kernel_compiles_on_the_floor_triton(floor_rows):
     failed = [(r["kernel"], r["variant"], r["arch"], r.get("error", "")[:300]) for r in rows if not r["ok"]]
     assert not failed, (floor_rows["triton"], failed)
     kernels = {(r["kernel"].split("[")[0], r["arch"]) for r in rows}
-    for name in ("dequant_4bit", "dequant_int8", "dequant_gptq", "dequant_gguf", "linear_4bit", "linear_gptq",
-                 "linear_int8", "linear_gguf", "llm_int8"):
+    for name in ("dequant_4bit", "dequant_int8", "dequant_gptq", "dequant_gguf", "dequant_affine", "linear_4bit",
+                 "linear_gptq", "linear_int8", "linear_gguf", "llm_int8"):
         for arch in ("sm_80", "sm_90"):
             assert (name, arch) in kernels, (name, arch)
     # every variant family the default level lists: 4-bit with and without double quant and odd K, GPTQ bits,
     # every GGUF type in the dequantize kernel and in the fused forward
     variants = " | ".join(r["variant"] for r in rows)
-    for needle in ("nf4 dq", "odd K", "2-bit", "3-bit", "8-bit", "act-order", "zero-point", "bf16", "fp32"):
+    for needle in ("nf4 dq", "odd K", "2-bit", "3-bit", "8-bit", "act-order", "zero-point", "bf16", "fp32",
+                   "affine 3-bit"):
         assert needle in variants, needle
     from qtune.formats.gguf import GGUF_CONFIGS
 

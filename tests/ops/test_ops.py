@@ -22,11 +22,13 @@ def test_opcheck_linear_ops(layer):
 
 
 def test_opcheck_dequantize_ops():
-    for key in ("nf4", "nf4-dq", "int8-zp-g32", "gptq3-act"):
+    for key in ("nf4", "nf4-dq", "int8-zp-g32", "gptq3-act", "affine3-g32"):
         lay = make_layer(key, nn.Linear(64, 48))
         w = lay.weight_args()
         if lay.op_family == "4bit":
             torch.library.opcheck(torch.ops.qtune.dequantize_4bit.default, (*w, torch.bfloat16))
+        elif lay.op_family == "affine":
+            torch.library.opcheck(torch.ops.qtune.dequantize_affine.default, (*w, torch.bfloat16))
         elif lay.op_family == "int8":
             torch.library.opcheck(torch.ops.qtune.dequantize_int8.default, (*w, torch.float16))
         else:

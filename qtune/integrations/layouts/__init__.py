@@ -108,6 +108,14 @@ def save_quantized(model: nn.Module, out: str | Path, *, layout: str = "qtune", 
     from ...nn.experts import QuantExperts
 
     writer = get_layout(layout)
+    from ...nn import QuantLinear
+
+    for name, m in model.named_modules():  # float offsets: refused, naming the layer, before anything is written
+        if isinstance(m, QuantLinear) and getattr(m.config, "float_offset", False) and not writer.can_store(m.config):
+            try:
+                writer.check(m.config)
+            except ValueError as e:
+                raise ValueError(f"layer {name}: {e}") from None
     writer.check_experts([n for n, m in model.named_modules() if isinstance(m, QuantExperts)])
     with atomic_output(out, overwrite=overwrite) as tmp:
         writer.write(model, tmp)

@@ -53,6 +53,9 @@ class Layout:
         tokenizer: ``(path, **from_pretrained kwargs) -> tokenizer`` for the paths it claims (optional).
         stores_experts: the writer stores quantized fused experts (:class:`qtune.nn.QuantExperts`); a layout
             without it refuses a model or plan that has them, naming the module.
+        float_offsets: the layout can carry a float offset per group (``W = s·q + m``, formats whose config says
+            ``float_offset``, e.g. ``affine``). Layouts whose readers know only integer zero points (GPTQ's
+            ``qzeros``, bitsandbytes' absmax) cannot, and refuse such formats saying so.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Layout:
     claims_path: Callable[[Path], bool] = lambda path: False
     tokenizer: Callable[..., Any] | None = None
     stores_experts: bool = False
+    float_offsets: bool = False
 
     def check_experts(self, names: list[str]) -> None:
         """Refuse quantized fused experts modules (``names``) when this layout cannot store them.
@@ -89,6 +93,10 @@ class Layout:
             ValueError: ``--layout <name> holds <what>, not <format>`` (or the layout's own reason).
         """
         if not self.can_store(cfg):
+            if getattr(cfg, "float_offset", False) and not self.float_offsets:
+                layouts = ", ".join(n for n, l in _LAYOUTS.items() if l.float_offsets and l.can_store(cfg))
+                raise ValueError(f"--layout {self.name} cannot carry the float per-group offsets of {cfg.format} (its "
+                                 f"readers know integer zero points only); use --layout {layouts or 'qtune'}")
             raise ValueError(self.refusal(cfg) or f"--layout {self.name} holds {self.holds}, not {cfg.format}")
 
 

@@ -60,7 +60,7 @@ def write(model: nn.Module, folder: Path) -> None:
 
 LAYOUT = register_layout(Layout(name="qtune", quant_method=QUANT_METHOD, holds="every format", can_store=can_store,
                                 detects=lambda qc: str(qc.get("quant_method", "")) == QUANT_METHOD, read=read,
-                                write=write, stores_experts=True, describe=lambda qc: str(qc.get("format") or ""),
+                                write=write, stores_experts=True, float_offsets=True, describe=lambda qc: str(qc.get("format") or ""),
                                 declares=lambda qc: {"qtune": qc},
                                 note="qtune layout (`quant_method: qtune`; load with `qtune.load_model` or "
                                      "transformers after `import qtune`)"))
