@@ -376,6 +376,7 @@ def merge_into_offsets(peft_model, log: Callable[[str], None] = print) -> tuple[
     log(f"qtune export: {report.summary()}")
     errors = []
     for name, err in report.layers.items():
+        name = name.removeprefix("base_model.model.")  # the PeftModel's names, unloaded
         layer = merged.get_submodule(name)
         errors.append(LayerError(name=name, format=layer.config.format, bits=layer.bits_per_parameter(),
                                  rel_weight=err.rel_weight, rel_delta=err.rel_delta if math.isfinite(err.rel_delta) else None,

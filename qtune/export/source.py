@@ -315,7 +315,13 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
     """
     from ..integrations.safetensors_header import read_safetensors_header
 
+    from ..nn import QuantLinear
+
     header = read_safetensors_header(adapter / ADAPTER_WEIGHTS)
+    # a quantization-aware adapter (peft's use_qalora) pools the input of qtune layers over groups: A is [r, in / g]
+    config_file = adapter / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    qa_group = int(adapter_config.get("qalora_group_size") or 1) if adapter_config.get("use_qalora") else 1
     if not header:
         raise ValueError(f"{adapter / ADAPTER_WEIGHTS}: holds no tensors")
     for key, entry in sorted(header.items()):
@@ -339,6 +345,8 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
         if len(shape) != 2:
             continue
         out_f, in_f = dims
+        if isinstance(module, QuantLinear) and qa_group > 1:
+            in_f //= qa_group
         if part == ".lora_A." and shape[1] != in_f:
             raise ValueError(f"{adapter}: was trained on another base: layer {name} has in_features {shape[1]} in "
                              f"the adapter ({key} {shape}) but {in_f} in {base_name}")
