@@ -1000,10 +1000,10 @@ class MergeReport:
         return sum(vals) / len(vals) if vals else math.nan
 
     def summary(self) -> str:
-        how = (f"{self.exact} exactly into the float offsets (codes unchanged), "
-               f"{len(self.layers) - self.exact} re-quantized" if self.exact else "re-quantized")
+        how = (f" ({self.exact} exactly into the float offsets, codes unchanged; {len(self.layers) - self.exact} "
+               "re-quantized): merge error" if self.exact else ": re-quantization error")
         kept = "" if math.isnan(self.mean_kept) else f", ΔW kept {100 * self.mean_kept:.1f}% (mean over layers)"
-        return (f"merged {len(self.layers)} quantized layers ({how}): error max |Δ| {self.max_abs:.3g}, "
+        return (f"merged {len(self.layers)} quantized layers{how} max |Δ| {self.max_abs:.3g}, "
                 f"mean ‖error‖/‖LoRA delta‖ {self.mean_rel_delta:.3f}{kept}"
                 + (f", {self.clamped} weights clamped to the GPTQ grid" if self.clamped else ""))
 
