@@ -1,6 +1,7 @@
 """Quantization-aware LoRA (peft's QA-LoRA variant on qtune layers) and its exact merge into float offsets."""
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -167,6 +168,29 @@ def test_trained_qa_adapter_merges_exactly(fmt):
         new, mask = layer.weight, _offset_mask(layer)
         assert torch.equal(new[~mask], old[~mask]), name     # d and every code: bit-identical
         assert not torch.equal(new[mask], old[mask]), name   # the offsets moved
+
+
+def test_exact_merge_keeps_codes_a_requantization_would_move():
+    """Blocks whose codes do not span 0..15 (llama.cpp's imatrix quantizations, edited files): re-quantizing
+    W + ΔW fits a new min/max and moves the codes, the offsets path does not."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 16)
+    cfg = GGUFQ4_1Config()
+    base = qtune.nn.layer_class_for(cfg).from_float(dense, cfg)
+    blocks = base.weight.view(-1, 20)
+    q = torch.cat([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], dim=1).clamp(2, 13)  # codes 2..13 only
+    blocks[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
+    exact, requant = [copy.deepcopy(base) for _ in range(2)]
+    delta = torch.randn(16, 2) * 0.01
+    w = base.dequantize(torch.float32) + delta.repeat_interleave(32, dim=1)
+    exact.add_to_offsets_(delta)
+    qpeft.requantize_(requant, w)
+    mask = _offset_mask(base)
+    assert torch.equal(exact.weight[~mask], base.weight[~mask])
+    assert not torch.equal(requant.weight[~mask], base.weight[~mask])
+    err_exact = (exact.dequantize(torch.float32) - w).abs().max()
+    err_requant = (requant.dequantize(torch.float32) - w).abs().max()
+    assert err_exact < 1e-4 < err_requant
 
 
 def test_merge_unmerge_restores_the_bytes():

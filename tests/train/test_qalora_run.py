@@ -41,8 +41,10 @@ def test_recipe_trains_resumes_and_exports_exactly(tiny_dir, tmp_path):
     from qtune.integrations.layouts import load_model
     from qtune.nn import QuantLinear
 
-    result = export(ref, tmp_path / "q4_1", mode="quantized", log=lambda *_: None)
+    lines = []
+    result = export(ref, tmp_path / "q4_1", mode="quantized", log=lines.append)
     assert result.format == "gguf_q4_1" and len(result.layers) == 14
+    assert any("14 exactly into the float offsets, codes unchanged; 0 re-quantized" in l for l in lines), lines
     assert all(0.99 < l.kept < 1.01 and l.rel_delta < 0.05 for l in result.layers), result.layers
     assert result.verify is not None
     out = load_model(tmp_path / "q4_1")
