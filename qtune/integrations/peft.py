@@ -28,6 +28,12 @@ quantized. Re-quantization rounds the delta to the format's grid; the error it l
   where the delta crosses half a step, so merging a zero delta is the identity and act-order ``g_idx``
   survives. Weights the delta pushes outside the group's range are clamped; their count is reported.
 
+Quantization-aware LoRA (peft's ``use_qalora``, :func:`quantization_aware_config`): peft's QA-LoRA variant, whose
+change is constant within each group of ``qalora_group_size`` inputs (:func:`qalora_delta`). On a layer with
+per-group float offsets (``QuantLinear.offset_group_size``: GGUF Q4_1/Q5_1, ``affine``) covered by that group, the
+merge adds the change to the offsets (``add_to_offsets_``): same codes and scales, exact up to the offsets' fp16
+rounding (``RequantizationError.exact``). Elsewhere it re-quantizes as above. See docs/qalora.md.
+
 ``unmerge()`` restores the packed tensors saved at merge time, so merge → unmerge is exact (cost: one
 extra copy of the quantized layer while merged; set ``layer.keep_unmerged = False`` to re-quantize
 ``W − ΔW`` instead). :func:`merge_and_unload` never keeps those copies.
