@@ -57,6 +57,9 @@ def test_recipe_trains_resumes_and_exports_exactly(tiny_dir, tmp_path):
         new = layer.weight.view(-1, 20)
         assert torch.equal(new[:, :2], old[:, :2]) and torch.equal(new[:, 4:], old[:, 4:]), name  # d, codes
         assert not torch.equal(new[:, 2:4], old[:, 2:4]), name  # m moved
+    # --mode merged folds the pooled adapter into float weights (its verification compares logits with the trained model)
+    merged = export(ref, tmp_path / "merged", mode="merged", log=lambda *_: None)
+    assert merged.probe["merged vs trained"].rel < 1e-3
     # asking for another format still re-quantizes, and says how much of the change it kept
     other = export(ref, tmp_path / "nf4", mode="quantized", format="nf4", log=lambda *_: None)
     assert all(l.kept is not None for l in other.layers) and other.layers[0].format == "nf4"
