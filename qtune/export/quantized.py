@@ -203,8 +203,9 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     Args:
         source: a run/adapter folder or an :class:`ExportSource` (consumed).
         out: the export folder (atomic; must not exist unless ``overwrite``).
-        format: target format (see :func:`target_config`); ``None``: the base's own format when the adapter merges
-            into it exactly (a quantization-aware adapter on Q4_1/Q5_1/affine, :func:`exact_merge_layers`), else nf4.
+        format: target format (see :func:`target_config`); ``None``: the adapted layers' own format when the adapter
+            merges into it exactly (a quantization-aware adapter on Q4_1/Q5_1/affine, :func:`exact_merge_layers`; the
+            base's other layers keep their formats), else nf4.
         layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
         calibration: GPTQ calibration text (a source as in recipes: a file, ``qtune:austen/emma``...; default:
@@ -236,9 +237,12 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     target = resolve_dtype(dtype, src)
     base_plan = {n.removesuffix(".base_layer"): m.config for n, m in src.model.get_base_model().named_modules()
                  if isinstance(m, QuantLinear)}
-    if format is None:
-        base_cfgs = {dataclasses.replace(c, compute_dtype=None) for c in base_plan.values()}
-        only = next(iter(base_cfgs)) if len(base_cfgs) == 1 else None
+    if format is None:  # the adapted layers' own format when the adapter merges into it exactly (others stay)
+        from ..integrations.peft import QuantLoraLinear
+
+        adapted = {dataclasses.replace(m.get_base_layer().config, compute_dtype=None)
+                   for m in src.model.modules() if isinstance(m, QuantLoraLinear)}
+        only = next(iter(adapted)) if len(adapted) == 1 else None
         format = only if only is not None and exact_merge_layers(src.model, only) else "nf4"
     cfg = target_config(format, base_plan, target)
     cfg = writer.stored_config(cfg)  # the in-memory model must compute as the reloaded one will

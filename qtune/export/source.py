@@ -68,7 +68,9 @@ class ExportSource:
     def base_quantization(self) -> dict[str, Any]:
         """The recipe's ``quantization`` section (``format`` ``pretrained`` adds the checkpoint's own method)."""
         q = {k: v for k, v in self.recipe.quantization.items() if v not in (None, {}, [])}
-        if q.get("format") == "pretrained":
+        if q.get("format") == "pretrained" and self.base_path.is_file():  # a GGUF file: its name says what it is
+            q["checkpoint"] = {"file": self.base_path.name}
+        elif q.get("format") == "pretrained":
             # the checkpoint's own quantization_config (bitsandbytes/GPTQ/qtune), without the per-layer map
             qc = _read_json(self.base_path / "config.json").get("quantization_config")
             if isinstance(qc, dict):
@@ -397,7 +399,10 @@ def load_source(path: str | Path, *, base: str | None = None, base_format: str |
     adapter, run = find_adapter(path)
     recipe = resolve_recipe(adapter, run, base=base, base_format=base_format, dtype=_dtype_name(dtype))
     base_path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    if not (Path(base_path) / "config.json").is_file():
+    from ..integrations.layouts.base import layout_claiming
+
+    own_file = Path(base_path).is_file() and layout_claiming(base_path) is not None  # a GGUF file, as training read it
+    if not own_file and not (Path(base_path) / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_path}: config.json is missing (not a model folder)")
     tokenizer = _tokenizer(adapter, recipe, Path(base_path))
     if recipe.needs_calibration and tokenizer is None:

@@ -73,3 +73,42 @@ def test_recipe_refusals(tiny_dir, tmp_path):
     data["quantization"] = {"format": "int8"}
     with pytest.raises(RecipeError, match="quantization_aware.*no quantization group along in_features"):
         run(load_recipe(write_recipe(tmp_path / "b.yaml", data)))
+
+
+def test_export_from_a_gguf_file_base_is_exact(tmp_path):
+    """A run whose base is a GGUF file (``quantization.format: pretrained``) exports into its Q4_1 offsets."""
+    from gguf import GGMLQuantizationType as T
+
+    from qtune.export import export
+    from qtune.integrations.peft import get_peft_model
+    from qtune.train.base_model import load_base
+    from qtune.train.runner import attach_adapter
+    from tests.export.helpers import randomize_lora
+    from tests.integrations.test_gguf import write_tiny_llama
+
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    gguf_file = write_tiny_llama(tmp_path / "tiny.gguf", {k: T.Q4_1 for k in kinds})
+    (tmp_path / "train.txt").write_text("abc def " * 50)
+    run_dir = tmp_path / "run"
+    data = {"model": {"path": str(gguf_file), "dtype": "float32"}, "quantization": {"format": "pretrained"},
+            # block 1's q_proj is Q4_0 in this file (no offsets): left out, so every adapted layer merges exactly
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "quantization_aware": True,
+                     "target_modules": ["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+            "dataset": {"train": {"source": str(tmp_path / "train.txt")}},
+            "training": {"max_steps": 1}, "output": {"dir": str(run_dir), "report_to": "none"}}
+    recipe_file = write_recipe(tmp_path / "r.yaml", data)
+    recipe = load_recipe(recipe_file)
+    base = load_base(recipe)
+    model, config = attach_adapter(recipe, base.model)
+    peft_model = get_peft_model(model, config)
+    randomize_lora(peft_model)
+    peft_model.save_pretrained(run_dir / "adapter")
+    base.tokenizer.save_pretrained(run_dir / "adapter")
+    (run_dir / "summary.json").write_text(json.dumps({"recipe": str(recipe_file), "overrides": [], "status": "finished",
+                                                      "format": "pretrained", "model": str(gguf_file)}))
+    lines = []
+    result = export(run_dir, tmp_path / "out", mode="quantized", log=lines.append)
+    assert result.format == "gguf_q4_1" and len(result.layers) == 6 * 2
+    assert any("12 exactly into the float offsets" in l for l in lines), lines
+    assert all(0.99 < l.kept < 1.01 for l in result.layers)
+    assert result.probe["quantized vs trained"].rel < 1e-3
