@@ -212,7 +212,7 @@ def test_standard_lora_into_q4_1_is_requantized_and_reports_the_loss():
     assert report.exact == 0
     assert report.mean_kept < 0.9  # Q4_1's grid rounds most of a small change away
     assert report.mean_rel_delta > 0.3
-    assert "re-quantized" in report.summary()
+    assert "re-quantization error" in report.summary() and "exactly" not in report.summary()
 
 
 def test_qa_adapter_on_q4_0_merges_by_requantizing():
@@ -259,3 +259,15 @@ def test_qalora_delta_matches_peft_scaling():
     d = qalora_delta(a, b, 0.5, 32, 128)
     assert tuple(d.shape) == (3, 128)
     torch.testing.assert_close(d[:, 32 * 2], (b @ a)[:, 2] * 0.5 * 4 / 32)
+
+
+def test_groups_and_offsets_per_gguf_type():
+    from qtune.formats.gguf import GGUF_CONFIGS
+
+    want = {"Q4_0": (32, None), "Q4_1": (32, 32), "Q5_0": (32, None), "Q5_1": (32, 32), "Q8_0": (32, None),
+            "Q4_K": (32, None), "Q5_K": (32, None), "Q6_K": (16, None)}  # K-quant mins are 6-bit codes: not exact
+    for cls in GGUF_CONFIGS:
+        layer = qtune.nn.layer_class_for(cls())(256, 4, False, cls())
+        assert (layer.quant_group_size, layer.offset_group_size) == want[cls.type_name], cls.type_name
+    nf4 = qtune.nn.layer_class_for(qtune.NF4Config())(128, 4, False, qtune.NF4Config(blocksize=64))
+    assert (nf4.quant_group_size, nf4.offset_group_size) == (64, None)
