@@ -64,10 +64,15 @@ def run_variant(name: str, data: dict[str, Any], workdir: Path, heldout: dict[st
     train_s = time.perf_counter() - t0
     ppl = heldout
     lines: list[str] = []
+
+    def log(line: str) -> None:  # printed as it comes (a long run's numbers must not be lost to a later error)
+        lines.append(line)
+        print(line, flush=True)
+
     t0 = time.perf_counter()
     result = export_quantized(data["output"]["dir"], workdir / f"{name}-q4_1", format="gguf_q4_1", overwrite=True,
                               verify=False, heldout=ppl["source"], heldout_tokens=ppl["max_tokens"],
-                              heldout_window=ppl["window"], log=lines.append)
+                              heldout_window=ppl["window"], log=log)
     export_s = time.perf_counter() - t0
     exact = any("exactly into the float offsets" in line for line in lines)
     row = {
