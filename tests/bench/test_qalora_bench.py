@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import yaml
 
 from qtune.bench import qalora
 
 
+@pytest.mark.slow  # ~50 s: two runs and two exports; tests/train/test_qalora_run.py covers the same path faster
 def test_qalora_bench_variant_on_a_tiny_gguf(tmp_path):
     from gguf import GGMLQuantizationType as T
 
