@@ -50,6 +50,7 @@ _LAZY = {
     "get_peft_model": "qtune.integrations.peft", "load_adapter": "qtune.integrations.peft",
     "merge_and_unload": "qtune.integrations.peft", "merge_report": "qtune.integrations.peft",
     "loftq_init_": "qtune.integrations.loftq",
+    "quantization_aware_config": "qtune.integrations.peft",
     "prepare_model_for_kbit_training": "qtune.integrations.trl", "QTuneSFTTrainer": "qtune.integrations.trl",
     "gptq_quantize_model": "qtune.calibration", "quantize_with_calibration": "qtune.calibration",
     "calibration_windows": "qtune.calibration", "perplexity": "qtune.evaluate",

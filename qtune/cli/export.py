@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if mode == "merged":
         kwargs["max_shard_size"] = args.max_shard_size
     if mode == "quantized":
-        kwargs.update(format=args.format or "nf4", layout=args.layout or "qtune", calibration=args.calibration,
+        kwargs.update(format=args.format, layout=args.layout or "qtune", calibration=args.calibration,
                       samples=args.samples, seq_len=args.seq_len, progress=not args.no_progress)
     try:
         export(args.source, args.out, mode=mode, **kwargs)
@@ -82,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export and checking its logits")
     g = p.add_argument_group("quantized")
     g.add_argument("--format", default=None, metavar="FORMAT[:OPTS]",
-                   help=f"one of {', '.join(format_names())} (default nf4), with options as for `qtune quantize`, e.g. "
+                   help=f"one of {', '.join(format_names())} (default: the base's own format when a quantization-aware "
+                        "adapter merges into it exactly, else nf4), with options as for `qtune quantize`, e.g. "
                         "nf4:double_quant=true or gptq:bits=4,group_size=64; a bare name equal to the base's format "
                         "keeps the base's settings")
     g.add_argument("--layout", default=None, choices=layout_names(),

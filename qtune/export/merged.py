@@ -106,11 +106,15 @@ def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None
         if name not in layer.lora_A.keys():
             continue
         a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
-        delta = (b @ a) * layer.scaling[name]
-        if name in getattr(layer, "lora_variant", {}):
+        qa = getattr(layer, "is_quantization_aware", None)
+        if qa is not None and qa(name):  # QA-LoRA (qtune's layer): ΔW constant per group, see qalora_delta
+            merged = merged + layer.get_delta_weight(name).to(merged.device)
+            factors = None  # a quantized base: ΔW is recomputed from the packed base (MergedLayer.base)
+        elif name in getattr(layer, "lora_variant", {}):
             if not getattr(layer, "use_dora", {}).get(name, False):
                 raise ValueError(f"adapter {name!r}: LoRA variant {type(layer.lora_variant[name]).__name__} cannot be "
-                                 "folded by qtune export (LoRA and DoRA only)")
+                                 "folded by qtune export (LoRA, DoRA and qtune's quantization-aware LoRA only)")
+            delta = (b @ a) * layer.scaling[name]
             magnitude = layer.lora_magnitude_vector[name]
             # DoRA (Liu et al. 2024): W' = m / ‖W + ΔW‖ · (W + ΔW), the norm over each output row of [out, in];
             # peft's magnitude layer transposes fan_in_fan_out (Conv1D) weights itself
@@ -120,7 +124,7 @@ def _fold(layer, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor | None
             merged = (magnitude.weight.float() / norm).view(-1, 1) * (merged + delta)
             factors = None
         else:
-            merged = merged + delta
+            merged = merged + (b @ a) * layer.scaling[name]
             if factors is not None:
                 factors.append((a, b, float(layer.scaling[name])))
         if layer.lora_bias.get(name, False):

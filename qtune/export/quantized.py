@@ -14,6 +14,11 @@ base, every linear layer except the output head and tied layers. With ``format``
 format and no options (``--format nf4``), the base's settings are kept (block size, double quant, GPTQ
 bits/group size/act-order); ``nf4:double_quant=true`` or ``gptq:bits=4,group_size=64`` set them.
 
+**Exact merge.** A quantization-aware adapter (QA-LoRA: ``ΔW`` constant within each quantization group) exported
+to its base's own format, when that format has per-group float offsets (GGUF Q4_1/Q5_1, ``affine``), is not
+re-quantized: ``ΔW`` goes into the offsets (:func:`merge_into_offsets`), codes and scales keep their bytes, and the
+report shows ≈ 100% of the change kept (the offsets' fp16 rounding). This is the default when ``format`` is not given.
+
 Reported (printed and in ``qtune_export.json``): per layer and in total ``‖Q(W') − W'‖/‖W'‖`` against the
 merged full-precision weights, per layer also against the LoRA delta ``‖Q(W') − W'‖/‖ΔW‖`` and the share
 of ``ΔW`` the quantized weight kept (a re-quantization that rounds ``W'`` back onto the base's grid keeps
@@ -42,7 +47,8 @@ from .report import ExportResult, LayerError, format_layer_table
 from .source import ExportSource, load_source
 from .verify import check_logits, compare_logits, logits, probe_ids, tolerance, verify_quantized
 
-__all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning"]
+__all__ = ["export_quantized", "target_config", "requantize_model", "erased_warning", "exact_merge_layers",
+           "merge_into_offsets"]
 
 
 def target_config(spec: str | QuantConfig, base_plan: dict[str, QuantConfig], dtype: torch.dtype) -> QuantConfig:
@@ -187,7 +193,7 @@ def _state_bytes(model: nn.Module) -> int:
     return total
 
 
-def export_quantized(source: str | Path | ExportSource, out: str | Path, *, format: str | QuantConfig = "nf4",
+def export_quantized(source: str | Path | ExportSource, out: str | Path, *, format: str | QuantConfig | None = None,
                      layout: str = "qtune", dtype: str | torch.dtype | None = "auto",
                      calibration: str | None = None, samples: int | None = None, seq_len: int | None = None,
                      seed: int = 0, overwrite: bool = False, verify: bool = True,
@@ -200,7 +206,9 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     Args:
         source: a run/adapter folder or an :class:`ExportSource` (consumed).
         out: the export folder (atomic; must not exist unless ``overwrite``).
-        format: target format (see :func:`target_config`).
+        format: target format (see :func:`target_config`); ``None``: the adapted layers' own format when the adapter
+            merges into it exactly (a quantization-aware adapter on Q4_1/Q5_1/affine, :func:`exact_merge_layers`; the
+            base's other layers keep their formats), else nf4.
         layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
         calibration: GPTQ calibration text (a source as in recipes: a file, ``qtune:austen/emma``...; default:
@@ -232,6 +240,13 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     target = resolve_dtype(dtype, src)
     base_plan = {n.removesuffix(".base_layer"): m.config for n, m in src.model.get_base_model().named_modules()
                  if isinstance(m, QuantLinear)}
+    if format is None:  # the adapted layers' own format when the adapter merges into it exactly (others stay)
+        from ..integrations.peft import QuantLoraLinear
+
+        adapted = {dataclasses.replace(m.get_base_layer().config, compute_dtype=None)
+                   for m in src.model.modules() if isinstance(m, QuantLoraLinear)}
+        only = next(iter(adapted)) if len(adapted) == 1 else None
+        format = only if only is not None and exact_merge_layers(src.model, only) else "nf4"
     cfg = target_config(format, base_plan, target)
     cfg = writer.stored_config(cfg)  # the in-memory model must compute as the reloaded one will
     writer.check(cfg)
@@ -248,6 +263,56 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         result.heldout["source"] = heldout
         result.heldout["trained"], _ = held.measure(model, log, "trained (quantized base + adapter)")
 
+    # a quantization-aware adapter on Q4_1/Q5_1/affine exported to the base's own format: into the offsets, exactly
+    exact = exact_merge_layers(model, cfg)
+    merged_logits = held_merged = None
+    if exact:
+        merged, errors = merge_into_offsets(model, log)
+        result.merged_layers = len(errors)
+        cast_float_params(merged, target)
+    else:
+        merged, errors, merged_logits, held_merged = _merge_and_requantize(
+            model, src, cfg, target, writer, windows, ids, trained_logits, held, result, verify, progress, log)
+    result.layers, result.total_rel_weight = errors, _total(errors)
+    log(format_layer_table(errors, result.total_rel_weight))
+    warning = erased_warning(errors, cfg)
+    if warning:
+        log(warning)
+        result.warnings.append(warning)
+    quant_logits = logits(merged, ids)
+    if merged_logits is not None:
+        result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
+    result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)
+    if held is not None:
+        label = f"exactly merged {cfg.format}" if exact else f"re-quantized {cfg.format}"
+        result.heldout["quantized"], held_q = held.measure(merged, log, label)
+        if held_merged is not None:
+            result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
+
+    from ..integrations.transformers import mark_quantized
+
+    mark_quantized(merged)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        check_free_space(tmp, _state_bytes(merged), what="the quantized checkpoint")
+        save_quantized(merged, tmp, layout=layout, tokenizer=src.tokenizer, overwrite=True)
+        if verify:
+            result.verify = verify_quantized(tmp, quant_logits, ids, dtype=target, tol=tolerance(target),
+                                             auto_class=src.auto_class)
+        result.seconds = time.perf_counter() - start
+        write_extras(tmp, card.quantized_card(src, result), result)
+    if push_to_hub:
+        result.hub_url = hub.push_after_export(out, push_to_hub, private=private, overwrite=overwrite, token=token,
+                                               log=log)
+    result.seconds = time.perf_counter() - start
+    log(result.summary())
+    return result
+
+
+def _merge_and_requantize(model, src: ExportSource, cfg: QuantConfig, target: torch.dtype, writer, windows, ids,
+                          trained_logits, held, result: ExportResult, verify: bool, progress: bool, log):
+    """The general path: fold the adapter in fp32, then quantize the merged layers to ``cfg`` again.
+
+    Returns ``(model, errors, merged fp32 probe logits, merged fp32 held-out logits or None)``."""
     merge_tol = tolerance(torch.float32, src.compute_dtype)  # before merging: it reads the trained model's layers
     merged, layers, plan = merge_to_float(model, dtype=torch.float32)
     result.merged_layers = len(layers)
@@ -273,36 +338,59 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     errors = requantize_model(merged, names, cfg, calibration=windows,
                               merged={l.name: l for l in layers}, progress=progress)
     cast_float_params(merged, target)
-    result.layers, result.total_rel_weight = errors, _total(errors)
-    log(format_layer_table(errors, result.total_rel_weight))
-    warning = erased_warning(errors, cfg)
-    if warning:
-        log(warning)
-        result.warnings.append(warning)
-    quant_logits = logits(merged, ids)
-    result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
-    result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)
-    if held is not None:
-        result.heldout["quantized"], held_q = held.measure(merged, log, f"re-quantized {cfg.format}")
-        result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
+    return merged, errors, merged_logits, held_merged
 
-    from ..integrations.transformers import mark_quantized
 
-    mark_quantized(merged)
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        check_free_space(tmp, _state_bytes(merged), what="the quantized checkpoint")
-        save_quantized(merged, tmp, layout=layout, tokenizer=src.tokenizer, overwrite=True)
-        if verify:
-            result.verify = verify_quantized(tmp, quant_logits, ids, dtype=target, tol=tolerance(target),
-                                             auto_class=src.auto_class)
-        result.seconds = time.perf_counter() - start
-        write_extras(tmp, card.quantized_card(src, result), result)
-    if push_to_hub:
-        result.hub_url = hub.push_after_export(out, push_to_hub, private=private, overwrite=overwrite, token=token,
-                                               log=log)
-    result.seconds = time.perf_counter() - start
-    log(result.summary())
-    return result
+def exact_merge_layers(peft_model, cfg: QuantConfig) -> list[str]:
+    """The LoRA layers of ``peft_model`` when its whole adapter can be merged exactly into ``cfg``, else ``[]``.
+
+    Exact: every quantized base layer with an adapter is in ``cfg`` (same format and settings) and takes every
+    active adapter into its per-group float offsets (:meth:`qtune.integrations.peft.QuantLoraLinear.merges_exactly`:
+    a quantization-aware adapter on Q4_1/Q5_1/affine), and no LoRA sits on quantized experts. Then the export keeps
+    the base's codes and scales and moves the change into the offsets (:func:`merge_into_offsets`).
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    from ..integrations.peft import QuantLoraExperts, QuantLoraLinear
+
+    adapters = list(peft_model.active_adapters)
+    names = []
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, QuantLoraExperts):
+            return []
+        if isinstance(module, QuantLoraLinear):
+            base = module.get_base_layer()
+            if dataclasses.replace(base.config, compute_dtype=cfg.compute_dtype) != cfg:
+                return []
+            if not all(module.merges_exactly(a) for a in adapters if a in module.lora_A.keys()):
+                return []
+            names.append(name)
+        elif isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), QuantLinear):
+            return []
+    return names
+
+
+def merge_into_offsets(peft_model, log: Callable[[str], None] = print) -> tuple[nn.Module, list[LayerError]]:
+    """Merge a quantization-aware adapter into the float offsets of its quantized base (same format, same codes).
+
+    Returns:
+        ``(model, errors)``: the base model with the changed offsets, and per layer the error against the exact
+        ``W + ΔW`` (the offsets' fp16 rounding; ``kept`` ≈ 100%).
+    """
+    from ..integrations.peft import merge_and_unload
+
+    merged, report = merge_and_unload(peft_model)
+    log(f"qtune export: {report.summary()}")
+    errors = []
+    for name, err in report.layers.items():
+        name = name.removeprefix("base_model.model.")  # the PeftModel's names, unloaded
+        layer = merged.get_submodule(name)
+        errors.append(LayerError(name=name, format=layer.config.format, bits=layer.bits_per_parameter(),
+                                 rel_weight=err.rel_weight, rel_delta=err.rel_delta if math.isfinite(err.rel_delta) else None,
+                                 kept=err.kept if math.isfinite(err.kept) else None, err_sq=err.err_sq, w_sq=err.w_sq))
+    merged.requires_grad_(False)
+    merged.eval()
+    return merged, errors
 
 
 def _calibration(src: ExportSource, calibration: str | None, samples: int | None, seq_len: int | None,

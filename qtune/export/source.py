@@ -68,7 +68,9 @@ class ExportSource:
     def base_quantization(self) -> dict[str, Any]:
         """The recipe's ``quantization`` section (``format`` ``pretrained`` adds the checkpoint's own method)."""
         q = {k: v for k, v in self.recipe.quantization.items() if v not in (None, {}, [])}
-        if q.get("format") == "pretrained":
+        if q.get("format") == "pretrained" and self.base_path.is_file():  # a GGUF file: its name says what it is
+            q["checkpoint"] = {"file": self.base_path.name}
+        elif q.get("format") == "pretrained":
             # the checkpoint's own quantization_config (bitsandbytes/GPTQ/qtune), without the per-layer map
             qc = _read_json(self.base_path / "config.json").get("quantization_config")
             if isinstance(qc, dict):
@@ -315,7 +317,13 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
     """
     from ..integrations.safetensors_header import read_safetensors_header
 
+    from ..nn import QuantLinear
+
     header = read_safetensors_header(adapter / ADAPTER_WEIGHTS)
+    # a quantization-aware adapter (peft's use_qalora) pools the input of qtune layers over groups: A is [r, in / g]
+    config_file = adapter / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    qa_group = int(adapter_config.get("qalora_group_size") or 1) if adapter_config.get("use_qalora") else 1
     if not header:
         raise ValueError(f"{adapter / ADAPTER_WEIGHTS}: holds no tensors")
     for key, entry in sorted(header.items()):
@@ -339,6 +347,8 @@ def check_adapter_fits(model: nn.Module, adapter: Path, base_name: str = "the ba
         if len(shape) != 2:
             continue
         out_f, in_f = dims
+        if isinstance(module, QuantLinear) and qa_group > 1:
+            in_f //= qa_group
         if part == ".lora_A." and shape[1] != in_f:
             raise ValueError(f"{adapter}: was trained on another base: layer {name} has in_features {shape[1]} in "
                              f"the adapter ({key} {shape}) but {in_f} in {base_name}")
@@ -389,7 +399,10 @@ def load_source(path: str | Path, *, base: str | None = None, base_format: str |
     adapter, run = find_adapter(path)
     recipe = resolve_recipe(adapter, run, base=base, base_format=base_format, dtype=_dtype_name(dtype))
     base_path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    if not (Path(base_path) / "config.json").is_file():
+    from ..integrations.layouts.base import layout_claiming
+
+    own_file = Path(base_path).is_file() and layout_claiming(base_path) is not None  # a GGUF file, as training read it
+    if not own_file and not (Path(base_path) / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_path}: config.json is missing (not a model folder)")
     tokenizer = _tokenizer(adapter, recipe, Path(base_path))
     if recipe.needs_calibration and tokenizer is None:

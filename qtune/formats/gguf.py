@@ -54,6 +54,8 @@ class GGUFConfig(QuantConfig):
         block_size: weights per block; ``in_features`` must be a multiple of it.
         type_size: bytes per block.
         can_quantize: qtune (and the gguf package) can quantize a float weight into this type.
+        scale_group: weights along a row that share one scale (the block, or a K-quant's sub-block).
+        float_offset: each block has an fp16 offset ``m`` (``w = d·q + m``) that a change can be added to exactly.
     """
 
     op_family: ClassVar[str] = "gguf"
@@ -63,6 +65,8 @@ class GGUFConfig(QuantConfig):
     block_size: ClassVar[int] = 32
     type_size: ClassVar[int] = 0
     can_quantize: ClassVar[bool] = True
+    scale_group: ClassVar[int] = 32
+    float_offset: ClassVar[bool] = False
 
     @classmethod
     def row_bytes(cls, in_features: int) -> int:
@@ -92,6 +96,7 @@ class GGUFQ4_1Config(GGUFConfig):
     type_name: ClassVar[str] = "Q4_1"
     block_size: ClassVar[int] = 32
     type_size: ClassVar[int] = 20
+    float_offset: ClassVar[bool] = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +121,7 @@ class GGUFQ5_1Config(GGUFConfig):
     type_name: ClassVar[str] = "Q5_1"
     block_size: ClassVar[int] = 32
     type_size: ClassVar[int] = 24
+    float_offset: ClassVar[bool] = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +172,7 @@ class GGUFQ6_KConfig(GGUFConfig):
     type_name: ClassVar[str] = "Q6_K"
     block_size: ClassVar[int] = QK_K
     type_size: ClassVar[int] = 210
+    scale_group: ClassVar[int] = 16
     can_quantize: ClassVar[bool] = False
 
 GGUF_CONFIGS: tuple[type[GGUFConfig], ...] = (GGUFQ4_0Config, GGUFQ4_1Config, GGUFQ5_0Config, GGUFQ5_1Config,

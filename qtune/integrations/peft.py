@@ -28,6 +28,12 @@ quantized. Re-quantization rounds the delta to the format's grid; the error it l
   where the delta crosses half a step, so merging a zero delta is the identity and act-order ``g_idx``
   survives. Weights the delta pushes outside the group's range are clamped; their count is reported.
 
+Quantization-aware LoRA (peft's ``use_qalora``, :func:`quantization_aware_config`): peft's QA-LoRA variant, whose
+change is constant within each group of ``qalora_group_size`` inputs (:func:`qalora_delta`). On a layer with
+per-group float offsets (``QuantLinear.offset_group_size``: GGUF Q4_1/Q5_1, ``affine``) covered by that group, the
+merge adds the change to the offsets (``add_to_offsets_``): same codes and scales, exact up to the offsets' fp16
+rounding (``RequantizationError.exact``). Elsewhere it re-quantizes as above. See docs/qalora.md.
+
 ``unmerge()`` restores the packed tensors saved at merge time, so merge → unmerge is exact (cost: one
 extra copy of the quantized layer while merged; set ``layer.keep_unmerged = False`` to re-quantize
 ``W − ΔW`` instead). :func:`merge_and_unload` never keeps those copies.
@@ -57,8 +63,8 @@ import peft
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
-from peft.tuners.lora.variants import DoraLinearVariant
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.lora.variants import DoraLinearVariant, QALoraLinearVariant
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from peft.utils.other import get_pattern_key
 
@@ -75,7 +81,7 @@ _SEQ_CLS_HEADS = ("score", "classifier")
 
 __all__ = ["QuantLoraLinear", "QuantLoraExperts", "all_experts_names", "RequantizationError", "MergeReport", "register_lora_config", "prepare_lora_config",
            "all_linear_names", "get_peft_model", "load_adapter", "add_adapter", "merge_and_unload", "merge_report",
-           "requantize_"]
+           "requantize_", "QuantQALoraLinearVariant", "quantization_aware_config", "qalora_delta"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +98,11 @@ class RequantizationError:
         rel_delta: ``‖Q(W') − W'‖ / ‖ΔW‖``: 0 means the delta survived exactly, ≈1 means it was
             rounded away (``inf`` for a zero delta that still moved the weight, ``0`` if nothing moved).
         clamped: weights outside the kept grid's range (GPTQ layers only; 0 otherwise).
+        kept: share of ``ΔW`` the merged quantized weight kept, ``1 + ⟨Q(W') − W', ΔW⟩/‖ΔW‖²`` (as the
+            exporter reports it): ≈ 1 when the change survived, ≈ 0 when it was rounded back onto the base's grid
+            (``nan`` for a zero delta).
+        exact: the change went into the format's per-group float offsets (:meth:`QuantLinear.add_to_offsets_`,
+            a quantization-aware adapter): codes and scales untouched, the error is the offsets' fp16 rounding.
     """
 
     max_abs: float
@@ -99,17 +110,26 @@ class RequantizationError:
     rel_weight: float
     rel_delta: float
     clamped: int = 0
+    kept: float = math.nan
+    exact: bool = False
+    err_sq: float = dataclasses.field(default=0.0, repr=False)   # ‖Q(W') − W'‖², for totals over layers
+    w_sq: float = dataclasses.field(default=0.0, repr=False)     # ‖W'‖²
 
     @classmethod
-    def measure(cls, quantized: Tensor, exact: Tensor, delta: Tensor, clamped: int = 0) -> "RequantizationError":
+    def measure(cls, quantized: Tensor, exact: Tensor, delta: Tensor, clamped: int = 0, *,
+                into_offsets: bool = False) -> "RequantizationError":
         err = (quantized.float() - exact.float())
+        delta = delta.float()
         e = float(err.norm())
-        d = float(delta.float().norm())
+        d2 = float(delta.pow(2).sum())
+        d = math.sqrt(d2)
         return cls(max_abs=float(err.abs().max()) if err.numel() else 0.0,
                    rms=e / math.sqrt(max(err.numel(), 1)),
                    rel_weight=e / max(float(exact.float().norm()), 1e-30),
                    rel_delta=(e / d) if d > 0 else (0.0 if e == 0 else math.inf),
-                   clamped=int(clamped))
+                   clamped=int(clamped),
+                   kept=(1.0 + float((err * delta).sum()) / d2) if d2 > 0 else math.nan,
+                   exact=into_offsets, err_sq=e * e, w_sq=float(exact.float().pow(2).sum()))
 
 
 def _quantized_state(layer: QuantLinear) -> dict[str, Tensor]:
@@ -212,6 +232,57 @@ class QuantDoraLinearVariant(DoraLinearVariant):
 
 
 # --------------------------------------------------------------------------------------------------
+# Quantization-aware LoRA (QA-LoRA, Xu et al. 2023) on a quantized base
+# --------------------------------------------------------------------------------------------------
+def qalora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, group_size: int, in_features: int,
+                 *, pooled: bool = False) -> Tensor:
+    """The weight change of peft's QA-LoRA, fp32.
+
+    peft's ``QALoraLinearVariant.forward`` adds ``s · (P · mean_g(x)) Aᵀ Bᵀ`` with ``mean_g`` the mean over each
+    group of ``g`` consecutive input features and ``P = in_features / g`` the number of groups (peft's scale).
+    The mean is ``x`` times a [K, P] matrix of ``1/g`` blocks, so that is ``x ΔWᵀ`` with::
+
+        ΔW[o, j] = s · (P / g) · (B A)[o, j // g]          (constant within each group of g inputs)
+
+    Args:
+        lora_A (Tensor): [r, in_features // g]. lora_B (Tensor): [out_features, r].
+        scaling: ``s`` (``alpha / r``, or ``alpha / √r`` with rsLoRA).
+        group_size: ``g`` (``qalora_group_size``). in_features: ``K``.
+        pooled: return the per-group values [out_features, K // g] instead of the dense [out_features, K].
+    """
+    n_groups = in_features // group_size
+    per_group = (lora_B.float() @ lora_A.float()) * (scaling * n_groups / group_size)
+    return per_group if pooled else per_group.repeat_interleave(group_size, dim=1)
+
+
+class QuantQALoraLinearVariant(QALoraLinearVariant):
+    """peft's QA-LoRA variant (init: ``lora_A`` becomes [r, in_features / g]; forward: the pooled input) on a
+    ``QuantLinear``, plus the dense delta that peft's GPTQ-only variant does not offer (:func:`qalora_delta`), so
+    that the adapter merges: exactly into per-group float offsets (:meth:`QuantLoraLinear.merge`), else by
+    re-quantizing ``W + ΔW`` as any adapter."""
+
+    @staticmethod
+    def get_delta_weight(module: "QuantLoraLinear", active_adapter: str) -> Tensor:
+        return qalora_delta(module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight,
+                            module.scaling[active_adapter], module.qalora_group_size[active_adapter],
+                            module.in_features)
+
+    @staticmethod
+    def merge_safe(module: "QuantLoraLinear", active_adapter: str, orig_weight: Tensor) -> Tensor:
+        delta = QuantQALoraLinearVariant.get_delta_weight(module, active_adapter)
+        return orig_weight + delta.to(orig_weight.device)
+
+    @staticmethod
+    def merge_unsafe(module: "QuantLoraLinear", active_adapter: str, orig_weight: Tensor) -> None:
+        raise NotImplementedError("QuantLoraLinear merges through merge_safe (the base weight is packed)")
+
+    @staticmethod
+    def unmerge(module: "QuantLoraLinear", active_adapter: str, orig_weight: Tensor) -> Tensor:
+        delta = QuantQALoraLinearVariant.get_delta_weight(module, active_adapter)
+        return orig_weight - delta.to(orig_weight.device)
+
+
+# --------------------------------------------------------------------------------------------------
 # The LoRA layer
 # --------------------------------------------------------------------------------------------------
 class QuantLoraLinear(nn.Module, LoraLayer):
@@ -247,6 +318,27 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     def lora_variants(self):
         return {(): None, ("use_dora",): QuantDoraLinearVariant}
 
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
+        # peft does not tag use_qalora as a variant field (only its GPTQ layer reads it), so resolve it here
+        if getattr(config, "use_qalora", False):
+            if config.use_dora:
+                raise ValueError(f"{self._layer_name()}: DoRA and quantization-aware LoRA (use_qalora) cannot be "
+                                 "combined (neither can peft)")
+            return QuantQALoraLinearVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def is_quantization_aware(self, adapter: str) -> bool:
+        """``adapter`` is a QA-LoRA adapter (its input pooled over groups of ``qalora_group_size[adapter]``)."""
+        return isinstance(self.lora_variant.get(adapter), QuantQALoraLinearVariant)
+
+    def merges_exactly(self, adapter: str) -> bool:
+        """``adapter`` folds into the base's per-group float offsets: a QA adapter whose group is a multiple of the
+        base's :attr:`~qtune.nn.QuantLinear.offset_group_size` (so its change is constant within every offset
+        group) and no LoRA bias beyond what the base bias takes."""
+        g = self.get_base_layer().offset_group_size
+        return (self.is_quantization_aware(adapter) and g is not None
+                and self.qalora_group_size[adapter] % g == 0)
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -276,12 +368,16 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
     # -- merge -----------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> Tensor:
-        """``s · B A`` [out_features, in_features] in fp32."""
+        """``s · B A`` [out_features, in_features] in fp32 (QA-LoRA: :func:`qalora_delta`)."""
+        if self.is_quantization_aware(adapter):
+            return QuantQALoraLinearVariant.get_delta_weight(self, adapter)
         return (self.lora_B[adapter].weight.float() @ self.lora_A[adapter].weight.float()) * self.scaling[adapter]
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge adapters into the quantized base: dequantize, add the delta, re-quantize.
+        """Merge adapters into the quantized base: dequantize, add the delta, re-quantize; or, for a
+        quantization-aware adapter on a format with per-group float offsets (:meth:`merges_exactly`), add the
+        per-group change to the offsets (same codes and scales; exact up to the offsets' fp16 rounding).
 
         Args:
             safe_merge: check the merged weight for NaN/Inf before writing it (it is always computed
@@ -296,6 +392,9 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A.keys():
                 continue
             weight = base.dequantize(torch.float32)
+            if self.merges_exactly(name):
+                self._merge_into_offsets(name, weight, safe_merge)
+                continue
             if name in self.lora_variant:
                 merged = self.lora_variant[name].merge_safe(self, name, weight)
             else:
@@ -313,9 +412,29 @@ class QuantLoraLinear(nn.Module, LoraLayer):
                 base.bias.data += (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
             self.merged_adapters.append(name)
 
+    def _merge_into_offsets(self, name: str, weight: Tensor, safe_merge: bool) -> None:
+        """:meth:`merge` of a QA adapter into per-group float offsets: ``m[o, k] += ΔW[o, k·g_o]``."""
+        base = self.get_base_layer()
+        g_o = base.offset_group_size
+        delta = self.get_delta_weight(name).to(weight.device)            # [out, in], constant per adapter group
+        if safe_merge and not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        if self.lora_bias[name] and base.bias is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        if self.keep_unmerged:  # add_to_offsets_ edits the packed bytes in place: keep copies
+            self._unmerged_state[name] = {k: b.clone() for k, b in _quantized_state(base).items()}
+        base.add_to_offsets_(delta[:, ::g_o], name=self._layer_name())  # [out, in / g_o]: one value per offset group
+        err = RequantizationError.measure(base.dequantize(torch.float32), weight + delta, delta, into_offsets=True)
+        self.merge_errors[name] = err
+        logger.debug("%s: merged QA adapter %r into the offsets, error %s", self._layer_name(), name, err)
+        if self.lora_bias[name]:
+            base.bias.data += (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+        self.merged_adapters.append(name)
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: restore the saved packed tensors (exact), or re-quantize ``W − ΔW``."""
+        """Undo :meth:`merge`: restore the saved packed tensors (exact), or re-quantize ``W − ΔW`` (offsets:
+        subtract the change again, exact up to fp16 rounding)."""
         if not self.merged:
             logger.warning("Already unmerged. Nothing to do.")
             return
@@ -329,6 +448,9 @@ class QuantLoraLinear(nn.Module, LoraLayer):
                 _restore_state(base, state)
                 if name in self.lora_variant:
                     self._caches.pop(f"{name}-weight_norm", None)
+            elif self.merges_exactly(name):
+                base.add_to_offsets_(-self.get_delta_weight(name)[:, ::base.offset_group_size],
+                                     name=self._layer_name())
             else:
                 weight = base.dequantize(torch.float32)
                 if name in self.lora_variant:
@@ -693,8 +815,16 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Make ``config`` ready for a qtune model, in place: expand ``"all-linear"`` and register the layers.
 
     peft would expand ``"all-linear"`` to ``nn.Linear``/``Conv1D`` only and miss every quantized layer.
-    The expansion lists full module names, as peft's does.
+    The expansion lists full module names, as peft's does. A quantization-aware config (``use_qalora``) is
+    checked against the targeted layers (:func:`_check_quantization_aware`).
     """
+    _expand_targets(model, config)
+    if getattr(config, "use_qalora", False):
+        _check_quantization_aware(model, config)
+    return config
+
+
+def _expand_targets(model: nn.Module, config: LoraConfig) -> None:
     register_lora_config(config)
     _check_target_parameters(model, config)
     tm = config.target_modules
@@ -703,22 +833,95 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         if not names:
             raise ValueError("target_modules='all-linear' matched no linear or quantized layer in the model")
         config.target_modules = set(names)
+
+
+def _targeted_quant_layers(model: nn.Module, config: LoraConfig) -> list[tuple[str, QuantLinear]]:
+    """``(name, layer)`` of every ``QuantLinear`` that ``config.target_modules`` selects (peft's own matching)."""
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not config.target_modules:
+        return []
+    out = []
+    for name, module in root.named_modules():
+        if isinstance(module, QuantLinear) and check_target_module_exists(config, name.replace(".base_layer", "")):
+            out.append((name.replace(".base_layer", ""), module))
+    return out
+
+
+def _check_quantization_aware(model: nn.Module, config: LoraConfig) -> None:
+    """Refuse a QA-LoRA group that does not divide a targeted layer's ``in_features``; warn (once per call site)
+    when a targeted layer cannot take the adapter's change exactly at merge time."""
+    g = config.qalora_group_size
+    if not isinstance(g, int) or g <= 0:
+        raise ValueError(f"use_qalora: qalora_group_size must be a positive int, got {g!r}")
+    layers = _targeted_quant_layers(model, config)
+    for name, layer in layers:
+        if layer.in_features % g:
+            raise ValueError(f"use_qalora: layer {name} has in_features={layer.in_features}, not a multiple of "
+                             f"qalora_group_size={g}")
+    inexact = [(n, l) for n, l in layers if l.offset_group_size is None or g % l.offset_group_size]
+    # once per config: the trainer prepares the config again (not a dataclass field: never saved)
+    if inexact and not getattr(config, "_qtune_inexact_warned", False):
+        config._qtune_inexact_warned = True
+        name, layer = inexact[0]
+        why = ("has no per-group float offset" if layer.offset_group_size is None
+               else f"has offsets per {layer.offset_group_size} weights, which the group of {g} does not cover")
+        warnings.warn(f"quantization-aware LoRA: {len(inexact)} of {len(layers)} targeted quantized layers cannot "
+                      f"take the merge exactly (e.g. {name}, format {layer.config.format}, {why}); merging them "
+                      "re-quantizes and reports the share of the change kept. Exact merges need Q4_1/Q5_1 GGUF or "
+                      "affine layers", UserWarning, stacklevel=2)
+
+
+def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Make ``config`` a quantization-aware LoRA (QA-LoRA) config for ``model``, in place, and return it.
+
+    Sets ``use_qalora=True`` and ``qalora_group_size`` to the quantization group of the targeted layers
+    (:attr:`~qtune.nn.QuantLinear.quant_group_size`: the GGUF block, NF4 block, GPTQ/int8 group, affine group), so
+    that the adapter's change is constant within each group. Layers with different groups get the least common
+    multiple (constant within every layer's groups, so merges into float offsets stay exact; the adapter is
+    pooled more coarsely on the layers with the finer groups). peft records both fields in adapter_config.json.
+
+    Raises:
+        ValueError: the adapter targets no quantized layer, a targeted layer has no group along ``in_features``
+            (LLM.int8, per-row int8, act-order GPTQ), the group does not divide a layer's ``in_features``, or DoRA.
+    """
+    _expand_targets(model, config)
+    if config.use_dora:
+        raise ValueError("quantization-aware LoRA cannot be combined with DoRA (use_dora)")
+    layers = _targeted_quant_layers(model, config)
+    if not layers:
+        raise ValueError("quantization-aware LoRA: the adapter targets no quantized layer (target_modules="
+                         f"{sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r})")
+    for name, layer in layers:
+        if layer.quant_group_size is None:
+            raise ValueError(f"quantization-aware LoRA: layer {name} ({layer.config.format}) has no quantization group "
+                             "along in_features to pool over; use a group format (GGUF, affine, NF4, GPTQ/int8 with "
+                             "group_size, no act-order) or leave this layer out of target_modules")
+    sizes = sorted({layer.quant_group_size for _, layer in layers})
+    config.use_qalora = True
+    config.qalora_group_size = math.lcm(*sizes)
+    if len(sizes) > 1:
+        logger.info("quantization-aware LoRA: layers quantized in groups of %s; pooling over groups of %d (their lcm)",
+                    sizes, config.qalora_group_size)
+    _check_quantization_aware(model, config)
     return config
 
 
 def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, loftq_weights: Any = None,
-                   loftq_iters: int = 1, **kwargs: Any):
+                   loftq_iters: int = 1, quantization_aware: bool = False, **kwargs: Any):
     """``peft.get_peft_model`` for a model with qtune layers (and any other model).
 
     Args:
         model: the (quantized) base model.
         config: a ``peft.LoraConfig``; r, lora_alpha, lora_dropout, use_rslora, use_dora,
-            modules_to_save, bias/lora_bias and ``target_modules="all-linear"`` all apply to qtune layers.
+            modules_to_save, bias/lora_bias, use_qalora/qalora_group_size and ``target_modules="all-linear"`` all
+            apply to qtune layers.
         adapter_name: name of the adapter.
         loftq_weights: LoftQ initialisation (:func:`qtune.integrations.loftq.loftq_init_`) from these float weights
             (the float checkpoint folder the model was quantized from, ``{layer name: weight}`` or a callable):
             the quantized layers are re-quantized and the adapter set so that ``deq(Q) + s·BA ≈ W``.
         loftq_iters: LoftQ's alternating steps.
+        quantization_aware: make it a QA-LoRA adapter pooled over the layers' quantization groups
+            (:func:`quantization_aware_config`), which merges exactly into Q4_1/Q5_1/affine layers.
         kwargs: passed to ``peft.get_peft_model``.
     Returns:
         ``peft.PeftModel`` whose targeted ``QuantLinear`` layers are wrapped in :class:`QuantLoraLinear`.
@@ -729,7 +932,13 @@ def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     if getattr(config, "init_lora_weights", True) == "loftq":
         raise ValueError("LoraConfig(init_lora_weights='loftq') is peft's bitsandbytes LoftQ; for qtune layers pass "
                          "qtune.get_peft_model(model, config, loftq_weights=<float checkpoint folder>, loftq_iters=T)")
-    prepare_lora_config(model, config)
+    if loftq_weights is not None and (quantization_aware or getattr(config, "use_qalora", False)):
+        raise ValueError("LoftQ initialisation and a quantization-aware (QA-LoRA) adapter cannot be combined: LoftQ's "
+                         "SVD factors are not constant within the quantization groups")
+    if quantization_aware:
+        quantization_aware_config(model, config)
+    else:
+        prepare_lora_config(model, config)
     with _quiet_unmatched_parameters(model, config):
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     _inject_expert_lora(peft_model, config, adapter_name)
@@ -807,9 +1016,23 @@ class MergeReport:
     def clamped(self) -> int:
         return sum(e.clamped for e in self.layers.values())
 
+    @property
+    def exact(self) -> int:
+        """Layers whose change went into the float offsets (quantization-aware adapters on Q4_1/Q5_1/affine)."""
+        return sum(e.exact for e in self.layers.values())
+
+    @property
+    def mean_kept(self) -> float:
+        """Mean share of the LoRA change the merged quantized weights kept (``nan`` without any change)."""
+        vals = [e.kept for e in self.layers.values() if math.isfinite(e.kept)]
+        return sum(vals) / len(vals) if vals else math.nan
+
     def summary(self) -> str:
-        return (f"merged {len(self.layers)} quantized layers: re-quantization error max |Δ| {self.max_abs:.3g}, "
-                f"mean ‖error‖/‖LoRA delta‖ {self.mean_rel_delta:.3f}"
+        how = (f" ({self.exact} exactly into the float offsets, codes unchanged; {len(self.layers) - self.exact} "
+               "re-quantized): merge error" if self.exact else ": re-quantization error")
+        kept = "" if math.isnan(self.mean_kept) else f", ΔW kept {100 * self.mean_kept:.1f}% (mean over layers)"
+        return (f"merged {len(self.layers)} quantized layers{how} max |Δ| {self.max_abs:.3g}, "
+                f"mean ‖error‖/‖LoRA delta‖ {self.mean_rel_delta:.3f}{kept}"
                 + (f", {self.clamped} weights clamped to the GPTQ grid" if self.clamped else ""))
 
 

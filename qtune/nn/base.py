@@ -283,6 +283,54 @@ class QuantLinear(nn.Module):
         with torch.autocast(device_type, enabled=False):
             return quant_linear(self.op_family, x.to(dtype), self.weight_args(), b)
 
+    # -- groups along in_features (quantization-aware LoRA, exact merges) --------------------------
+    @property
+    def quant_group_size(self) -> int | None:
+        """Consecutive weights of a row (along ``in_features``) that share their quantization parameters (scale,
+        and offset where the format has one), or ``None`` when the format has no such group (per-row scales, or
+        groups that are not contiguous, e.g. GPTQ act-order). What quantization-aware LoRA pools its input over.
+
+        Default: :attr:`offset_group_size` (a format with per-group float offsets groups along ``in_features``).
+        """
+        return self.offset_group_size
+
+    @property
+    def offset_group_size(self) -> int | None:
+        """Group size along ``in_features`` of a per-group **float** offset (``W = scale·q + offset``), or ``None``.
+
+        A layer with such offsets can take a change that is constant within each group exactly (up to the
+        offset's storage rounding) through :meth:`add_to_offsets_`, codes and scales untouched: the exact merge
+        of a quantization-aware LoRA adapter. ``None`` for formats without offsets (NF4, Q4_0, Q8_0), with integer
+        zero points (GPTQ), or with quantized offsets (the K-quants' 6-bit mins).
+        """
+        return None
+
+    def add_to_offsets_(self, delta: Tensor, *, name: str = "") -> None:
+        """Add ``delta`` to each group's offset in place, rounded to the offset's storage dtype (codes and scales
+        untouched): ``W[o, j] += delta[o, j // offset_group_size]``.
+
+        Args:
+            delta (Tensor): fp32 [out_features, in_features // offset_group_size].
+            name: the layer's name, for error messages.
+        Raises:
+            TypeError: the format has no per-group float offset (:attr:`offset_group_size` is ``None``).
+            ValueError: ``delta`` has the wrong shape or holds NaN/Inf.
+        """
+        raise TypeError(f"{name or type(self).__name__}: format {self.config.format} has no per-group float offset "
+                        "to add a change to (offset_group_size is None); merge by re-quantizing instead")
+
+    def _check_offset_delta(self, delta: Tensor, name: str) -> Tensor:
+        """``delta`` as fp32 [out_features, in_features // offset_group_size], or a ValueError naming the layer."""
+        g = self.offset_group_size
+        expected = (self.out_features, self.in_features // g)
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"{name or type(self).__name__}: offset change has shape {tuple(delta.shape)}, expected "
+                             f"{expected} (one value per group of {g} weights)")
+        if not delta.is_floating_point() or not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"{name or type(self).__name__}: offset change must be finite floats, got {delta.dtype}"
+                             + ("" if not delta.is_floating_point() else " holding NaN/Inf"))
+        return delta.detach().float()
+
     # -- reporting ------------------------------------------------------------------------------
     def quantized_bytes(self) -> int:
         """Bytes of the packed weight and its scales (buffers), excluding the bias."""

@@ -57,6 +57,11 @@ class Linear4bit(QuantLinear):
         return (self.packed(), self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
                 self.nested_offset, self.blocksize, [self.out_features, self.in_features])
 
+    @property
+    def quant_group_size(self) -> int | None:
+        # blocks run over the flattened [out, in] weight: they follow rows only when a row holds whole blocks
+        return self.blocksize if self.in_features % self.blocksize == 0 else None
+
 
 @register_layer(Int8Config)
 class LinearInt8(QuantLinear):
@@ -84,6 +89,11 @@ class LinearInt8(QuantLinear):
 
     def weight_args(self) -> tuple:
         return (self.packed(), self.scale, self.zero, self.group_size)
+
+    @property
+    def quant_group_size(self) -> int | None:
+        g = self.group_size
+        return g if g != -1 and self.in_features % g == 0 else None
 
 
 @register_layer(LLMInt8Config)
@@ -159,6 +169,16 @@ class LinearGPTQ(QuantLinear):
     def weight_args(self) -> tuple:
         return (self.packed(), self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
 
+    @property
+    def quant_group_size(self) -> int | None:
+        """``group_size`` when the groups are contiguous runs of ``in_features`` (no act-order permutation).
+        The zero points are integers, so there is no :attr:`offset_group_size`: merges re-round."""
+        g = self.group_size
+        if g == -1 or self.in_features % g:
+            return None
+        contiguous = torch.arange(self.in_features, device=self.g_idx.device) // g
+        return g if bool(torch.equal(self.g_idx.long(), contiguous)) else None
+
 
 @register_layer(*GGUF_CONFIGS)
 class LinearGGUF(QuantLinear):
@@ -199,6 +219,46 @@ class LinearGGUF(QuantLinear):
 
     def weight_args(self) -> tuple:
         return (self.packed(), self.ggml_type, self.in_features)
+
+    # -- groups along in_features -----------------------------------------------------------------
+    @property
+    def quant_group_size(self) -> int:
+        """The block (32) or, for the K-quants, the sub-block that has its own scale (32; Q6_K: 16)."""
+        return self.config.scale_group
+
+    @property
+    def offset_group_size(self) -> int | None:
+        """32 for Q4_1/Q5_1 (fp16 ``m`` per block); ``None`` for the types without an offset (Q4_0, Q5_0, Q8_0)
+        and for the K-quants, whose mins are 6-bit codes times a shared ``dmin`` (a change cannot land exactly)."""
+        return self.config.block_size if self.config.float_offset else None
+
+    @torch.no_grad()
+    def add_to_offsets_(self, delta: Tensor, *, name: str = "") -> None:
+        """``m += delta`` in every block, rounded to fp16 (the block bytes are edited in place; ``d`` and the
+        codes keep their bytes).
+
+        Args:
+            delta (Tensor): fp32 [out_features, in_features // 32], the change of block ``k`` of row ``o``.
+        Raises:
+            TypeError: a type without a float offset. ValueError: bad shape, NaN/Inf, or an offset that overflows fp16.
+        """
+        name = name or type(self).__name__
+        if self.offset_group_size is None:
+            super().add_to_offsets_(delta, name=name)
+        delta = self._check_offset_delta(delta, name)
+        cfg = self.config
+        blocks = self.packed().view(self.out_features, -1, cfg.type_size)   # [N, K/32, type_size] uint8, a view
+        m_bytes = blocks[:, :, _GGUF_OFFSET_BYTES]                           # [N, K/32, 2] (d, m, ... per block)
+        m = m_bytes.contiguous().view(torch.float16).squeeze(-1).float()
+        new = (m + delta.to(m.device)).to(torch.float16)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"{name}: {cfg.type_name} offsets overflow fp16 after adding the change "
+                             f"(max |m + Δ| {float((m + delta.to(m.device)).abs().max()):.4g})")
+        blocks[:, :, _GGUF_OFFSET_BYTES] = new.unsqueeze(-1).view(torch.uint8)
+
+
+# Q4_1/Q5_1 blocks start with fp16 d then fp16 m (qtune.formats.gguf's layout table)
+_GGUF_OFFSET_BYTES = slice(2, 4)
 
 
 @register_layer(AffineConfig)

@@ -123,6 +123,9 @@ LORA = {
     "target_modules": Opt((str, list), "all-linear", check=_str_list),
     "use_rslora": Opt((bool,), False),
     "use_dora": Opt((bool,), False),
+    "quantization_aware": Opt((bool,), False, doc="QA-LoRA (peft use_qalora): the adapter's input is pooled over "
+                              "each quantization group of the base's layers, so its change merges exactly into "
+                              "Q4_1/Q5_1 GGUF and affine layers (their float offsets)"),
     "experts": Opt((bool,), False, doc="LoRA on the fused MoE experts too (peft target_parameters, all expert "
                    "weights; needs dropout: 0)"),
     "bias": Opt((str,), "none", ("none", "all", "lora_only")),
@@ -531,6 +534,11 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         if section not in data and any(o.default is _REQUIRED for o in SCHEMAS[section].values()):
             raise ctx.error((section,), "section is required")
         out[section] = _validate_mapping(ctx, (section,), SCHEMAS[section], data.get(section))
+    if out["lora"]["quantization_aware"]:
+        for key in ("use_dora", "experts"):
+            if out["lora"][key]:
+                raise ctx.error(("lora", key), "must be false with lora.quantization_aware: true (QA-LoRA pools the "
+                                "input of linear layers; peft has no DoRA or expert variant of it)")
     if out["lora"]["experts"]:  # peft's ParamWrapper (which loads expert adapters) refuses these
         for key, bad in (("dropout", out["lora"]["dropout"]), ("use_dora", out["lora"]["use_dora"])):
             if bad:
@@ -600,7 +608,7 @@ def _validate_loftq(ctx: "_Ctx", data: dict, out: dict, fmt: str, calibrated: bo
                         f"model.path quantized while loading with a format that needs no calibration (nf4, affine, "
                         f"int8, rtn...; backend qtune), not quantization.format {fmt!r}"
                         + (" with backend bitsandbytes" if out["quantization"]["backend"] != "qtune" else ""))
-    for key in ("use_dora", "experts"):
+    for key in ("use_dora", "experts", "quantization_aware"):
         if lo[key]:
             raise ctx.error(("lora", key), "must be false with lora.init: loftq (LoftQ initialises plain LoRA on "
                             "quantized linear layers)")

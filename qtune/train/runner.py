@@ -383,7 +383,15 @@ def attach_adapter(recipe: Recipe, model, float_path: Path | None = None, say=No
         loftq_init_(peft_model, float_path, iters=recipe.lora["loftq_iters"], log=say)
         return peft_model, None
     if recipe.model["adapter"] is None:
-        return model, lora_config(recipe)
+        config = lora_config(recipe)
+        if recipe.lora["quantization_aware"]:  # the pooling group comes from the loaded base's layers
+            from ..integrations.peft import quantization_aware_config
+
+            try:
+                quantization_aware_config(model, config)
+            except ValueError as e:
+                raise recipe.error(("lora", "quantization_aware"), str(e)) from None
+        return model, config
     from ..integrations.peft import load_adapter
 
     folder = find_adapter_dir(recipe)
