@@ -17,7 +17,8 @@ weights, naming the file and the architecture.
 
 The result is the model ``qtune.load_model`` returns for a qtune folder (``quant_method: "qtune"``,
 ``QuantLinear`` layers, peft/trl/export ready); ``qtune.save_quantized(model, out)`` writes it in qtune's
-layout. Writing GGUF is not implemented yet (``can_store`` is False for every config).
+layout. GGUF files are written by :func:`qtune.export.gguf.write_gguf` (``qtune export --mode quantized --format
+gguf``), not through this layout (a GGUF export is one file, not a checkpoint folder): ``can_store`` is False.
 
 Errors are ``ValueError`` with one line naming the file (and the tensor where there is one): a file the
 ``gguf`` package cannot parse (truncated, corrupt), a tensor whose data is cut short, a linear weight of a
@@ -25,8 +26,10 @@ type qtune has no layer for.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -103,6 +106,23 @@ def _block_safe(processor) -> bool:
     return type(processor) in (TensorProcessor, LlamaTensorProcessor)
 
 
+@contextlib.contextmanager
+def cached_name_maps() -> Iterator[None]:
+    """Memoize ``gguf.get_tensor_name_map`` while transformers' ``get_gguf_hf_weights_map`` runs.
+
+    That function rebuilds the (pure, argument-determined) name map once per submodule (397 times, ~15 s for
+    SmolLM2); the result is the same map, built once.
+    """
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: str,
               float_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The state dict (GGUF blocks under ``<layer>.weight`` for quantized layers, float tensors otherwise) and
@@ -110,7 +130,8 @@ def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: 
     import gguf
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    key_map = get_gguf_hf_weights_map(skeleton, processor)
+    with cached_name_maps():
+        key_map = get_gguf_hf_weights_map(skeleton, processor)
     modules = dict(skeleton.named_modules())
     readable = ", ".join(c.type_name for c in GGUF_CONFIGS)
     state: dict[str, torch.Tensor] = {}
@@ -198,14 +219,18 @@ def _read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwarg
     return read_file(path, dtype=dtype, kwargs=kwargs, auto_class=auto_class)
 
 
+_REFUSAL = ("--layout gguf: a GGUF export is one file; write it with `qtune export --mode quantized --format gguf` "
+            "or qtune.export.write_gguf(model, 'x.gguf')")
+
+
 def _write(model: nn.Module, folder: Path) -> None:
-    raise ValueError("--layout gguf: writing GGUF files is not implemented yet (qtune reads them)")
+    raise ValueError(_REFUSAL)
 
 
 LAYOUT = register_layout(Layout(
-    name="gguf", quant_method="", holds="nothing yet (GGUF files are read, not written)",
+    name="gguf", quant_method="", holds="nothing as a folder (GGUF files are written by `--format gguf`)",
     can_store=lambda cfg: False, detects=lambda qc: False, read=_read, write=_write,
-    refusal=lambda cfg: "--layout gguf: writing GGUF files is not implemented yet (qtune reads them)",
+    refusal=lambda cfg: _REFUSAL,
     claims_path=is_gguf_path, tokenizer=load_tokenizer,
     note="GGUF file (llama.cpp); load with `qtune.load_model(file.gguf)`"))
 
