@@ -313,7 +313,19 @@ def _rope(config) -> dict[str, Any]:
     return rope
 
 
-def _write_config(writer, config, linear_cfg: type[GGUFConfig] | None) -> None:
+def _file_type(model: nn.Module, linear_cfg: type[GGUFConfig] | None) -> int:
+    """``general.file_type``: the type most decoder linear weights are in (``gguf.LlamaFileType``; 1 = F16)."""
+    from collections import Counter
+
+    if linear_cfg is not None:
+        return _FILE_TYPES[linear_cfg.type_name]
+    held = Counter(m.config.type_name for m in model.modules() if isinstance(m, LinearGGUF))
+    if not held:
+        return 1
+    return _FILE_TYPES.get(held.most_common(1)[0][0], 1)
+
+
+def _write_config(writer, config, file_type: int) -> None:
     import gguf
 
     heads = config.num_attention_heads
@@ -335,8 +347,7 @@ def _write_config(writer, config, linear_cfg: type[GGUFConfig] | None) -> None:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
     writer.add_vocab_size(int(config.vocab_size))
-    if linear_cfg is not None:
-        writer.add_file_type(_FILE_TYPES[linear_cfg.type_name])
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -429,7 +440,7 @@ def _from_hf(model: nn.Module, writer, result: GGUFWritten, linear_cfg: type[GGU
     config = model.config
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == result.architecture)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    _write_config(writer, config, linear_cfg)
+    _write_config(writer, config, _file_type(model, linear_cfg))
     if tokenizer is None:
         raise ValueError("a GGUF file needs the tokenizer: pass tokenizer= (the run's or the base's)")
     _write_tokenizer(writer, tokenizer, int(config.vocab_size))
