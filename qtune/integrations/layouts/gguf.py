@@ -22,7 +22,7 @@ gguf``), not through this layout (a GGUF export is one file, not a checkpoint fo
 
 Errors are ``ValueError`` with one line naming the file (and the tensor where there is one): a file the
 ``gguf`` package cannot parse (truncated, corrupt), a tensor whose data is cut short, a linear weight of a
-type qtune has no layer for.
+type qtune has no layer for, a weight of the model with no tensor in the file (a misnamed or missing tensor).
 """
 from __future__ import annotations
 
@@ -86,9 +86,11 @@ def _hf_config(path: Path, trust_remote_code: bool):
 
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        first = f"{e}".splitlines()[0]
-        raise ValueError(f"{path}: transformers cannot build a config from this GGUF file ({first})") from None
+    except (ValueError, KeyError, NotImplementedError, OSError, TypeError) as e:
+        # a corrupt key/value section: transformers may fall back to reading the file as a JSON config (OSError)
+        first = (f"{e}".splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: transformers cannot build a config from this GGUF file ({first}); is it corrupt?"
+                         ) from None
 
 
 def _processor(reader, hf_config):
@@ -171,6 +173,12 @@ def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: 
         state[key_map[result.name]] = torch.from_numpy(np.copy(result.weights)).to(float_dtype)
     if not layers:
         raise ValueError(f"{path}: no linear weight is in a GGUF block type qtune reads ({readable})")
+    # transformers would initialise a weight the file lacks at random; a model from a file with a missing or
+    # misnamed tensor is refused instead (ties are one parameter here)
+    missing = [n for n, _ in skeleton.named_parameters() if n not in state]
+    if missing:
+        raise ValueError(f"{path}: no tensor for {missing[0]} ({len(missing)} weights missing); the file is corrupt or "
+                         "its tensor names are not the ones the gguf package gives this architecture")
     return state, layers
 
 
