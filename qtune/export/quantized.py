@@ -191,16 +191,14 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
                      heldout: str | None = None, heldout_tokens: int | None = None, heldout_window: int | None = None,
                      push_to_hub: str | None = None, private: bool = False, token: str | None = None,
                      base: str | None = None, base_format: str | None = None, progress: bool = False,
-                     gguf_type: str | None = None, log: Callable[[str], None] = print) -> ExportResult:
+                     log: Callable[[str], None] = print) -> ExportResult:
     """Merge the adapter in fp32, quantize the merged model again, and write it in ``layout``.
 
     Args:
         source: a run/adapter folder or an :class:`ExportSource` (consumed).
         out: the export folder (atomic; must not exist unless ``overwrite``).
-        format: target format (see :func:`target_config`), or ``"gguf"``: one GGUF file (``out/model.gguf``) in
-            the GGUF base's own tensor types, or in ``gguf_type`` for a Hugging Face base
-            (:func:`qtune.export.quantized_gguf.export_gguf`; ``layout``, ``calibration`` and the options after it
-            do not apply).
+        format: target format (see :func:`target_config`); a GGUF file is written by
+            :func:`qtune.export.quantized_gguf.export_gguf` (``export(..., mode="quantized", format="gguf")``).
         layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
         calibration: GPTQ calibration text (a source as in recipes: a file, ``qtune:austen/emma``...; default:
@@ -212,7 +210,6 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         push_to_hub, private, token: upload afterwards (:func:`qtune.export.hub.push_folder`).
         base, base_format: see :func:`qtune.export.load_source`.
         progress: tqdm bar over GPTQ blocks.
-        gguf_type: with ``format="gguf"`` on a Hugging Face base: ``q4_0``/``q4_1``/``q5_0``/``q5_1``/``q8_0``.
         log: output lines (the per-layer table included).
     Returns:
         :class:`ExportResult` with ``layers`` and ``total_rel_weight``.
@@ -223,18 +220,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     from . import card, hub
 
     if isinstance(format, str) and format.strip().lower() == "gguf":
-        from .quantized_gguf import export_gguf
-
-        for key, value in (("calibration", calibration), ("samples", samples), ("seq_len", seq_len)):
-            if value is not None:
-                raise ValueError(f"--{key.replace('_', '-')} does not apply to --format gguf (no calibration)")
-        if layout not in ("qtune", "gguf"):
-            raise ValueError(f"--layout {layout} does not apply to --format gguf (one GGUF file)")
-        return export_gguf(source, out, gguf_type=gguf_type, dtype=dtype, overwrite=overwrite, verify=verify,
-                           heldout=heldout, heldout_tokens=heldout_tokens, heldout_window=heldout_window, base=base,
-                           base_format=base_format, push_to_hub=push_to_hub, private=private, token=token, log=log)
-    if gguf_type is not None:
-        raise ValueError("--gguf-type applies with --format gguf only")
+        raise ValueError("format 'gguf' is one GGUF file: qtune.export.export_gguf, or export(..., mode='quantized', "
+                         "format='gguf')")
     start = time.perf_counter()
     out = check_output(out, overwrite=overwrite)
     if layout not in layout_names():
