@@ -130,22 +130,15 @@ def _quantized_bytes(t: torch.Tensor, cfg: type[GGUFConfig], name: str) -> np.nd
 
 def _model_tensors(model: nn.Module) -> dict[str, Any]:
     """``{state name: Tensor or LinearGGUF}``: every parameter (ties once) and every LinearGGUF layer's blocks."""
-    out: dict[str, Any] = {}
-    gguf_layers = {n for n, m in model.named_modules() if isinstance(m, LinearGGUF)}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and not isinstance(module, LinearGGUF):
-            out[f"{name}.weight"] = module  # dequantized when written
-        elif isinstance(module, LinearGGUF):
-            out[f"{name}.weight"] = module
+    # QuantLinear layers hold their weight in buffers: the layer stands for it (LinearGGUF: blocks written as they
+    # are; other formats: dequantized)
+    out: dict[str, Any] = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, p in model.named_parameters():
-        owner = name.rpartition(".")[0]
-        if owner in gguf_layers and name.endswith(".weight"):
-            continue
         out.setdefault(name, p)
     return out
 
 
-def _dense(value: Any, name: str) -> torch.Tensor:
+def _dense(value: Any) -> torch.Tensor:
     """A float [out, in] (or 1-D) view of a model tensor (QuantLinear: dequantized in fp32)."""
     if isinstance(value, QuantLinear):
         return value.dequantize(torch.float32)
@@ -218,9 +211,9 @@ def _from_gguf(model: nn.Module, source: Path, reader, writer, result: GGUFWritt
             if np.array_equal(blocks, src_bytes):
                 result.kept.append(t.name)
             continue
-        dense = _dense(value, hf)
+        dense = _dense(value)
         try:
-            ref = torch.from_numpy(back_reference(gguf, t, rows_permuted, n_head, n_kv))
+            ref = torch.from_numpy(_source_as_read(gguf, t, rows_permuted, n_head, n_kv))
         except NotImplementedError:
             raise ValueError(f"{source}: tensor {t.name} has type {qtype.name}, which the gguf package cannot "
                              "dequantize") from None
@@ -247,7 +240,7 @@ def _from_gguf(model: nn.Module, source: Path, reader, writer, result: GGUFWritt
                          f"({len(missing)} such); it cannot be written in the source's layout")
 
 
-def back_reference(gguf, t, rows_permuted: bool, n_head: int, n_kv: int) -> np.ndarray:
+def _source_as_read(gguf, t, rows_permuted: bool, n_head: int, n_kv: int) -> np.ndarray:
     """The source tensor as transformers reads it (dequantized fp32, rows in HF order).
 
     Block types qtune holds go through :func:`~qtune.formats.gguf.dequantize_gguf` (equal to the gguf package's
@@ -269,8 +262,8 @@ def back_reference(gguf, t, rows_permuted: bool, n_head: int, n_kv: int) -> np.n
 
 
 def _tied(model: nn.Module, hf: str) -> bool:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return out is not None and hf.startswith("lm_head") and getattr(model.config, "tie_word_embeddings", False)
+    """``hf`` is the output head's weight and the model ties it to the input embeddings."""
+    return hf.startswith("lm_head.") and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 def _add(writer, result: GGUFWritten, name: str, data: np.ndarray, qtype) -> None:
@@ -448,7 +441,9 @@ def _from_hf(model: nn.Module, writer, result: GGUFWritten, linear_cfg: type[GGU
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf, value in _model_tensors(model).items():
         if tied and hf.startswith("lm_head."):
-            continue
+            # named_parameters lists a tied head once (as the embeddings); a head listed apart was untied
+            raise ValueError(f"tensor {hf}: the config ties it to the input embeddings, but the model holds another "
+                             "weight; GGUF would drop it (set config.tie_word_embeddings=False, or tie them)")
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"tensor {hf}: the gguf package has no {result.architecture} tensor name for it")
@@ -462,7 +457,7 @@ def _from_hf(model: nn.Module, writer, result: GGUFWritten, linear_cfg: type[GGU
             _add(writer, result, name, back(value.weight.detach().cpu().numpy()),
                  gguf.GGMLQuantizationType(int(value.ggml_type)))
             continue
-        dense = _dense(value, hf).float().cpu()
+        dense = _dense(value).float().cpu()
         if is_conv1d(model.get_submodule(hf.rpartition(".")[0])) and dense.dim() == 2:
             dense = dense.t()
         file_order = torch.from_numpy(back(np.ascontiguousarray(dense.numpy())))

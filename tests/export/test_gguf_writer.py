@@ -211,6 +211,16 @@ def test_architecture_the_writer_cannot_express(tmp_path, tok):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_a_head_untied_from_tied_embeddings_is_refused(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path, tok), dtype=torch.float32)
+    model.config.tie_word_embeddings = True  # but lm_head keeps its own weight
+    with pytest.raises(ValueError, match=r"tensor lm_head\.weight: the config ties it to the input embeddings"):
+        write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0", tokenizer=tok)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_existing_file_needs_overwrite_and_bad_type(tmp_path, tok):
     from transformers import AutoModelForCausalLM
 
