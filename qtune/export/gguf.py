@@ -437,7 +437,8 @@ def _from_hf(model: nn.Module, writer, result: GGUFWritten, linear_cfg: type[GGU
     if tokenizer is None:
         raise ValueError("a GGUF file needs the tokenizer: pass tokenizer= (the run's or the base's)")
     _write_tokenizer(writer, tokenizer, int(config.vocab_size))
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf, value in _model_tensors(model).items():
         if tied and hf.startswith("lm_head."):

@@ -138,7 +138,8 @@ def test_cli_gguf_export_and_refusals(run_for, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "architecture 'gpt2': qtune writes GGUF for llama, mistral, qwen2" in err
     assert _one_error_line(err) and not (tmp_path / "g").exists()
-    code = main(["export", str(run_for("none")), "--mode", "merged", "--gguf-type", "q8_0", "--out", str(tmp_path / "m")])
+    code = main(["export", str(run_for("none")), "--mode", "merged", "--gguf-type", "q8_0",
+                 "--out", str(tmp_path / "m")])
     assert code != 0 and "--gguf-type applies to --mode quantized only" in capsys.readouterr().err
 
 

@@ -171,8 +171,8 @@ def test_gguf_source_changed_tensors_keep_their_types(tmp_path):
     a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out.path))
     assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
     again = qtune.load_model(out.path, dtype=torch.float32)
-    torch.testing.assert_close(again.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight,
-                               rtol=0, atol=0)
+    norm = model.model.layers[0].input_layernorm.weight
+    torch.testing.assert_close(again.model.layers[0].input_layernorm.weight, norm, rtol=0, atol=0)
     expected = qtune.formats.gguf.quantize_gguf(dense.weight, int(gguf.GGMLQuantizationType.Q4_0))
     assert torch.equal(again.model.layers[1].self_attn.q_proj.weight, expected)
     ids = torch.arange(20).view(1, -1)
