@@ -211,6 +211,26 @@ def test_architecture_the_writer_cannot_express(tmp_path, tok):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_a_tokenizer_gguf_cannot_name_is_refused(tmp_path, tok):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from tests.train.models import CORPUS
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
+    spm.decoder = decoders.Metaspace()
+    spm.train_from_iterator([CORPUS], trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                                  show_progress=False))
+    model = AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path, tok), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"tokenizer: a BPE model with a Metaspace decoder; qtune writes byte-level "
+                                         r"BPE tokenizers"):
+        write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
+    with pytest.raises(ValueError, match=r"a GGUF file needs the tokenizer"):
+        write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_a_head_untied_from_tied_embeddings_is_refused(tmp_path, tok):
     from transformers import AutoModelForCausalLM
 
