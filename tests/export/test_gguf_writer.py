@@ -223,9 +223,10 @@ def test_a_tokenizer_gguf_cannot_name_is_refused(tmp_path, tok):
     spm.train_from_iterator([CORPUS], trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
                                                                   show_progress=False))
     model = AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path, tok), dtype=torch.float32)
+    sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=spm)
     with pytest.raises(ValueError, match=r"tokenizer: a BPE model with a Metaspace decoder; qtune writes byte-level "
                                          r"BPE tokenizers"):
-        write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0", tokenizer=PreTrainedTokenizerFast(tokenizer_object=spm))
+        write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0", tokenizer=sentencepiece_like)
     with pytest.raises(ValueError, match=r"a GGUF file needs the tokenizer"):
         write_gguf(model, tmp_path / "x.gguf", gguf_type="q8_0")
     assert not (tmp_path / "x.gguf").exists()
