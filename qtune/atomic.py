@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["check_output", "atomic_output", "check_free_space"]
+__all__ = ["check_output", "atomic_output", "atomic_file", "check_free_space"]
 
 
 def _occupied(out: Path) -> bool:
@@ -81,6 +81,37 @@ def atomic_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         _replace(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to ``out`` (not yet created); rename it to ``out`` when the block succeeds.
+
+    The single-file counterpart of :func:`atomic_output` (a GGUF export is one file). On any exception the
+    temporary file is removed and ``out`` is as before.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False (checked before and again at the rename).
+        ValueError: ``out`` is an existing folder.
+    """
+    out = check_output(out, overwrite=overwrite)
+    if out.is_dir() and not out.is_symlink():
+        raise ValueError(f"{out}: is a folder; expected a file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        if _occupied(out) and not overwrite:
+            raise FileExistsError(f"{out}: appeared while exporting; it was left untouched")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

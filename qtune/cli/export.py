@@ -7,6 +7,8 @@
 * ``quantized``: merged, then quantized again into ``--format`` (RTN formats directly; ``gptq`` with
   ``--calibration`` text, on the merged weights) and saved in ``--layout``; prints the per-layer and total
   error against the merged full-precision model, and with ``--heldout`` the perplexity of each model.
+  ``--format gguf`` writes one GGUF file instead (``--out/model.gguf``): a GGUF base's own tensor types,
+  metadata and tokenizer; ``--gguf-type`` for a Hugging Face base.
 
 The export is written next to ``--out`` and renamed at the end, reloads itself and checks its logits
 (``--no-verify`` skips it); an existing ``--out`` is never touched without ``--overwrite``.
@@ -16,6 +18,8 @@ Examples::
     qtune export runs/smollm2-135m-qlora-nf4 --mode adapter --out smollm2-emma-lora
     qtune export runs/smollm2-135m-qlora-nf4 --mode merged --dtype bf16 --out smollm2-emma \\
         --push-to-hub me/smollm2-emma --private
+    qtune export runs/my-run-on-a-gguf-base --mode quantized --format gguf --out my-model-gguf
+    qtune export runs/smollm2-135m-qlora-nf4 --mode quantized --format gguf --gguf-type q8_0 --out smollm2-emma-q8
     qtune export runs/smollm2-135m-qlora-nf4 --mode quantized --format gptq --layout gptq \\
         --calibration qtune:austen/emma --samples 64 --heldout qtune:austen/persuasion --out smollm2-emma-gptq
 """
@@ -28,7 +32,7 @@ from ..formats import format_names
 from ..integrations.layouts import layout_names
 from . import one_line_errors
 
-_QUANTIZED_ONLY = ("format", "layout", "calibration", "samples", "seq_len")
+_QUANTIZED_ONLY = ("format", "layout", "calibration", "samples", "seq_len", "gguf_type")
 _FLOAT_MODES_ONLY = ("dtype", "heldout", "heldout_tokens", "heldout_window")
 
 
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs["max_shard_size"] = args.max_shard_size
     if mode == "quantized":
         kwargs.update(format=args.format, layout=args.layout or "qtune", calibration=args.calibration,
-                      samples=args.samples, seq_len=args.seq_len, progress=not args.no_progress)
+                      samples=args.samples, seq_len=args.seq_len, progress=not args.no_progress,
+                      gguf_type=args.gguf_type)
     try:
         export(args.source, args.out, mode=mode, **kwargs)
     except OSError as e:
@@ -85,7 +90,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"one of {', '.join(format_names())} (default: the base's own format when a quantization-aware "
                         "adapter merges into it exactly, else nf4), with options as for `qtune quantize`, e.g. "
                         "nf4:double_quant=true or gptq:bits=4,group_size=64; a bare name equal to the base's format "
-                        "keeps the base's settings")
+                        "keeps the base's settings. `gguf`: one GGUF file (--out/model.gguf, for llama.cpp/Ollama): a "
+                        "GGUF base keeps its metadata, tokenizer and tensor types (unchanged layers byte for byte), "
+                        "a Hugging Face base (llama/mistral/qwen2) needs --gguf-type")
+    g.add_argument("--gguf-type", default=None, choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"),
+                   help="--format gguf on a Hugging Face base: type of the decoder's linear weights (q4_1/q5_1 carry a "
+                        "float offset per 32 weights; q8_0 is near-lossless); embeddings F16, norms F32")
     g.add_argument("--layout", default=None, choices=layout_names(),
                    help="qtune (default), bnb (transformers+bitsandbytes) or gptq (GPTQ v1)")
     g.add_argument("--calibration", default=None,

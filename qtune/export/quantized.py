@@ -208,7 +208,8 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
         out: the export folder (atomic; must not exist unless ``overwrite``).
         format: target format (see :func:`target_config`); ``None``: the adapted layers' own format when the adapter
             merges into it exactly (a quantization-aware adapter on Q4_1/Q5_1/affine, :func:`exact_merge_layers`; the
-            base's other layers keep their formats), else nf4.
+            base's other layers keep their formats), else nf4. A GGUF file is written by
+            :func:`qtune.export.quantized_gguf.export_gguf` (``export(..., mode="quantized", format="gguf")``).
         layout: ``qtune`` (``quant_method: qtune``), ``bnb`` (transformers+bitsandbytes) or ``gptq`` (GPTQ v1).
         dtype: dtype of the float parameters and compute dtype of the quantized layers (``auto``: the base's).
         calibration: GPTQ calibration text (a source as in recipes: a file, ``qtune:austen/emma``...; default:
@@ -229,6 +230,9 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     """
     from . import card, hub
 
+    if isinstance(format, str) and format.strip().lower() == "gguf":
+        raise ValueError("format 'gguf' is one GGUF file: qtune.export.export_gguf, or export(..., mode='quantized', "
+                         "format='gguf')")
     start = time.perf_counter()
     out = check_output(out, overwrite=overwrite)
     if layout not in layout_names():

@@ -68,8 +68,8 @@ class ExportSource:
     def base_quantization(self) -> dict[str, Any]:
         """The recipe's ``quantization`` section (``format`` ``pretrained`` adds the checkpoint's own method)."""
         q = {k: v for k, v in self.recipe.quantization.items() if v not in (None, {}, [])}
-        if q.get("format") == "pretrained" and self.base_path.is_file():  # a GGUF file: its name says what it is
-            q["checkpoint"] = {"file": self.base_path.name}
+        if q.get("format") == "pretrained" and _is_gguf_file(self.base_path):
+            q["checkpoint"] = {"quant_method": "gguf", "file": self.base_path.name}
         elif q.get("format") == "pretrained":
             # the checkpoint's own quantization_config (bitsandbytes/GPTQ/qtune), without the per-layer map
             qc = _read_json(self.base_path / "config.json").get("quantization_config")
@@ -158,6 +158,13 @@ def find_adapter(path: str | Path) -> tuple[Path, Path | None]:
                              "(re-save the adapter with safe_serialization=True)")
         raise FileNotFoundError(f"{adapter / ADAPTER_WEIGHTS}: missing (the adapter folder is incomplete)")
     return adapter, run
+
+
+def _is_gguf_file(path: str | Path) -> bool:
+    """A GGUF file as the base (``model.path: file.gguf``): it holds config and tokenizer itself."""
+    from ..integrations.layouts.gguf import is_gguf_path
+
+    return is_gguf_path(path) and Path(path).is_file()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -399,10 +406,7 @@ def load_source(path: str | Path, *, base: str | None = None, base_format: str |
     adapter, run = find_adapter(path)
     recipe = resolve_recipe(adapter, run, base=base, base_format=base_format, dtype=_dtype_name(dtype))
     base_path = resolve_model_path(recipe.model["path"], recipe.model["revision"])
-    from ..integrations.layouts.base import layout_claiming
-
-    own_file = Path(base_path).is_file() and layout_claiming(base_path) is not None  # a GGUF file, as training read it
-    if not own_file and not (Path(base_path) / "config.json").is_file():
+    if not (Path(base_path) / "config.json").is_file() and not _is_gguf_file(base_path):
         raise FileNotFoundError(f"base model {base_path}: config.json is missing (not a model folder)")
     tokenizer = _tokenizer(adapter, recipe, Path(base_path))
     if recipe.needs_calibration and tokenizer is None:

@@ -17,16 +17,19 @@ weights, naming the file and the architecture.
 
 The result is the model ``qtune.load_model`` returns for a qtune folder (``quant_method: "qtune"``,
 ``QuantLinear`` layers, peft/trl/export ready); ``qtune.save_quantized(model, out)`` writes it in qtune's
-layout. Writing GGUF is not implemented yet (``can_store`` is False for every config).
+layout. GGUF files are written by :func:`qtune.export.gguf.write_gguf` (``qtune export --mode quantized --format
+gguf``), not through this layout (a GGUF export is one file, not a checkpoint folder): ``can_store`` is False.
 
 Errors are ``ValueError`` with one line naming the file (and the tensor where there is one): a file the
 ``gguf`` package cannot parse (truncated, corrupt), a tensor whose data is cut short, a linear weight of a
-type qtune has no layer for.
+type qtune has no layer for, a weight of the model with no tensor in the file (a misnamed or missing tensor).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -83,9 +86,11 @@ def _hf_config(path: Path, trust_remote_code: bool):
 
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        first = f"{e}".splitlines()[0]
-        raise ValueError(f"{path}: transformers cannot build a config from this GGUF file ({first})") from None
+    except (ValueError, KeyError, NotImplementedError, OSError, TypeError) as e:
+        # a corrupt key/value section: transformers may fall back to reading the file as a JSON config (OSError)
+        first = (f"{e}".splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: transformers cannot build a config from this GGUF file ({first}); is it corrupt?"
+                         ) from None
 
 
 def _processor(reader, hf_config):
@@ -103,6 +108,23 @@ def _block_safe(processor) -> bool:
     return type(processor) in (TensorProcessor, LlamaTensorProcessor)
 
 
+@contextlib.contextmanager
+def cached_name_maps() -> Iterator[None]:
+    """Memoize ``gguf.get_tensor_name_map`` while transformers' ``get_gguf_hf_weights_map`` runs.
+
+    That function rebuilds the (pure, argument-determined) name map once per submodule (397 times, ~15 s for
+    SmolLM2); the result is the same map, built once.
+    """
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: str,
               float_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The state dict (GGUF blocks under ``<layer>.weight`` for quantized layers, float tensors otherwise) and
@@ -110,7 +132,8 @@ def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: 
     import gguf
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    key_map = get_gguf_hf_weights_map(skeleton, processor)
+    with cached_name_maps():
+        key_map = get_gguf_hf_weights_map(skeleton, processor)
     modules = dict(skeleton.named_modules())
     readable = ", ".join(c.type_name for c in GGUF_CONFIGS)
     state: dict[str, torch.Tensor] = {}
@@ -150,6 +173,12 @@ def translate(path: Path, reader, skeleton: nn.Module, processor, architecture: 
         state[key_map[result.name]] = torch.from_numpy(np.copy(result.weights)).to(float_dtype)
     if not layers:
         raise ValueError(f"{path}: no linear weight is in a GGUF block type qtune reads ({readable})")
+    # transformers would initialise a weight the file lacks at random; a model from a file with a missing or
+    # misnamed tensor is refused instead (ties are one parameter here)
+    missing = [n for n, _ in skeleton.named_parameters() if n not in state]
+    if missing:
+        raise ValueError(f"{path}: no tensor for {missing[0]} ({len(missing)} weights missing); the file is corrupt or "
+                         "its tensor names are not the ones the gguf package gives this architecture")
     return state, layers
 
 
@@ -198,14 +227,18 @@ def _read(path: Path, qc: dict[str, Any], headers: Headers, *, dtype: Any, kwarg
     return read_file(path, dtype=dtype, kwargs=kwargs, auto_class=auto_class)
 
 
+_REFUSAL = ("--layout gguf: a GGUF export is one file; write it with `qtune export --mode quantized --format gguf` "
+            "or qtune.export.write_gguf(model, 'x.gguf')")
+
+
 def _write(model: nn.Module, folder: Path) -> None:
-    raise ValueError("--layout gguf: writing GGUF files is not implemented yet (qtune reads them)")
+    raise ValueError(_REFUSAL)
 
 
 LAYOUT = register_layout(Layout(
-    name="gguf", quant_method="", holds="nothing yet (GGUF files are read, not written)",
+    name="gguf", quant_method="", holds="nothing as a folder (GGUF files are written by `--format gguf`)",
     can_store=lambda cfg: False, detects=lambda qc: False, read=_read, write=_write,
-    refusal=lambda cfg: "--layout gguf: writing GGUF files is not implemented yet (qtune reads them)",
+    refusal=lambda cfg: _REFUSAL,
     claims_path=is_gguf_path, tokenizer=load_tokenizer,
     note="GGUF file (llama.cpp); load with `qtune.load_model(file.gguf)`"))
 
