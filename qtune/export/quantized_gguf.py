@@ -155,6 +155,81 @@ def export_gguf(source: str | Path | ExportSource, out: str | Path, *, gguf_type
     if held is not None:
         result.heldout["source"] = heldout
         result.heldout["trained"], _ = held.measure(model, log, "trained (quantized base + adapter)")
+    held_merged = merged_logits = None
+    exact = source_file is not None and _merges_exactly(model)
+    if exact:  # a quantization-aware adapter on Q4_1/Q5_1 layers: into the blocks' offsets, same codes and scales
+        from .quantized import merge_into_offsets
+
+        merged, errors = merge_into_offsets(model, log)
+        result.merged_layers = len(errors)
+        log(f"qtune export: merged the quantization-aware adapter exactly into the offsets of {len(errors)} GGUF "
+            f"layers (codes and scales unchanged); every other tensor keeps its source bytes")
+    else:
+        merged, errors, merged_logits, held_merged = _merge_to_source_or_type(
+            model, src, source_file, originals, cfg if source_file is None else None, ids, trained_logits, held,
+            result, verify, log)
+    cast_float_params(merged, target)
+    if source_file is None:
+        _round_written_floats(merged)
+    result.layers = errors
+    if errors:
+        from .quantized import _total, erased_warning
+
+        result.total_rel_weight = _total(errors)
+        log(format_layer_table(errors, result.total_rel_weight))
+        warning = erased_warning(errors, cfg if source_file is None else originals[errors[0].name].config)
+        if warning:
+            log(warning)
+            result.warnings.append(warning)
+    quant_logits = logits(merged, ids)
+    if merged_logits is not None:
+        result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
+    result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)
+    if held is not None:
+        result.heldout["quantized"], held_q = held.measure(merged, log, "GGUF, exactly merged" if exact else "GGUF")
+        if held_merged is not None:
+            result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
+
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        file = tmp / GGUF_FILE
+        check_free_space(tmp, _bytes(merged), what="the GGUF file")
+        written = write_gguf(merged, file, source=source_file, tokenizer=src.tokenizer, log=log)
+        if verify:
+            from ..integrations.layouts import load_model
+
+            again = load_model(file, dtype=target)
+            result.verify = check_logits(compare_logits(logits(again, ids), quant_logits), tolerance(target),
+                                         f"{out / GGUF_FILE} (reloaded)")
+        result.seconds = time.perf_counter() - start
+        from .merged import write_extras
+
+        write_extras(tmp, _card(src, result, written, source_file), result)
+    if push_to_hub:
+        result.hub_url = hub.push_after_export(out, push_to_hub, private=private, overwrite=overwrite, token=token,
+                                               log=log)
+    result.seconds = time.perf_counter() - start
+    log(result.summary())
+    return result
+
+
+def _merges_exactly(peft_model) -> bool:
+    """Every LoRA layer of ``peft_model`` is a quantization-aware adapter that folds into its GGUF layer's offsets
+    (:meth:`qtune.integrations.peft.QuantLoraLinear.merges_exactly`), and there is at least one."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from ..integrations.peft import QuantLoraLinear
+
+    adapters = list(peft_model.active_adapters)
+    lora = [m for m in peft_model.get_base_model().modules() if isinstance(m, LoraLayer)]
+    return bool(lora) and all(
+        isinstance(m, QuantLoraLinear) and isinstance(m.get_base_layer(), LinearGGUF)
+        and all(m.merges_exactly(a) for a in adapters if a in m.lora_A.keys()) for m in lora)
+
+
+def _merge_to_source_or_type(model, src, source_file, originals, cfg, ids, trained_logits, held, result, verify, log):
+    """Fold the adapter in fp32 (:func:`merge_to_float`) and quantize the changed layers back into their source
+    types (GGUF base) or into ``cfg`` (Hugging Face base). Returns ``(model, errors, merged logits, held-out
+    merged logits)``."""
     merge_tol = tolerance(torch.float32, src.compute_dtype)
     merged, layers, plan = merge_to_float(model, dtype=torch.float32)
     result.merged_layers = len(layers)
@@ -178,46 +253,7 @@ def export_gguf(source: str | Path | ExportSource, out: str | Path, *, gguf_type
         log(f"qtune export: folded LoRA into {len(layers)} layers (fp32); quantizing {len(names)} layers to "
             f"{cfg.type_name}")
         errors = requantize_model(merged, names, cfg, merged=by_name)
-    cast_float_params(merged, target)
-    if source_file is None:
-        _round_written_floats(merged)
-    result.layers = errors
-    if errors:
-        from .quantized import _total, erased_warning
-
-        result.total_rel_weight = _total(errors)
-        log(format_layer_table(errors, result.total_rel_weight))
-        warning = erased_warning(errors, cfg if source_file is None else originals[errors[0].name].config)
-        if warning:
-            log(warning)
-            result.warnings.append(warning)
-    quant_logits = logits(merged, ids)
-    result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
-    result.probe["quantized vs trained"] = compare_logits(quant_logits, trained_logits)
-    if held is not None:
-        result.heldout["quantized"], held_q = held.measure(merged, log, "GGUF")
-        result.heldout["quantized vs merged fp32"] = compare_logits(held_q, held_merged)
-
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        file = tmp / GGUF_FILE
-        check_free_space(tmp, _bytes(merged), what="the GGUF file")
-        written = write_gguf(merged, file, source=source_file, tokenizer=src.tokenizer, log=log)
-        if verify:
-            from ..integrations.layouts import load_model
-
-            again = load_model(file, dtype=target)
-            result.verify = check_logits(compare_logits(logits(again, ids), quant_logits), tolerance(target),
-                                         f"{out / GGUF_FILE} (reloaded)")
-        result.seconds = time.perf_counter() - start
-        from .merged import write_extras
-
-        write_extras(tmp, _card(src, result, written, source_file), result)
-    if push_to_hub:
-        result.hub_url = hub.push_after_export(out, push_to_hub, private=private, overwrite=overwrite, token=token,
-                                               log=log)
-    result.seconds = time.perf_counter() - start
-    log(result.summary())
-    return result
+    return merged, errors, merged_logits, held_merged
 
 
 def _bytes(model: nn.Module) -> int:

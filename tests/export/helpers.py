@@ -58,8 +58,10 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -
 
 
 def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dora: bool = False,
-             seed: int = 0, model: Path | None = None, lora_scale: float = 0.05) -> Path:
-    """A run folder as ``qtune train`` leaves it, with a random adapter on the recipe's base."""
+             seed: int = 0, model: Path | None = None, lora_scale: float = 0.05,
+             quantization_aware: bool = False) -> Path:
+    """A run folder as ``qtune train`` leaves it, with a random adapter on the recipe's base (a QA-LoRA adapter
+    pooled over the layers' quantization groups with ``quantization_aware``)."""
     from peft import LoraConfig
 
     from qtune.integrations.peft import get_peft_model
@@ -75,7 +77,8 @@ def make_run(root: Path, name: str, quant: dict, *, arch: str = "llama", use_dor
     tok = load_tokenizer(recipe, model)
     base, _ = load_base_model(recipe, model, tok)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                 use_dora=use_dora, task_type="CAUSAL_LM"))
+                                                 use_dora=use_dora, task_type="CAUSAL_LM"),
+                                quantization_aware=quantization_aware)
     randomize_lora(peft_model, seed, lora_scale)
     peft_model.save_pretrained(run / "adapter")
     tok.save_pretrained(run / "adapter")

@@ -90,6 +90,38 @@ def test_gguf_base_trained_adapter_back_into_its_types(export_root, gguf_base, t
 
 
 # -- refusals: one line, nothing written ------------------------------------------------------------------
+def test_gguf_base_quantization_aware_adapter_merges_exactly_into_the_offsets(export_root, gguf_base, tmp_path):
+    # a QA-LoRA adapter on Q4_1 layers: the change goes into each block's fp16 offset m; d and the codes keep their
+    # bytes, and the written file computes the trained model's logits up to the offsets' fp16 rounding
+    run = make_run(export_root, "run-gguf-qa", {"format": "pretrained"}, model=gguf_base, quantization_aware=True)
+    lines: list[str] = []
+    src = qtune.export.load_source(run)
+    with torch.no_grad():
+        trained = src.model(IDS).logits
+    result = export(src, tmp_path / "o", mode="quantized", format="gguf", log=lines.append)
+    assert any("exactly into the offsets" in line for line in lines)
+    assert len(result.layers) == 14 and all(0.99 < e.kept < 1.01 for e in result.layers)
+    file = tmp_path / "o" / "model.gguf"
+    before = {t.name: t for t in gguf.GGUFReader(str(gguf_base)).tensors}
+    changed = 0
+    for t in gguf.GGUFReader(str(file)).tensors:
+        old = np.asarray(before[t.name].data).view(np.uint8)
+        new = np.asarray(t.data).view(np.uint8)
+        assert t.tensor_type == before[t.name].tensor_type, t.name
+        if t.tensor_type.name != "Q4_1":
+            assert np.array_equal(old, new), t.name  # float tensors: the source's bytes
+            continue
+        blocks_old, blocks_new = old.reshape(-1, 20), new.reshape(-1, 20)
+        assert np.array_equal(blocks_old[:, :2], blocks_new[:, :2]), t.name     # d
+        assert np.array_equal(blocks_old[:, 4:], blocks_new[:, 4:]), t.name     # the codes
+        changed += int(not np.array_equal(blocks_old[:, 2:4], blocks_new[:, 2:4]))  # m moved
+    assert changed == 14
+    got = _qtune_logits(file, IDS)
+    scale = trained.abs().max()
+    assert (got - trained).abs().max() / scale < 2e-3  # fp16 rounding of the offsets only
+    torch.testing.assert_close(_transformers_logits(file, IDS), got, rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_type_for_a_gguf_base_and_missing_for_hf_base(export_root, gguf_base, run_for, tmp_path):
     run = make_run(export_root, "run-gguf-zero", {"format": "pretrained"}, model=gguf_base, lora_scale=0.0)
     with pytest.raises(ValueError, match=r"--gguf-type applies to Hugging Face bases; the base base-q4_1\.gguf"):
