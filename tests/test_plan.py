@@ -106,7 +106,7 @@ def test_known_configs_build():
     from qtune.plan import model_config
     for name in KNOWN_CONFIGS:
         cfg, quant = model_config(name)
-        assert cfg.hidden_size > 0 and (quant is None or quant["format"] == "gptq")
+        assert cfg.hidden_size > 0 and (quant is None or quant["format"] in ("gptq", "gguf_q4_1"))
 
 
 def test_unknown_model_error():

@@ -27,7 +27,8 @@ from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"smollm2-135m-instruct": "smollm2_path"}
+BUILTIN_MODELS = {"smollm2-135m-instruct": "smollm2_path",
+                  "smollm2-135m-instruct-gguf": "smollm2_gguf"}  # the package's own Q4_1 GGUF file, read as it is
 # the classification heads transformers puts on decoder models (kept float and trainable)
 SCORE_HEADS = ("score",)
 
