@@ -41,8 +41,9 @@ Only the experts that received tokens are dequantized, one at a time, inside the
 ``[E, 2·I, H]`` copy). Backward is the ops' autograd rule per expert (``dx = dy Ŵ_e``, re-dequantized from
 the packed tensors), plus ordinary autograd for gating, routing weights (the router's gradient) and biases.
 
-This is the reference (CPU and every device) path; a CUDA path (grouped dequantize + ``grouped_mm``, fused
-kernels) is not implemented yet.
+The same loop runs on every device: on CUDA each expert's ``qtune::linear_<family>`` call goes to the Triton
+kernels by the dispatch policy (fused for small M, dequantize + cuBLAS above). A grouped path (all experts in one
+launch, as ``grouped_mm``) is not implemented.
 """
 from __future__ import annotations
 
