@@ -600,7 +600,8 @@ def _validate_loftq(ctx: "_Ctx", data: dict, out: dict, fmt: str, calibrated: bo
     by qtune with a format that needs no calibration, and plain LoRA (no DoRA, no expert adapters)."""
     lo = out["lora"]
     if lo["init"] != "loftq":
-        if "loftq_iters" in (data.get("lora") or {}):
+        # a resolved recipe (saved by a run) lists the default 1; any other value without loftq is a mistake
+        if (data.get("lora") or {}).get("loftq_iters", 1) != 1:
             raise ctx.error(("lora", "loftq_iters"), "applies to lora.init: loftq only")
         return
     if out["quantization"]["backend"] != "qtune" or fmt not in CONFIGS or calibrated:

@@ -145,7 +145,8 @@ def test_quantize_flags_come_from_the_format_registry(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     out = capsys.readouterr().out
-    for title, flags in {"nf4/fp4:": ("--double-quant", "--blocksize"), "gptq/rtn:": ("--bits", "--group-size", "--sym"),
+    for title, flags in {"nf4/fp4:": ("--double-quant", "--blocksize"), "gptq/rtn/affine:": ("--bits", "--group-size"),
+                         "gptq/rtn:": ("--sym",), "affine:": ("--iters",),
                          "gptq:": ("--act-order", "--damp-percent"), "llm_int8:": ("--threshold",),
                          "calibration (gptq):": ("--calibration",)}.items():
         section = out[out.index("\n" + title):]
