@@ -180,6 +180,17 @@ def erased_warning(errors: list[LayerError], cfg: QuantConfig, threshold: float 
             "--mode adapter, or a finer format (int8), instead.")
 
 
+def report_layer_errors(result, errors: list[LayerError], cfg: QuantConfig, log: Callable[[str], None]) -> None:
+    """Put the per-layer errors into ``result`` (``layers``, ``total_rel_weight``), log their table, and log and
+    record the warning when the re-quantization erased most of the LoRA change (:func:`erased_warning`)."""
+    result.layers, result.total_rel_weight = errors, _total(errors)
+    log(format_layer_table(errors, result.total_rel_weight))
+    warning = erased_warning(errors, cfg)
+    if warning:
+        log(warning)
+        result.warnings.append(warning)
+
+
 def _total(errors: list[LayerError]) -> float:
     return math.sqrt(sum(e.err_sq for e in errors) / max(sum(e.w_sq for e in errors), 1e-30))
 
@@ -277,12 +288,7 @@ def export_quantized(source: str | Path | ExportSource, out: str | Path, *, form
     else:
         merged, errors, merged_logits, held_merged = _merge_and_requantize(
             model, src, cfg, target, writer, windows, ids, trained_logits, held, result, verify, progress, log)
-    result.layers, result.total_rel_weight = errors, _total(errors)
-    log(format_layer_table(errors, result.total_rel_weight))
-    warning = erased_warning(errors, cfg)
-    if warning:
-        log(warning)
-        result.warnings.append(warning)
+    report_layer_errors(result, errors, cfg, log)
     quant_logits = logits(merged, ids)
     if merged_logits is not None:
         result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)

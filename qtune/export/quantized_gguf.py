@@ -173,14 +173,9 @@ def export_gguf(source: str | Path | ExportSource, out: str | Path, *, gguf_type
         _round_written_floats(merged)
     result.layers = errors
     if errors:
-        from .quantized import _total, erased_warning
+        from .quantized import report_layer_errors
 
-        result.total_rel_weight = _total(errors)
-        log(format_layer_table(errors, result.total_rel_weight))
-        warning = erased_warning(errors, cfg if source_file is None else originals[errors[0].name].config)
-        if warning:
-            log(warning)
-            result.warnings.append(warning)
+        report_layer_errors(result, errors, cfg if source_file is None else originals[errors[0].name].config, log)
     quant_logits = logits(merged, ids)
     if merged_logits is not None:
         result.probe["quantized vs merged fp32"] = compare_logits(quant_logits, merged_logits)
