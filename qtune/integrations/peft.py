@@ -32,7 +32,10 @@ Quantization-aware LoRA (peft's ``use_qalora``, :func:`quantization_aware_config
 change is constant within each group of ``qalora_group_size`` inputs (:func:`qalora_delta`). On a layer with
 per-group float offsets (``QuantLinear.offset_group_size``: GGUF Q4_1/Q5_1, ``affine``) covered by that group, the
 merge adds the change to the offsets (``add_to_offsets_``): same codes and scales, exact up to the offsets' fp16
-rounding (``RequantizationError.exact``). Elsewhere it re-quantizes as above. See docs/qalora.md.
+rounding (``RequantizationError.exact``). A QA adapter on any other targeted quantized layer (NF4, GPTQ, int8,
+Q4_0/Q5_0/Q8_0, the K-quants) is refused wherever it is attached (:func:`quantization_aware_config`,
+:func:`prepare_lora_config`, :func:`load_adapter`, the layer itself): one line naming the layer, its format and why
+(:func:`qalora_offset_error`), since its merge could only re-quantize. See docs/qalora.md.
 
 ``unmerge()`` restores the packed tensors saved at merge time, so merge → unmerge is exact (cost: one
 extra copy of the quantized layer while merged; set ``layer.keep_unmerged = False`` to re-quantize
@@ -324,6 +327,11 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             if config.use_dora:
                 raise ValueError(f"{self._layer_name()}: DoRA and quantization-aware LoRA (use_qalora) cannot be "
                                  "combined (neither can peft)")
+            # the last line of defence (plain PeftModel.from_pretrained with a registered config): qtune's own
+            # entry points refuse earlier, naming the config file or recipe key
+            error = qalora_offset_error(self._layer_name(), self.get_base_layer(), config.qalora_group_size)
+            if error is not None:
+                raise ValueError(error)
             return QuantQALoraLinearVariant()
         return super().resolve_lora_variant(config=config, **kwargs)
 
@@ -847,28 +855,51 @@ def _targeted_quant_layers(model: nn.Module, config: LoraConfig) -> list[tuple[s
     return out
 
 
-def _check_quantization_aware(model: nn.Module, config: LoraConfig) -> None:
-    """Refuse a QA-LoRA group that does not divide a targeted layer's ``in_features``; warn (once per call site)
-    when a targeted layer cannot take the adapter's change exactly at merge time."""
+EXACT_MERGE_FORMATS = "GGUF Q4_1/Q5_1 or affine"
+
+
+def _inexact_reason(layer: QuantLinear, group: int) -> str | None:
+    """Why a QA-LoRA change pooled over ``group`` inputs cannot fold into ``layer``'s float offsets, or ``None``
+    when it can (the layer has per-group float offsets, every ``g_o`` inputs, and ``g_o`` divides ``group``)."""
+    g_o = layer.offset_group_size
+    if g_o is None:
+        return "has no per-group float offset"
+    if group % g_o:
+        return f"has float offsets per {g_o} inputs, which do not divide the QA-LoRA group of {group}"
+    return None
+
+
+def qalora_offset_error(name: str, layer: QuantLinear, group: int, where: str = "") -> str | None:
+    """The one-line refusal of a quantization-aware adapter on ``layer`` (``None`` when it merges exactly).
+
+    QA-LoRA only pays for its pooled (coarser) adapter when the change lands exactly in float offsets; on any
+    other format its merge re-quantizes like a standard LoRA's, so qtune refuses it instead of training it."""
+    why = _inexact_reason(layer, group)
+    if why is None:
+        return None
+    return (f"{where}quantization-aware LoRA: layer {name} (format {layer.config.format}) {why}, so the adapter's "
+            f"change cannot merge into it exactly; only {EXACT_MERGE_FORMATS} layers take it exactly: train a "
+            "standard LoRA instead (quantization_aware false, no use_qalora) or leave this layer out of "
+            "target_modules")
+
+
+def _check_quantization_aware(model: nn.Module, config: LoraConfig, where: str = "") -> None:
+    """Refuse a QA-LoRA config on ``model``: a group that does not divide a targeted layer's ``in_features``, or a
+    targeted quantized layer that cannot take the adapter's change exactly at merge time (no per-group float
+    offset, or offsets the group does not cover; :func:`qalora_offset_error`). ``where`` prefixes the messages
+    (e.g. the adapter_config.json being loaded)."""
     g = config.qalora_group_size
     if not isinstance(g, int) or g <= 0:
-        raise ValueError(f"use_qalora: qalora_group_size must be a positive int, got {g!r}")
+        raise ValueError(f"{where}use_qalora: qalora_group_size must be a positive int, got {g!r}")
     layers = _targeted_quant_layers(model, config)
     for name, layer in layers:
         if layer.in_features % g:
-            raise ValueError(f"use_qalora: layer {name} has in_features={layer.in_features}, not a multiple of "
-                             f"qalora_group_size={g}")
-    inexact = [(n, l) for n, l in layers if l.offset_group_size is None or g % l.offset_group_size]
-    # once per config: the trainer prepares the config again (not a dataclass field: never saved)
-    if inexact and not getattr(config, "_qtune_inexact_warned", False):
-        config._qtune_inexact_warned = True
-        name, layer = inexact[0]
-        why = ("has no per-group float offset" if layer.offset_group_size is None
-               else f"has offsets per {layer.offset_group_size} weights, which the group of {g} does not cover")
-        warnings.warn(f"quantization-aware LoRA: {len(inexact)} of {len(layers)} targeted quantized layers cannot "
-                      f"take the merge exactly (e.g. {name}, format {layer.config.format}, {why}); merging them "
-                      "re-quantizes and reports the share of the change kept. Exact merges need Q4_1/Q5_1 GGUF or "
-                      "affine layers", UserWarning, stacklevel=2)
+            raise ValueError(f"{where}use_qalora: layer {name} has in_features={layer.in_features}, not a multiple "
+                             f"of qalora_group_size={g}")
+    for name, layer in layers:
+        error = qalora_offset_error(name, layer, g, where)
+        if error is not None:
+            raise ValueError(error)
 
 
 def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -882,7 +913,9 @@ def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfi
 
     Raises:
         ValueError: the adapter targets no quantized layer, a targeted layer has no group along ``in_features``
-            (LLM.int8, per-row int8, act-order GPTQ), the group does not divide a layer's ``in_features``, or DoRA.
+            (LLM.int8, per-row int8, act-order GPTQ), the group does not divide a layer's ``in_features``, a
+            targeted layer has no per-group float offset covered by the group (NF4, GPTQ, Q4_0, Q8_0, K-quants:
+            :func:`qalora_offset_error`), or DoRA.
     """
     _expand_targets(model, config)
     if config.use_dora:
@@ -969,13 +1002,20 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", *, 
         kwargs: passed to ``PeftModel.from_pretrained`` / ``PeftModel.load_adapter``.
     Returns:
         the ``PeftModel``.
+    Raises:
+        ValueError: the adapter names target parameters the model lacks, or it is quantization-aware
+            (``use_qalora: true``) and a layer it targets cannot take its change exactly
+            (:func:`_check_quantization_aware`); the message names adapter_config.json and the layer.
     """
     config = PeftConfig.from_pretrained(path)
     register_lora_config(config)
+    config_file = Path(path) / "adapter_config.json"
     try:  # peft would only warn and load nothing for a target parameter the model does not have
         _check_target_parameters(model, config)
     except ValueError as e:
-        raise ValueError(f"{Path(path) / 'adapter_config.json'}: {e}") from None
+        raise ValueError(f"{config_file}: {e}") from None
+    if getattr(config, "use_qalora", False):
+        _check_quantization_aware(model, config, where=f"{config_file}: ")
     config.inference_mode = not is_trainable
     if isinstance(model, PeftModel):
         with _quiet_unmatched_parameters(model, config):

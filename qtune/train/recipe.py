@@ -592,7 +592,30 @@ def validate(data: Any, *, filename: str = "<recipe>", lines: dict[tuple, int] |
         raise ctx.error(("quantization", "format"), "task reward loads the base as a sequence classifier: "
                         "quantize a float checkpoint while loading (nf4, fp4, int8, ...; backend qtune) or 'none'")
     _validate_loftq(ctx, data, out, fmt, calibrated)
+    _validate_quantization_aware(ctx, out, fmt)
     return Recipe(**out, overrides=tuple(overrides), task=name, task_options=section, origin=ctx)
+
+
+def _validate_quantization_aware(ctx: "_Ctx", out: dict, fmt: str) -> None:
+    """``lora.quantization_aware: true`` with a format qtune quantizes while loading: refuse it here when that format
+    has no per-group float offset (its layers could only re-quantize the merged change). Bases whose layers are
+    known only once loaded (``pretrained``, GGUF files, ``overrides``) are checked at setup, layer by layer
+    (:func:`qtune.integrations.peft.quantization_aware_config`)."""
+    q = out["quantization"]
+    if (not out["lora"]["quantization_aware"] or fmt not in CONFIGS or q["backend"] != "qtune"
+            or any(v is not None for v in q["overrides"].values())):
+        return
+    from ..formats import config_from_dict
+    from ..nn import layer_class_for
+
+    cfg = config_from_dict({"format": fmt, **{f.name: q[f.name] for f in dataclasses.fields(CONFIGS[fmt])
+                                             if f.name != "compute_dtype" and f.name in q}})
+    probe = layer_class_for(cfg)(4096, 1, False, cfg, device="meta")  # on meta: only its properties are read
+    if probe.offset_group_size is None:
+        raise ctx.error(("lora", "quantization_aware"), f"quantization.format {fmt} has no per-group float offset, "
+                        "so a quantization-aware adapter cannot merge into it exactly; only GGUF Q4_1/Q5_1 or affine "
+                        "layers take it exactly: set lora.quantization_aware: false (standard LoRA) or use one of "
+                        "those formats")
 
 
 def _validate_loftq(ctx: "_Ctx", data: dict, out: dict, fmt: str, calibrated: bool) -> None:

@@ -144,6 +144,26 @@ def test_changed_k_quant_layer_is_refused(export_root, tmp_path):
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
 
 
+def test_quantization_aware_adapter_on_a_base_without_offsets_is_refused(export_root, gguf_base, tmp_path, capsys):
+    """The QA adapter trained on the Q4_1 file, exported onto the float folder quantized to Q4_0 (same shapes, no
+    offsets): refused while the adapter loads, naming its adapter_config.json and the layer; nothing written."""
+    from qtune.cli.main import main
+
+    run = make_run(export_root, "run-gguf-qa", {"format": "pretrained"}, model=gguf_base, quantization_aware=True)
+    folder = make_base(export_root)
+    with pytest.raises(ValueError) as e:
+        export(run, tmp_path / "o", mode="quantized", format="gguf", base=str(folder), base_format="gguf_q4_0")
+    msg = str(e.value)
+    assert msg.startswith(f"{run / 'adapter' / 'adapter_config.json'}: quantization-aware LoRA: layer "
+                          "model.layers.0.self_attn.q_proj (format gguf_q4_0) has no per-group float offset"), msg
+    assert "\n" not in msg and not list(tmp_path.iterdir())  # no output folder, no temporary folder
+    code = main(["export", str(run), "--mode", "quantized", "--format", "gguf", "--base", str(folder),
+                 "--base-format", "gguf_q4_0", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code != 0 and "adapter_config.json: quantization-aware LoRA: layer model.layers.0" in err
+    assert _one_error_line(err) and not list(tmp_path.iterdir())
+
+
 def _one_error_line(err: str) -> bool:
     """One ``qtune ...: error`` line and no traceback (progress bars of model loading aside)."""
     lines = [line for line in err.splitlines() if "error" in line.lower()]

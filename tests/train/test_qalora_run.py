@@ -69,10 +69,29 @@ def test_recipe_refusals(tiny_dir, tmp_path):
     data = _qa_recipe(tiny_dir, tmp_path / "run", use_dora=True)
     with pytest.raises(RecipeError, match="lora.use_dora.*quantization_aware"):
         load_recipe(write_recipe(tmp_path / "a.yaml", data))
-    data = _qa_recipe(tiny_dir, tmp_path / "run2")
-    data["quantization"] = {"format": "int8"}
-    with pytest.raises(RecipeError, match="quantization_aware.*no quantization group along in_features"):
-        run(load_recipe(write_recipe(tmp_path / "b.yaml", data)))
+    # a format without per-group float offsets: refused when the recipe is read, naming the key
+    for fmt in ("int8", "nf4", "gguf_q4_0", "gguf_q4_k"):
+        data = _qa_recipe(tiny_dir, tmp_path / "run2")
+        data["quantization"] = {"format": fmt}
+        with pytest.raises(RecipeError, match=rf"b\.yaml:\d+: lora\.quantization_aware: quantization\.format {fmt} "
+                                              "has no per-group float offset.*GGUF Q4_1/Q5_1 or affine"):
+            load_recipe(write_recipe(tmp_path / "b.yaml", data))
+    data["quantization"] = {"format": "affine", "group_size": 32}
+    load_recipe(write_recipe(tmp_path / "b.yaml", data))  # affine has float offsets
+
+
+def test_layers_without_offsets_fail_at_setup_before_training(tiny_dir, tmp_path):
+    """Layers known only once the base is loaded (``overrides``; a GGUF file's own types): the run stops at setup,
+    naming the recipe key and the layer, before any step or checkpoint."""
+    data = _qa_recipe(tiny_dir, tmp_path / "run")
+    data["quantization"]["overrides"] = {"down_proj": "nf4"}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data))  # nothing to say from the recipe alone
+    with pytest.raises(RecipeError) as e:
+        run(recipe)
+    msg = str(e.value)
+    assert "r.yaml" in msg and "lora.quantization_aware: quantization-aware LoRA: layer model.layers.0.mlp.down_proj " \
+        "(format nf4) has no per-group float offset" in msg and "\n" not in msg
+    assert not (tmp_path / "run" / "adapter").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_export_from_a_gguf_file_base_is_exact(tmp_path):
