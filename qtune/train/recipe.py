@@ -125,7 +125,8 @@ LORA = {
     "use_dora": Opt((bool,), False),
     "quantization_aware": Opt((bool,), False, doc="QA-LoRA (peft use_qalora): the adapter's input is pooled over "
                               "each quantization group of the base's layers, so its change merges exactly into "
-                              "Q4_1/Q5_1 GGUF and affine layers (their float offsets)"),
+                              "Q4_1/Q5_1 GGUF and affine layers (their float offsets); a targeted layer of any "
+                              "other format is refused"),
     "experts": Opt((bool,), False, doc="LoRA on the fused MoE experts too (peft target_parameters, all expert "
                    "weights; needs dropout: 0)"),
     "bias": Opt((str,), "none", ("none", "all", "lora_only")),
