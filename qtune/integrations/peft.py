@@ -906,8 +906,9 @@ def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfi
     """Make ``config`` a quantization-aware LoRA (QA-LoRA) config for ``model``, in place, and return it.
 
     Sets ``use_qalora=True`` and ``qalora_group_size`` to the quantization group of the targeted layers
-    (:attr:`~qtune.nn.QuantLinear.quant_group_size`: the GGUF block, NF4 block, GPTQ/int8 group, affine group), so
-    that the adapter's change is constant within each group. Layers with different groups get the least common
+    (:attr:`~qtune.nn.QuantLinear.quant_group_size`: the Q4_1/Q5_1 block, the affine group), so that the adapter's
+    change is constant within each group; the layers must have per-group float offsets that group covers
+    (:func:`qalora_offset_error`), else the config is refused. Layers with different groups get the least common
     multiple (constant within every layer's groups, so merges into float offsets stay exact; the adapter is
     pooled more coarsely on the layers with the finer groups). peft records both fields in adapter_config.json.
 
