@@ -120,17 +120,25 @@ def render_perplexity(payload: dict[str, Any], path: Path) -> str:
     if not r.get("complete"):
         intro += (f" The run was stopped after its first {len(r['rows'])} rows (`complete: false` in the file); "
                   "the rows after those were not measured.")
+    timed = any("quantize_s" in row for row in r["rows"])  # GPTQ rows: the quantization alone, wall and CPU
+    if timed:
+        intro += (" GPTQ rows: the quantization alone (calibration forwards, Hessians, solve, packing), wall and CPU "
+                  "seconds (CPU: every thread of the process; the fairer measure on a shared machine); rows "
+                  "`gptqmodel ...`: GPTQModel quantized the same windows in a child process and qtune read its "
+                  "checkpoint.")
     rows = []
     for row in r["rows"]:
         if row["name"] in paired:
             continue
         cells = [row["name"], f"{row['bits_per_param']:.2f}", f"{row['perplexity']:.3f}", f"{100 * row['vs_fp32']:+.2f}%",
                  f"{row['load_quantize_s']:.0f}"]
+        if timed:
+            cells.append(f"{row['quantize_s']:.0f} / {row['quantize_cpu_s']:.0f}" if "quantize_s" in row else "")
         if paired:
             theirs = by_name.get(PPL_PAIRS.get(row["name"], ""))
             cells.append(f"{theirs['perplexity']:.3f} ({theirs['bits_per_param']:.2f} bits)" if theirs else "")
         rows.append(cells)
-    header = ["model", "bits/param", "perplexity", "vs fp32", "load+quantize s"]
+    header = ["model", "bits/param", "perplexity", "vs fp32", "load+quantize s"] + (["GPTQ wall / CPU s"] if timed else [])
     table = _table(header + (["bitsandbytes, same format"] if paired else []), rows)
     return f"{intro}\n\n{table}\n\n{_source(payload, path)}"
 
@@ -227,12 +235,34 @@ def render_generic(payload: dict[str, Any], path: Path) -> str:
     return f"{table}\n\n{_source(payload, path)}"
 
 
+def render_qalora(payload: dict[str, Any], path: Path) -> str:
+    """The QA-LoRA demo (:mod:`qtune.bench.qalora`): base, trained and exported-file perplexities of the
+    quantization-aware and the standard adapter, and what the pooling costs."""
+    r = payload["results"]
+    runs = r["runs"]
+    intro = (f"Held-out perplexity ({r['heldout_tokens']:,} tokens of `{r['heldout']['source']}`, "
+             f"{r['eval_dtype']} evaluation) of `{r['recipe']}` on `{r['model']}`, {r['steps']} steps "
+             f"(the recipe has {r['recipe_steps']}), trained in {r['train_dtype']}, and of the GGUF files "
+             "`qtune export --mode quantized --format gguf` wrote, read back by qtune and by transformers. The "
+             "standard-LoRA row is the same recipe with `lora.quantization_aware: false`.")
+    rows = [[row["row"], f"{row['perplexity']:.3f}",
+             "" if row["over_trained"] is None else f"{row['over_trained']:.5f}"] for row in r["table"]]
+    table = _table(["model", "perplexity", "/ trained"], rows)
+    qa, lora = runs["qalora"], runs["lora"]
+    outro = (f"Change kept by the export: QA-LoRA {100 * qa['kept_mean']:.1f}% (exact merge into the offsets), "
+             f"standard LoRA {100 * lora['kept_mean']:.1f}% (re-quantized). The pooled adapter costs "
+             f"{100 * (r['qalora_over_lora_trained'] - 1):+.1f}% in trained perplexity against the standard one "
+             "at the same steps.")
+    return f"{intro}\n\n{table}\n\n{outro}\n\n{_source(payload, path)}"
+
+
 RENDERERS: dict[tuple[str, str | None], Callable[[dict[str, Any], Path], str]] = {
     ("formats", None): render_formats,
     ("perplexity", None): render_perplexity,
     ("demo", None): render_demo,
     ("demo", "summary"): render_demo_summary,
     ("gpu", None): render_gpu,
+    ("qalora", None): render_qalora,
 }
 
 

@@ -141,6 +141,37 @@ def test_an_incomplete_perplexity_run_says_so(tree):
     assert "stopped after its first 3 rows" in (tree / "README.md").read_text()
 
 
+def test_gptq_rows_show_their_quantize_times(tree):
+    path = tree / "bench" / "results" / "perplexity.json"
+    payload = json.loads(path.read_text())
+    payload["results"]["rows"].append({"name": "gptqmodel gptq-4 g128", "bits_per_param": 4.21, "load_quantize_s": 95.0,
+                                       "quantize_s": 88.4, "quantize_cpu_s": 160.2, "perplexity": 44.12,
+                                       "vs_fp32": 44.12 / 37 - 1})
+    path.write_text(json.dumps(payload))
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "| gptqmodel gptq-4 g128 | 4.21 | 44.120 | +19.24% | 95 | 88 / 160 |" in text
+    assert "| qtune nf4 | 4.50 | 45.714 | +23.55% | 3 |  | 45.709 (4.50 bits) |" in text  # not a GPTQ row: no time
+
+
+def test_qalora_section(tree):
+    table = [{"row": "base (Q4_1 GGUF)", "perplexity": 39.2857, "over_trained": None},
+             {"row": "QA-LoRA trained (adapter on the base)", "perplexity": 36.2377, "over_trained": 1.0},
+             {"row": "QA-LoRA exported GGUF, exact merge (qtune)", "perplexity": 36.2367, "over_trained": 0.999973}]
+    qalora = {"recipe": "q.yaml", "model": "m.gguf", "steps": 20, "recipe_steps": 40, "train_dtype": "bfloat16",
+              "eval_dtype": "float32", "heldout": {"source": "qtune:austen/persuasion"}, "heldout_tokens": 2048,
+              "table": table, "qalora_over_lora_trained": 1.0263,
+              "runs": {"qalora": {"kept_mean": 0.99996}, "lora": {"kept_mean": 0.062}}}
+    write_results("qalora", qalora, tree / "bench" / "results", command="python -m qtune.bench.qalora --steps 20")
+    (tree / "README.md").write_text("<!-- bench:qalora -->\n<!-- /bench:qalora -->\n")
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "| QA-LoRA exported GGUF, exact merge (qtune) | 36.237 | 0.99997 |" in text
+    assert "| base (Q4_1 GGUF) | 39.286 |  |" in text
+    assert "20 steps (the recipe has 40)" in text and "float32 evaluation" in text
+    assert "QA-LoRA 100.0%" in text and "standard LoRA 6.2%" in text and "+2.6% in trained perplexity" in text
+
+
 def test_committed_readme_matches_the_committed_results():
     """The README in the repository quotes exactly what bench/results/ holds (regenerate with
     ``python -m qtune.bench.readme`` after rerunning a bench)."""
