@@ -12,7 +12,8 @@ are one contiguous block per row, split into codes in registers (:func:`affine_c
 Memory traffic per weight element: ``b/8`` B of codes + 4/g B of scale and offset + 2 B (fp16/bf16) or 4 B
 (fp32) written: 2.56 B for 4-bit g64 → fp16.
 
-Backward: none (frozen weight); ``qtune::linear_affine`` runs this kernel and cuBLAS in both directions.
+Backward: none (frozen weight). :func:`affine_tile` is also the inner loop of the fused matmuls
+(``matmul_affine.py``); ``qtune::linear_affine`` runs those or this kernel + cuBLAS (``routing.py``).
 """
 from __future__ import annotations
 
@@ -127,6 +128,33 @@ def _grid(n: int, k: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
 
 
+def check_affine_args(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
+                      in_features: int, what: str) -> tuple[int, int, int, int]:
+    """Check the affine weight tensors against their metadata.
+
+    Returns:
+        ``(N, K, G, W_BYTES)``: rows, in_features, groups per row ``ceil(K/group_size)`` and packed bytes per row
+        ``ceil(K/8)·bits``.
+    Raises:
+        ValueError: unsupported bits or group size, a non-uint8 or non-2-D weight, shapes that disagree.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{what}: bits={bits} is not one of 2, 3, 4, 8")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"{what}: group_size={group_size} is not one of 32, 64, 128")
+    if weight.dim() != 2 or weight.dtype != torch.uint8:
+        raise ValueError(f"{what}: weight must be uint8 [N, ceil(K/8)·bits], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape[0], int(in_features)
+    g = -(-k // group_size)
+    w_bytes = -(-k // 8) * bits
+    if weight.shape[1] != w_bytes:
+        raise ValueError(f"{what}: weight has {weight.shape[1]} bytes per row, {bits}-bit K={k} needs {w_bytes}")
+    if tuple(scale.shape) != (n, g) or tuple(offset.shape) != (n, g):
+        raise ValueError(f"{what}: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} must be {(n, g)} "
+                         f"(group_size={group_size}, K={k})")
+    return n, k, g, w_bytes
+
+
 def dequantize_affine(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
                       in_features: int, dtype: torch.dtype, *, config: Optional[dict] = None,
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,22 +170,7 @@ def dequantize_affine(weight: torch.Tensor, scale: torch.Tensor, offset: torch.T
     Raises:
         ValueError: shapes that disagree, unsupported bits, wrong device, unfit ``out``.
     """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"dequantize_affine: bits={bits} is not one of 2, 3, 4, 8")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"dequantize_affine: group_size={group_size} is not one of 32, 64, 128")
-    if weight.dim() != 2 or weight.dtype != torch.uint8:
-        raise ValueError(f"dequantize_affine: weight must be uint8 [N, ceil(K/8)·bits], got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
-    n, k = weight.shape[0], int(in_features)
-    g = -(-k // group_size)
-    w_bytes = -(-k // 8) * bits
-    if weight.shape[1] != w_bytes:
-        raise ValueError(f"dequantize_affine: weight has {weight.shape[1]} bytes per row, {bits}-bit K={k} needs "
-                         f"{w_bytes}")
-    if tuple(scale.shape) != (n, g) or tuple(offset.shape) != (n, g):
-        raise ValueError(f"dequantize_affine: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} must be "
-                         f"{(n, g)} (group_size={group_size}, K={k})")
+    n, k, g, w_bytes = check_affine_args(weight, scale, offset, bits, group_size, in_features, "dequantize_affine")
     check_device(weight, scale, offset, kernel=_dequant_affine_kernel)
     out = output_buffer(out, (n, k), dtype, weight.device, "dequantize_affine")
     if out.numel() == 0:
