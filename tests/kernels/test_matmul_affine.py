@@ -56,10 +56,11 @@ def test_split_decode(bits, group_size):
     check(3, 48, 300, bits, group_size, torch.float16, config=SPLIT, split=2)
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 128), (8, 32)])
-def test_tiled_gemm(bits, group_size):
-    # BLOCK_K = 32 tiles: several tiles per group (g64/g128: the group index is k0 // g), one group per tile (g32)
-    check(40, 36, 203, bits, group_size, torch.float16, config=GEMM)
+@pytest.mark.parametrize("bits,group_size,block_k", [(2, 64, 32), (3, 128, 32), (8, 32, 64), (4, 32, 128)])
+def test_tiled_gemm(bits, group_size, block_k):
+    # several K tiles: BLOCK_K = 32 inside a group of 64/128 (the group index is k0 // g), two or four groups of
+    # 32 in a tile of 64/128 (group indices k0 // g + j); K = 203 leaves a ragged last tile and a partial group
+    check(40, 36, 203, bits, group_size, torch.float16, config={**GEMM, "BLOCK_K": block_k})
 
 
 def test_quantized_layer_bf16():
