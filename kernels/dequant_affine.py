@@ -71,28 +71,28 @@ def affine_codes(w_ptr, offs_n, tile_k, N, W_BYTES, stride_wn, BITS: tl.constexp
 @triton.jit
 def affine_tile(w_ptr, scale_ptr, offset_ptr, offs_n, tile_k, N, K, G, W_BYTES, stride_wn, stride_sn,
                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 ``Ŵ[offs_n, k0 : k0+BLOCK_K]``, ``k0 = tile_k · BLOCK_K``, as [len(offs_n), BLOCK_K] (values past ``K`` are not meaningful; the
-    caller masks them). A group that spans whole tiles loads one scale and offset per row; tiles that span whole
-    groups load one per row and group and broadcast them."""
+    """fp32 ``Ŵ[offs_n, k0 : k0+BLOCK_K]``, ``k0 = tile_k · BLOCK_K``, as [len(offs_n), BLOCK_K] (rows past N are 0;
+    values past ``K`` are not meaningful, the caller masks them).
+
+    The tile is split into ``NP`` equal parts along K that each lie in one group: the tile's groups when it spans
+    several, else two halves of the one group it lies in. One scale and offset per row and part are loaded
+    ([len(offs_n), NP]) and broadcast over the part's codes. (Never one scale per row broadcast over the whole
+    tile: next to a matmul accumulator that form made ptxas spill at 128×128 tiles, ``python -m
+    qtune.kernels.report``.)
+    """
     BLOCK_N: tl.constexpr = offs_n.shape[0]
+    NP: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K >= 2 * GROUP_SIZE else 2
+    PART: tl.constexpr = BLOCK_K // NP
     k0 = tile_k * BLOCK_K
     q = affine_codes(w_ptr, offs_n, tile_k, N, W_BYTES, stride_wn, BITS, BLOCK_K).to(tl.float32)
     mask_n = offs_n < N
-    srow = scale_ptr + offs_n.to(tl.int64) * stride_sn
-    orow = offset_ptr + offs_n.to(tl.int64) * stride_sn
-    if GROUP_SIZE % BLOCK_K == 0:
-        g = k0 // GROUP_SIZE
-        s = tl.load(srow + g, mask=mask_n, other=0).to(tl.float32)
-        m = tl.load(orow + g, mask=mask_n, other=0).to(tl.float32)
-        return s[:, None] * q + m[:, None]
-    else:
-        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
-        g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        gmask = mask_n[:, None] & (g[None, :] < G)
-        s = tl.load(srow[:, None] + g[None, :], mask=gmask, other=0).to(tl.float32)
-        m = tl.load(orow[:, None] + g[None, :], mask=gmask, other=0).to(tl.float32)
-        w = s[:, :, None] * tl.reshape(q, (BLOCK_N, NG, GROUP_SIZE)) + m[:, :, None]
-        return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    g = (k0 + tl.arange(0, NP) * PART) // GROUP_SIZE
+    gmask = mask_n[:, None] & (g[None, :] < G)
+    rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    s = tl.load(scale_ptr + rows + g[None, :], mask=gmask, other=0).to(tl.float32)
+    m = tl.load(offset_ptr + rows + g[None, :], mask=gmask, other=0).to(tl.float32)
+    w = s[:, :, None] * tl.reshape(q, (BLOCK_N, NP, PART)) + m[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit

@@ -10,7 +10,7 @@ straddle bytes, every 3 bytes hold 8 codes) and fp16 scale ``s`` and offset ``m`
 The codes are [N, K]-major (row ``n`` holds the weights of output ``n``), so each step forms the fp32 tile
 ``Ŵ[offs_n, k0 : k0+BLOCK_K]`` with :func:`~.dequant_affine.affine_tile` (the function the dequantize kernel
 uses: the tile's bytes are one contiguous block per row, split into codes in registers; one scale and offset per
-row and group, broadcast), casts it to the activation dtype and feeds it to ``tl.dot`` (fp16/bf16 tensor cores,
+row and group, or per row and half tile when the tile lies inside one group, broadcast), casts it to the activation dtype and feeds it to ``tl.dot`` (fp16/bf16 tensor cores,
 fp32 accumulation; 3×TF32 for fp32 activations): forward multiplies by its transpose, backward by the tile
 itself. The kernels are compiled without FMA contraction, so the tile is the reference's fp32 ``Ŵ`` bit for bit
 (``s·q + m`` is not fused into one rounding). ``Ŵ`` never exists in global memory.
@@ -19,10 +19,10 @@ K need not be a multiple of the tile, of 8 or of the group: bytes past the row (
 ``G`` load as 0, activations (forward) past K load as 0, and ``dx`` (backward) is stored only below K, so the
 values the tile holds past K (the offset ``m`` of the partial group) never reach an output.
 
-Launch shapes as in ``matmul_gguf.py``: a tiled GEMM with grouped tile order for M > 16, and a split-K
-(forward) / split-N (backward) GEMV with BLOCK_M = 16 and fp32 ``atomic_add`` of partial sums for decode,
-M ≤ 16 (no split in deterministic mode). ``BLOCK_K`` is a power of two ≥ 32; tiles and groups nest (a tile
-inside one group, or whole groups in a tile).
+Launch shapes as in ``matmul_gguf.py``: a tiled GEMM with grouped tile order for M > 16 (smaller tiles when
+the packed rows are not 16-byte aligned, ``_odd_k``), and a split-K (forward) / split-N (backward) GEMV with
+BLOCK_M = 16 and fp32 ``atomic_add`` of partial sums for decode, M ≤ 16 (no split in deterministic mode).
+``BLOCK_K`` is a power of two ≥ 32; tiles and groups nest (a tile inside one group, or whole groups in a tile).
 
 Memory traffic per weight element (bytes), read once per M-tile: ``b/8 + 4/g`` (0.5625 at 4 bits g64,
 0.4375 at 3 bits g64, 0.3125 at 2 bits g64, 1.0625 at 8 bits g64). Dequantize-then-matmul moves that plus
@@ -46,12 +46,19 @@ from ._common import (autotuners, check_device, config, config_set, deterministi
 from .dequant_affine import affine_tile, check_affine_args, dequantize_affine
 
 # Autotune config lists, picked per launch by ``config_set`` (see ``matmul_4bit.py``); BLOCK_K is a power
-# of two ≥ 32.
+# of two ≥ 32. "_odd_k": packed rows that are not a multiple of 16 bytes (K not a multiple of 128/bits): the
+# code bytes cannot move in 16-byte transactions and the pipeliner holds them in registers, so smaller tiles
+# (the 16-byte-aligned tile lists spill there). Every list compiles without spills for sm_80 and sm_90
+# (``python -m qtune.kernels.report --all``).
 CONFIGS = {
     "fwd": [
         config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=4),
         config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4),
+    ],
+    "fwd_odd_k": [
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=3),
     ],
     "fwd_fp32": [
         config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=2),
@@ -71,6 +78,10 @@ CONFIGS = {
         config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, SPLIT_N=1, num_warps=8, num_stages=2),
         config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SPLIT_N=1, num_warps=8, num_stages=2),
         config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, SPLIT_N=1, num_warps=4, num_stages=2),
+    ],
+    "bwd_odd_k": [
+        config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, SPLIT_N=1, num_warps=8, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, SPLIT_N=1, num_warps=4, num_stages=3),
     ],
     "bwd_decode": [
         config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, SPLIT_N=8, num_warps=4, num_stages=3),
@@ -177,6 +188,11 @@ _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
 _TUNERS = autotuners(CONFIGS, _linear_affine_fwd_kernel, _linear_affine_bwd_kernel, _KEY, "y_ptr", "dx_ptr")
 
 
+def odd_rows(w_bytes: int) -> bool:
+    """Packed rows of ``w_bytes`` bytes that are not 16-byte aligned: the ``_odd_k`` config lists."""
+    return w_bytes % 16 != 0
+
+
 def _fixed(config: Optional[dict], split_name: str, m: int, n: int, k: int, what: str) -> Optional[dict]:
     cfg = fixed_config(config, split_name, m, n, k)
     if cfg is not None and (cfg["BLOCK_K"] < 32 or cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1)):
@@ -227,8 +243,8 @@ def linear_affine(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, of
                   DOT_FP32=dot_in_fp32(x.dtype, _linear_affine_fwd_kernel), DOT_PRECISION=dot_precision(x.dtype),
                   enable_fp_fusion=False)
     grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]), mt["SPLIT_K"])  # noqa: E731
-    launch(_linear_affine_fwd_kernel, _TUNERS[config_set("fwd", m, x.dtype, DECODE_MAX_M)], grid, args, kwargs,
-           cfg)
+    tuner = _TUNERS[config_set("fwd", m, x.dtype, DECODE_MAX_M, odd_k=odd_rows(w_bytes))]
+    launch(_linear_affine_fwd_kernel, tuner, grid, args, kwargs, cfg)
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
@@ -268,6 +284,6 @@ def linear_affine_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale
     kwargs = dict(BITS=bits, GROUP_SIZE=group_size, DOT_FP32=dot_in_fp32(dy.dtype, _linear_affine_bwd_kernel),
                   DOT_PRECISION=dot_precision(dy.dtype), enable_fp_fusion=False)
     grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(k, mt["BLOCK_K"]), mt["SPLIT_N"])  # noqa: E731
-    launch(_linear_affine_bwd_kernel, _TUNERS[config_set("bwd", m, dy.dtype, DECODE_MAX_M)], grid, args, kwargs,
-           cfg)
+    tuner = _TUNERS[config_set("bwd", m, dy.dtype, DECODE_MAX_M, odd_k=odd_rows(w_bytes))]
+    launch(_linear_affine_bwd_kernel, tuner, grid, args, kwargs, cfg)
     return dx.to(dy.dtype).view(*grad_out.shape[:-1], k)

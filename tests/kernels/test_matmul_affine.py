@@ -112,3 +112,19 @@ def test_validation():
         linear_affine(activations(2, 96, torch.float16), w[0], w[1], w[2], 5, 32, 96, None)
     with pytest.raises(ValueError, match="BLOCK_K=16"):
         linear_affine(activations(2, 96, torch.float16), *w, None, config={**SPLIT, "BLOCK_K": 16})
+
+
+@pytest.mark.parametrize("k,bits,odd", [(256, 4, False), (77, 4, True), (384, 3, False), (200, 3, True)])
+def test_packed_rows_not_16_byte_aligned_pick_the_odd_k_configs(monkeypatch, k, bits, odd):
+    # on a GPU the autotuner launches: the config list is chosen from the packed row width (the 16-byte-aligned
+    # tiles spill when the code bytes cannot move in 16-byte transactions); here the launch is intercepted
+    from qtune.kernels import matmul_affine
+
+    picked = []
+    monkeypatch.setattr(matmul_affine, "fixed_config", lambda *a: None)
+    monkeypatch.setattr(matmul_affine, "launch", lambda fn, tuner, *a: picked.append(tuner))
+    w = affine_weight(8, k, bits, 32)
+    linear_affine(activations(40, k, torch.float16), *w, None)
+    linear_affine_grad_input(activations(40, 8, torch.float16), *w)
+    suffix = "_odd_k" if odd else ""
+    assert picked == [matmul_affine._TUNERS["fwd" + suffix], matmul_affine._TUNERS["bwd" + suffix]]
