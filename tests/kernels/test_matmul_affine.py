@@ -128,3 +128,12 @@ def test_packed_rows_not_16_byte_aligned_pick_the_odd_k_configs(monkeypatch, k, 
     linear_affine_grad_input(activations(40, 8, torch.float16), *w)
     suffix = "_odd_k" if odd else ""
     assert picked == [matmul_affine._TUNERS["fwd" + suffix], matmul_affine._TUNERS["bwd" + suffix]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_every_bits_and_group_size_larger(bits, group_size):
+    # every code width × every group size, bf16, at a larger ragged shape (~1 s each): K = 517 is three
+    # interpreter tiles (BLOCK_K = 256), a partial last group, a last run of 5 codes (K mod 8); N = 130 (a
+    # partial N tile of 256), M = 33 (a partial M tile of 64)
+    check(33, 130, 517, bits, group_size, torch.bfloat16, seed=10 * bits + group_size)
