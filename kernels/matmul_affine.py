@@ -9,10 +9,10 @@ straddle bytes, every 3 bytes hold 8 codes) and fp16 scale ``s`` and offset ``m`
 
 The codes are [N, K]-major (row ``n`` holds the weights of output ``n``), so each step forms the fp32 tile
 ``Ŵ[offs_n, k0 : k0+BLOCK_K]`` with :func:`~.dequant_affine.affine_tile` (the function the dequantize kernel
-uses: the tile's bytes are one contiguous block per row, split into codes in registers; one scale and offset per
-row and group, or per row and half tile when the tile lies inside one group, broadcast), casts it to the activation dtype and feeds it to ``tl.dot`` (fp16/bf16 tensor cores,
-fp32 accumulation; 3×TF32 for fp32 activations): forward multiplies by its transpose, backward by the tile
-itself. The kernels are compiled without FMA contraction, so the tile is the reference's fp32 ``Ŵ`` bit for bit
+uses: the tile's bytes are one contiguous block per row, split into codes in registers; one scale and offset
+per row and group, or per row and half tile when the tile lies inside one group, broadcast), casts it to the
+activation dtype and feeds it to ``tl.dot`` (fp16/bf16 tensor cores, fp32 accumulation; 3×TF32 for fp32
+activations): forward multiplies by its transpose, backward by the tile itself. The kernels are compiled without FMA contraction, so the tile is the reference's fp32 ``Ŵ`` bit for bit
 (``s·q + m`` is not fused into one rounding). ``Ŵ`` never exists in global memory.
 
 K need not be a multiple of the tile, of 8 or of the group: bytes past the row (``W_BYTES``) and groups past
