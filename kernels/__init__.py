@@ -9,11 +9,12 @@ file                        ops it implements on CUDA
 ``dequant_int8.py``         ``qtune::dequantize_int8``  (absmax per row/group, zero-point)
 ``dequant_gptq.py``         ``qtune::dequantize_gptq``  (2/3/4/8-bit, ``g_idx`` act-order)
 ``dequant_gguf.py``         ``qtune::dequantize_gguf``  (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks)
-``dequant_affine.py``       ``qtune::dequantize_affine``  (2/3/4/8-bit codes, fp16 scale and offset per group;
-                            ``qtune::linear_affine`` is this kernel + cuBLAS)
+``dequant_affine.py``       ``qtune::dequantize_affine``  (2/3/4/8-bit codes, fp16 scale and offset per group)
 ``matmul_4bit.py``          ``qtune::linear_4bit``, ``qtune::linear_4bit_grad_input``
 ``matmul_gptq.py``          ``qtune::linear_gptq``, ``qtune::linear_gptq_grad_input``
 ``matmul_gguf.py``          ``qtune::linear_gguf``, ``qtune::linear_gguf_grad_input`` (every GGUF type)
+``matmul_affine.py``        ``qtune::linear_affine``, ``qtune::linear_affine_grad_input`` (2/3/4/8 bits, groups
+                            32/64/128)
 ``matmul_int8.py``          ``qtune::linear_int8``, ``qtune::linear_int8_grad_input``,
                             ``qtune::linear_llm_int8_grad_input``
 ``matmul_llm_int8.py``      ``qtune::linear_llm_int8``  (int8×int8→int32 GEMM + fused scaling epilogue,
@@ -55,6 +56,8 @@ _WRAPPERS = {
     "linear_gptq_grad_input": "matmul_gptq",
     "linear_gguf": "matmul_gguf",
     "linear_gguf_grad_input": "matmul_gguf",
+    "linear_affine": "matmul_affine",
+    "linear_affine_grad_input": "matmul_affine",
     "linear_int8": "matmul_int8",
     "linear_int8_grad_input": "matmul_int8",
     "linear_llm_int8_grad_input": "matmul_int8",

@@ -12,7 +12,8 @@ are one contiguous block per row, split into codes in registers (:func:`affine_c
 Memory traffic per weight element: ``b/8`` B of codes + 4/g B of scale and offset + 2 B (fp16/bf16) or 4 B
 (fp32) written: 2.56 B for 4-bit g64 → fp16.
 
-Backward: none (frozen weight); ``qtune::linear_affine`` runs this kernel and cuBLAS in both directions.
+Backward: none (frozen weight). :func:`affine_tile` is also the inner loop of the fused matmuls
+(``matmul_affine.py``); ``qtune::linear_affine`` runs those or this kernel + cuBLAS (``routing.py``).
 """
 from __future__ import annotations
 
@@ -70,28 +71,28 @@ def affine_codes(w_ptr, offs_n, tile_k, N, W_BYTES, stride_wn, BITS: tl.constexp
 @triton.jit
 def affine_tile(w_ptr, scale_ptr, offset_ptr, offs_n, tile_k, N, K, G, W_BYTES, stride_wn, stride_sn,
                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 ``Ŵ[offs_n, k0 : k0+BLOCK_K]``, ``k0 = tile_k · BLOCK_K``, as [len(offs_n), BLOCK_K] (values past ``K`` are not meaningful; the
-    caller masks them). A group that spans whole tiles loads one scale and offset per row; tiles that span whole
-    groups load one per row and group and broadcast them."""
+    """fp32 ``Ŵ[offs_n, k0 : k0+BLOCK_K]``, ``k0 = tile_k · BLOCK_K``, as [len(offs_n), BLOCK_K] (rows past N are 0;
+    values past ``K`` are not meaningful, the caller masks them).
+
+    The tile is split into ``NP`` equal parts along K that each lie in one group: the tile's groups when it spans
+    several, else two halves of the one group it lies in. One scale and offset per row and part are loaded
+    ([len(offs_n), NP]) and broadcast over the part's codes. (Never one scale per row broadcast over the whole
+    tile: next to a matmul accumulator that form made ptxas spill at 128×128 tiles, ``python -m
+    qtune.kernels.report``.)
+    """
     BLOCK_N: tl.constexpr = offs_n.shape[0]
+    NP: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K >= 2 * GROUP_SIZE else 2
+    PART: tl.constexpr = BLOCK_K // NP
     k0 = tile_k * BLOCK_K
     q = affine_codes(w_ptr, offs_n, tile_k, N, W_BYTES, stride_wn, BITS, BLOCK_K).to(tl.float32)
     mask_n = offs_n < N
-    srow = scale_ptr + offs_n.to(tl.int64) * stride_sn
-    orow = offset_ptr + offs_n.to(tl.int64) * stride_sn
-    if GROUP_SIZE % BLOCK_K == 0:
-        g = k0 // GROUP_SIZE
-        s = tl.load(srow + g, mask=mask_n, other=0).to(tl.float32)
-        m = tl.load(orow + g, mask=mask_n, other=0).to(tl.float32)
-        return s[:, None] * q + m[:, None]
-    else:
-        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
-        g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        gmask = mask_n[:, None] & (g[None, :] < G)
-        s = tl.load(srow[:, None] + g[None, :], mask=gmask, other=0).to(tl.float32)
-        m = tl.load(orow[:, None] + g[None, :], mask=gmask, other=0).to(tl.float32)
-        w = s[:, :, None] * tl.reshape(q, (BLOCK_N, NG, GROUP_SIZE)) + m[:, :, None]
-        return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    g = (k0 + tl.arange(0, NP) * PART) // GROUP_SIZE
+    gmask = mask_n[:, None] & (g[None, :] < G)
+    rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    s = tl.load(scale_ptr + rows + g[None, :], mask=gmask, other=0).to(tl.float32)
+    m = tl.load(offset_ptr + rows + g[None, :], mask=gmask, other=0).to(tl.float32)
+    w = s[:, :, None] * tl.reshape(q, (BLOCK_N, NP, PART)) + m[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -127,6 +128,33 @@ def _grid(n: int, k: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
 
 
+def check_affine_args(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
+                      in_features: int, what: str) -> tuple[int, int, int, int]:
+    """Check the affine weight tensors against their metadata.
+
+    Returns:
+        ``(N, K, G, W_BYTES)``: rows, in_features, groups per row ``ceil(K/group_size)`` and packed bytes per row
+        ``ceil(K/8)·bits``.
+    Raises:
+        ValueError: unsupported bits or group size, a non-uint8 or non-2-D weight, shapes that disagree.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{what}: bits={bits} is not one of 2, 3, 4, 8")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"{what}: group_size={group_size} is not one of 32, 64, 128")
+    if weight.dim() != 2 or weight.dtype != torch.uint8:
+        raise ValueError(f"{what}: weight must be uint8 [N, ceil(K/8)·bits], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape[0], int(in_features)
+    g = -(-k // group_size)
+    w_bytes = -(-k // 8) * bits
+    if weight.shape[1] != w_bytes:
+        raise ValueError(f"{what}: weight has {weight.shape[1]} bytes per row, {bits}-bit K={k} needs {w_bytes}")
+    if tuple(scale.shape) != (n, g) or tuple(offset.shape) != (n, g):
+        raise ValueError(f"{what}: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} must be {(n, g)} "
+                         f"(group_size={group_size}, K={k})")
+    return n, k, g, w_bytes
+
+
 def dequantize_affine(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
                       in_features: int, dtype: torch.dtype, *, config: Optional[dict] = None,
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,22 +170,7 @@ def dequantize_affine(weight: torch.Tensor, scale: torch.Tensor, offset: torch.T
     Raises:
         ValueError: shapes that disagree, unsupported bits, wrong device, unfit ``out``.
     """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"dequantize_affine: bits={bits} is not one of 2, 3, 4, 8")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"dequantize_affine: group_size={group_size} is not one of 32, 64, 128")
-    if weight.dim() != 2 or weight.dtype != torch.uint8:
-        raise ValueError(f"dequantize_affine: weight must be uint8 [N, ceil(K/8)·bits], got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
-    n, k = weight.shape[0], int(in_features)
-    g = -(-k // group_size)
-    w_bytes = -(-k // 8) * bits
-    if weight.shape[1] != w_bytes:
-        raise ValueError(f"dequantize_affine: weight has {weight.shape[1]} bytes per row, {bits}-bit K={k} needs "
-                         f"{w_bytes}")
-    if tuple(scale.shape) != (n, g) or tuple(offset.shape) != (n, g):
-        raise ValueError(f"dequantize_affine: scale {tuple(scale.shape)} and offset {tuple(offset.shape)} must be "
-                         f"{(n, g)} (group_size={group_size}, K={k})")
+    n, k, g, w_bytes = check_affine_args(weight, scale, offset, bits, group_size, in_features, "dequantize_affine")
     check_device(weight, scale, offset, kernel=_dequant_affine_kernel)
     out = output_buffer(out, (n, k), dtype, weight.device, "dequantize_affine")
     if out.numel() == 0:

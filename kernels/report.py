@@ -100,8 +100,8 @@ def _jobs(level: str) -> list[Job]:
     first config, in every variant (dtype, bits, double quant, act-order, odd K); "all": "default" plus
     every config of every list at the list's first variant.
     """
-    from . import (dequant_4bit, dequant_affine, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, matmul_gguf,
-                   matmul_gptq, matmul_int8, matmul_llm_int8)
+    from . import (dequant_4bit, dequant_affine, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit,
+                   matmul_affine, matmul_gguf, matmul_gptq, matmul_int8, matmul_llm_int8)
 
     jobs: list[Job] = []
     main_sets = {"fwd", "bwd", "fwd_decode", "bwd_decode", "gemm", "gemm_decode", "quantize", "dequant"}
@@ -309,6 +309,47 @@ def _jobs(level: str) -> list[Job]:
         kernel = "_linear_gguf_fwd_kernel" if set_name.startswith("fwd") else "_linear_gguf_bwd_kernel"
         # without FMA contraction, as launched: the tile is the reference's fp32 Ŵ
         add(f"matmul_gguf:{kernel}", f"linear_gguf[{set_name}]", matmul_gguf.CONFIGS[set_name], variants,
+            fp_fusion=False, set_name=set_name)
+
+    # -- fused affine -----------------------------------------------------------------------------------
+    def va(direction, act, bits=4, group=64, bias=False, decode=False, even=True):
+        p = {"dy_ptr" if direction == "bwd" else "x_ptr": act, "w_ptr": u8, "scale_ptr": "*fp16",
+             "offset_ptr": "*fp16"}
+        c = dict(BITS=bits, GROUP_SIZE=group, DOT_FP32=False, DOT_PRECISION=prec(act))
+        out = f32 if decode else act
+        if direction == "fwd":
+            p["bias_ptr"] = act
+            p["y_ptr"] = out
+            c["HAS_BIAS"] = bias
+        else:
+            p["dx_ptr"] = out
+        label = f"{act[1:]} affine {bits}-bit g{group}{' odd K' if not even else ''}{' bias' if bias else ''}"
+        # odd K: K, the packed row (W_BYTES = stride_wn) and the activation rows are not multiples of 16
+        return (label, p, c, bits / 8 + 4 / group, () if even else (*odd, "W_BYTES"))
+
+    variantsa = {
+        "fwd": [va("fwd", h, bias=True), va("fwd", b16, bits=3, group=32), va("fwd", h, bits=2, group=128),
+                va("fwd", h, bits=8)],
+        "fwd_odd_k": [va("fwd", h, even=False), va("fwd", b16, bits=8, even=False),
+                      va("fwd", h, bits=3, group=32, even=False)],
+        "fwd_fp32": [va("fwd", f32), va("fwd", f32, bits=3, group=128)],
+        # decode is the fused kernel's main use (dispatch: forward fused for M ≤ 16): every code width
+        "fwd_decode": [va("fwd", h, bias=True, decode=True), va("fwd", b16, bits=3, decode=True),
+                       va("fwd", h, bits=2, group=32, decode=True), va("fwd", f32, bits=8, group=128, decode=True),
+                       va("fwd", h, bits=3, group=128, decode=True, even=False)],
+        "bwd": [va("bwd", h), va("bwd", b16, bits=3, group=128), va("bwd", h, bits=2, group=32)],
+        "bwd_odd_k": [va("bwd", h, even=False), va("bwd", b16, bits=8, group=32, even=False),
+                      va("bwd", h, bits=3, group=128, even=False)],
+        "bwd_fp32": [va("bwd", f32, bits=3)],
+        "bwd_decode": [va("bwd", h, decode=True), va("bwd", f32, bits=3, group=32, decode=True),
+                       va("bwd", b16, bits=8, decode=True)],
+        "fwd_decode_det": [va("fwd", h, bias=True), va("fwd", b16, bits=3, group=32)],
+        "bwd_decode_det": [va("bwd", b16), va("bwd", f32, bits=2, group=128)],
+    }
+    for set_name, variants in variantsa.items():
+        kernel = "_linear_affine_fwd_kernel" if set_name.startswith("fwd") else "_linear_affine_bwd_kernel"
+        # without FMA contraction, as launched: the tile is the reference's fp32 Ŵ
+        add(f"matmul_affine:{kernel}", f"linear_affine[{set_name}]", matmul_affine.CONFIGS[set_name], variants,
             fp_fusion=False, set_name=set_name)
 
     # -- LLM.int8 -------------------------------------------------------------------------------------

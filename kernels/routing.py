@@ -21,11 +21,14 @@ import torch
 from qtune.ops import dispatch
 
 from .dequant_4bit import dequantize_4bit
+from .dequant_affine import check_affine_args, dequantize_affine
 from .dequant_gguf import check_gguf_args, dequantize_gguf
 from .dequant_gptq import check_gptq_args, dequantize_gptq
 from .dequant_int8 import dequantize_int8
 from .matmul_4bit import linear_4bit as _fused_4bit
 from .matmul_4bit import linear_4bit_grad_input as _fused_4bit_grad
+from .matmul_affine import linear_affine as _fused_affine
+from .matmul_affine import linear_affine_grad_input as _fused_affine_grad
 from .matmul_gguf import linear_gguf as _fused_gguf
 from .matmul_gguf import linear_gguf_grad_input as _fused_gguf_grad
 from .matmul_gptq import linear_gptq as _fused_gptq
@@ -166,3 +169,24 @@ def linear_gguf_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, ggml_ty
     _, n, k = check_gguf_args(weight, ggml_type, in_features, "linear_gguf_grad_input")
     return _dense_grad_input(
         grad_out, lambda out: dequantize_gguf(weight, ggml_type, in_features, grad_out.dtype, out=out), n, k)
+
+
+# -- affine (float scale and offset per group) --------------------------------------------------------------
+def linear_affine(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                  group_size: int, in_features: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``qtune::linear_affine`` on the device."""
+    w = (weight, scale, offset, bits, group_size, in_features)
+    if dispatch.choose("affine", "forward", _rows(x), x.device) == "fused":
+        return _fused_affine(x, *w, bias)
+    n, k, _, _ = check_affine_args(*w, "linear_affine")
+    return _dense_forward(x, lambda out: dequantize_affine(*w, x.dtype, out=out), n, k, bias)
+
+
+def linear_affine_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                             offset: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """``qtune::linear_affine_grad_input`` on the device (``dx = dy Ŵ``)."""
+    w = (weight, scale, offset, bits, group_size, in_features)
+    if dispatch.choose("affine", "grad_input", _rows(grad_out), grad_out.device) == "fused":
+        return _fused_affine_grad(grad_out, *w)
+    n, k, _, _ = check_affine_args(*w, "linear_affine_grad_input")
+    return _dense_grad_input(grad_out, lambda out: dequantize_affine(*w, grad_out.dtype, out=out), n, k)

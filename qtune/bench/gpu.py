@@ -8,15 +8,16 @@ first run is Triton compiling and autotuning, both kept on disk (``TRITON_CACHE_
 second run on the same machine skips them. ``--quick`` measures two weight shapes at M ∈ {1, 4096}.
 
 ``dispatch``
-    A tiny Llama with a qtune layer of every format (NF4+DQ, FP4, int8 ± zero point, LLM.int8, GPTQ, GGUF Q4_1)
-    plus peft LoRA runs forward + backward in bf16 and fp32 under ``torch.profiler``. It lists the
+    A tiny Llama with a qtune layer of every op family (NF4+DQ, affine 3-bit, int8 ± zero point, LLM.int8, GPTQ,
+    GGUF Q4_1) plus peft LoRA runs forward + backward in bf16 and fp32 under ``torch.profiler``. It lists the
     ``qtune::`` ops and the GPU kernels that ran, and flags an op family that ran on CUDA tensors
     without any of its Triton kernels (the pure-PyTorch reference: a silent slow path).
 ``correct``
     Every kernel and variant against the reference (``qtune.formats``) on the same GPU: NF4/FP4 ±
     double quant, odd K and K not a multiple of the blocksize, GPTQ 2/3/4/8-bit ± act-order, int8 ±
     zero point (group that does not divide K), LLM.int8 with injected outlier columns, every GGUF type
-    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 quantized by qtune; Q4_K, Q5_K, Q6_K as random blocks), strided and
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 quantized by qtune; Q4_K, Q5_K, Q6_K as random blocks), affine 2/3/4/8-bit
+    with groups of 32/64/128 and K not a multiple of 8 or of the group, strided and
     storage-offset inputs, transposed ``grad_out``, bias; on a machine with two GPUs also weights on the
     last GPU while the first is current (the launchers' device guard). ``dequantize_*`` must be bit-identical;
     forward ``y = x Ŵᵀ + b`` and ``grad_input = dy Ŵ`` must satisfy
@@ -27,7 +28,7 @@ second run on the same machine skips them. ``--quick`` measures two weight shape
     ``force("dequant")`` (the branch the dispatcher took is recorded and must be the forced one).
 ``bench``
     Weights (N, K) ∈ {4096², 11008×4096, 4096×11008, 14336×4096, 4096×14336}, M ∈ {1, 16, 64, 256,
-    4096}, fp16 and bf16, NF4+DQ / GPTQ-4 / int8 / LLM.int8 / GGUF Q4_1 and Q4_K, forward and backward
+    4096}, fp16 and bf16, NF4+DQ / GPTQ-4 / int8 / LLM.int8 / GGUF Q4_1 and Q4_K / affine-4 g64, forward and backward
     (grad_input): median
     ms (``triton.testing.do_bench``) of the ``qtune::`` op forced to its fused branch, GB/s (weight +
     activation bytes), TFLOP/s, ratio to the same op forced to dequantize + cuBLAS and to a dense
@@ -68,7 +69,7 @@ import torch
 STAGES = ("dispatch", "correct", "bench", "step")
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))  # (N out, K in)
 TOKENS = (1, 16, 64, 256, 4096)
-FAMILIES = ("4bit", "gptq", "int8", "llm_int8", "gguf")  # the qtune::linear_<family> ops
+FAMILIES = ("4bit", "gptq", "int8", "llm_int8", "gguf", "affine")  # the qtune::linear_<family> ops
 
 # relative-error floors of the fused matmuls (fp32 runs as 3×TF32 on tensor cores)
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-5}
@@ -230,9 +231,19 @@ def _gguf(name: str, w: torch.Tensor, type_name: str, gen: torch.Generator) -> W
     return Weight(name, "gguf", args, lambda dt: gguf.dequantize_gguf(*args, dt))
 
 
+def _affine(name: str, w: torch.Tensor, bits: int, group_size: int) -> Weight:
+    """``w`` in the affine format, min-max rounded (``iters=0``): the kernels read the same tensors whatever
+    the fit, and the fit of a 14336×4096 weight would only lengthen the run."""
+    from ..formats import affine
+
+    t = affine.quantize_affine(w, affine.AffineConfig(bits=bits, group_size=group_size, iters=0), name=name)
+    args = (t.weight, t.scale, t.offset, bits, group_size, w.shape[1])
+    return Weight(name, "affine", args, lambda dt: affine.dequantize_affine(*args, dt))
+
+
 def main_weights(n: int, k: int, device: torch.device, seed: int = 0) -> list[Weight]:
     """The formats the bench times: NF4+DQ (blocksize 64), GPTQ 4-bit g128, int8 per row, LLM.int8, GGUF Q4_1
-    and (when 256 divides K) Q4_K."""
+    and (when 256 divides K) Q4_K, affine 4-bit g64."""
     from ..formats import int8, nf4
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -245,13 +256,15 @@ def main_weights(n: int, k: int, device: torch.device, seed: int = 0) -> list[We
         out.append(_gguf("gguf_q4_1", w, "Q4_1", gen))
     if k % 256 == 0:
         out.append(_gguf("gguf_q4_k", w, "Q4_K", gen))
+    out.append(_affine("affine4_g64", w, 4, 64))
     return out
 
 
 def variant_weights(n: int, k: int, device: torch.device, seed: int = 1) -> list[Weight]:
     """Every other variant: FP4, NF4 without DQ, odd K, K not a multiple of the blocksize, GPTQ 2/3/8-bit
     and act-order with a partial last group, int8 zero point, an int8 group that does not divide K, the GGUF
-    types the main weights leave out."""
+    types the main weights leave out, affine 2/3/8-bit with every group size (K not a multiple of 8, of the group
+    or of 16 bytes per packed row: the ``_odd_k`` tiles)."""
     from ..formats import int8, nf4
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -271,6 +284,8 @@ def variant_weights(n: int, k: int, device: torch.device, seed: int = 1) -> list
     for type_name in ("Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q5_K", "Q6_K"):
         blk = 256 if type_name.endswith("_K") else 32
         out.append(_gguf(f"gguf_{type_name.lower()}", rand(n - 1, -(-k // blk) * blk), type_name, gen))
+    for bits, group, kk in ((2, 32, k), (3, 128, k - 61), (8, 64, k - 61), (3, 32, k + 4), (4, 128, k - 61)):
+        out.append(_affine(f"affine{bits}_g{group}{'_odd_k' if kk != k else ''}", rand(n - 1, kk), bits, group))
     return out
 
 
@@ -296,7 +311,7 @@ def kernel_dequant(w: Weight, dtype: torch.dtype) -> torch.Tensor:
         weight, scb, _ = w.args
         return K.dequantize_int8(weight, scb.view(-1, 1), None, -1, dtype)
     fn = {"4bit": K.dequantize_4bit, "gptq": K.dequantize_gptq, "int8": K.dequantize_int8,
-          "gguf": K.dequantize_gguf}[w.family]
+          "gguf": K.dequantize_gguf, "affine": K.dequantize_affine}[w.family]
     return fn(*w.args, dtype)
 
 
@@ -319,7 +334,8 @@ def first_config(w: Weight, direction: str, m: int, dtype: torch.dtype) -> Optio
     if w.family == "llm_int8":
         return None
     mod = importlib.import_module(f"qtune.kernels.matmul_{w.family}")
-    odd_k = w.family == "4bit" and w.shape[1] % 2 == 1
+    odd_k = ((w.family == "4bit" and w.shape[1] % 2 == 1)
+             or (w.family == "affine" and mod.odd_rows(w.args[0].shape[1])))
     return mod.CONFIGS[config_set(direction, m, dtype, mod.DECODE_MAX_M, odd_k=odd_k)][0].all_kwargs()
 
 
@@ -593,17 +609,19 @@ def stage_bench(run: Run) -> dict:
 # Triton kernel (jit function) names per op family: what the profiler must show when the family ran
 _FAMILY_KERNELS = {"4bit": ("_linear_4bit_", "_dequant_4bit_"), "gptq": ("_linear_gptq_", "_dequant_gptq_"),
                    "int8": ("_linear_int8_", "_dequant_int8_"), "gguf": ("_linear_gguf_", "_dequant_gguf_"),
+                   "affine": ("_linear_affine_", "_dequant_affine_"),
                    "llm_int8": ("_int8_matmul_kernel", "_quantize_rows_kernel", "_linear_int8_bwd", "_dequant_int8_")}
-_LAYER_FORMATS = {"q_proj": "nf4_dq", "k_proj": "fp4", "v_proj": "int8_zp", "o_proj": "gguf_q4_1",
+_LAYER_FORMATS = {"q_proj": "nf4_dq", "k_proj": "affine3_g64", "v_proj": "int8_zp", "o_proj": "gguf_q4_1",
                   "gate_proj": "gptq4", "up_proj": "llm_int8", "down_proj": "gptq3_g32"}
 
 
 def _layer_configs() -> dict:
-    from ..formats import FP4Config, Int8Config, LLMInt8Config, NF4Config, RTNConfig
+    from ..formats import AffineConfig, Int8Config, LLMInt8Config, NF4Config, RTNConfig
     from ..formats.gguf import GGUFQ4_1Config
 
     # RTN writes the GPTQ layout (a calibrated GPTQ needs data and gives the same tensors)
-    return {"q_proj": NF4Config(double_quant=True), "k_proj": FP4Config(blocksize=128),
+    # one layer per op family (FP4 shares NF4's kernels: the correct stage checks it)
+    return {"q_proj": NF4Config(double_quant=True), "k_proj": AffineConfig(bits=3, group_size=64, iters=2),
             "v_proj": Int8Config(symmetric=False, group_size=64), "o_proj": GGUFQ4_1Config(),
             "gate_proj": RTNConfig(bits=4, group_size=64, sym=False), "up_proj": LLMInt8Config(),
             "down_proj": RTNConfig(bits=3, group_size=32, sym=False)}

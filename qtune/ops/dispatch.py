@@ -50,7 +50,7 @@ from typing import Iterator, Optional
 
 import torch
 
-FAMILIES = ("4bit", "int8", "llm_int8", "gptq", "gguf")
+FAMILIES = ("4bit", "int8", "llm_int8", "gptq", "gguf", "affine")
 DIRECTIONS = ("forward", "grad_input")
 BRANCHES = ("fused", "dequant")
 ALWAYS = math.inf  # a bound meaning "fused at every M"
@@ -61,11 +61,13 @@ DEFAULT_FUSED_MAX_M: dict[tuple[str, str], float] = {
     ("int8", "forward"): 16, ("int8", "grad_input"): 0,
     ("gptq", "forward"): 16, ("gptq", "grad_input"): 0,
     ("gguf", "forward"): 16, ("gguf", "grad_input"): 0,
+    ("affine", "forward"): 16, ("affine", "grad_input"): 0,
     ("llm_int8", "forward"): ALWAYS, ("llm_int8", "grad_input"): 0,
 }
 # architecture -> overrides of the default table (bitsandbytes: dequantize + matmul wins on sm_100 above M = 4)
 ARCH_DEFAULTS: dict[str, dict[tuple[str, str], float]] = {
-    arch: {("4bit", "forward"): 4, ("int8", "forward"): 4, ("gptq", "forward"): 4, ("gguf", "forward"): 4}
+    arch: {("4bit", "forward"): 4, ("int8", "forward"): 4, ("gptq", "forward"): 4, ("gguf", "forward"): 4,
+           ("affine", "forward"): 4}
     for arch in ("sm_100", "sm_103")
 }
 # families whose forward has no dequantize + matmul branch (see the module docstring)
@@ -107,7 +109,7 @@ def set_fused_max_m(family: str, direction: str, m: int | float | None) -> None:
     """Run the fused kernel of ``family``/``direction`` for ``M ≤ m`` in this process (``None``: undo).
 
     Args:
-        family: ``"4bit"``, ``"int8"``, ``"llm_int8"``, ``"gptq"`` or ``"gguf"``.
+        family: ``"4bit"``, ``"int8"``, ``"llm_int8"``, ``"gptq"``, ``"gguf"`` or ``"affine"``.
         direction: ``"forward"`` or ``"grad_input"``.
         m: the bound; 0 = never fused, ``math.inf`` = always fused.
 

@@ -106,7 +106,7 @@ def test_interpreter_run_dispatch_lists_the_chain(interpreter_run):
     assert dispatch_stage["ok"] is True
     assert all(dispatch_stage["registered"].values()) and dispatch_stage["slow_path_reason"] is None
     for run in dispatch_stage["runs"]:
-        assert run["families"] == ["4bit", "gguf", "gptq", "int8", "llm_int8"]
+        assert run["families"] == ["4bit", "affine", "gguf", "gptq", "int8", "llm_int8"]
         assert run["reference_on_device"] == [] and run["lora_grads_finite"]
         for family in run["families"]:
             assert any(k.startswith(f"{family}.forward.") for k in run["branches"]), family
@@ -166,3 +166,36 @@ def test_interpreter_run_checks_every_gguf_type(tmp_path):
             assert needle in whats, needle
     assert {r["check"] for r in rows} == {"dequantize", "matmul", "op_branch"}
     assert all(r["family"] == "gguf" for r in correct["rows"] if "family" in r)
+
+
+@pytest.mark.slow  # ~20 s of CPU (90 s wall on a loaded 2-core machine): two stages under the interpreter
+def test_interpreter_run_checks_and_times_the_affine_kernels(tmp_path):
+    # the correct and bench stages for the affine family alone: the main weights' 4-bit g64 and the variants'
+    # 2/3/8-bit, groups 32/64/128, packed rows not 16-byte aligned; both branches, views, forced ops; the bench
+    # times the fused kernels and dequantize + matmul in both directions and derives the affine crossover
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "qtune.bench.gpu", "--interpret", "--stages", "correct,bench",
+                           "--formats", "affine", "--out", str(out)], env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = read_results(out)["results"]
+    correct = res["correct"]
+    rows = [r for r in correct["rows"] if "ok" in r]
+    assert correct["ok"] is True and rows and all(r["ok"] for r in rows)
+    whats = " | ".join(r["what"] for r in rows)
+    for name in ("affine4_g64", "affine2_g32", "affine3_g128_odd_k", "affine8_g64_odd_k", "affine3_g32_odd_k",
+                 "affine4_g128_odd_k"):
+        for needle in (f"fused fwd {name}", f"fused bwd {name}", f"dequant fwd {name}", f"dequant bwd {name}"):
+            assert needle in whats, needle
+    for needle in ("op fused affine4_g64", "op dequant affine4_g64", "view+bias", "transposed dy"):
+        assert needle in whats, needle
+    assert {r["check"] for r in rows} == {"dequantize", "matmul", "op_branch"}
+    bench = res["bench"]
+    measured = {(r["family"], r["direction"], r["m"], (r["n"], r["k"])) for r in bench["rows"]}
+    assert measured == {("affine", d, m, tuple(s)) for d in ("forward", "grad_input") for m in res["tokens"]
+                        for s in res["shapes"]}
+    assert all(r["ms"] > 0 and r["ms_dequant_matmul"] > 0 for r in bench["rows"])
+    assert {r["format"] for r in bench["dequantize"]} == {"affine4_g64"}
+    assert set(bench["crossover"]["crossovers"]["cpu"]) == {"affine"}
+

@@ -65,6 +65,19 @@ def gguf_weight(cfg: type, n: int, k: int, seed: int = 0, edge: bool = False) ->
     return (blocks.reshape(n, cfg.row_bytes(k)), cfg.ggml_type, k)
 
 
+def affine_weight(n: int, k: int, bits: int, group_size: int = 64, seed: int = 0) -> tuple:
+    """``(weight, scale, offset, bits, group_size, in_features)`` of random affine codes (every code value),
+    fp16 scales in [1e-3, 0.1) and fp16 offsets ≈ N(0, 0.2²) (offsets of either sign and size comparable to
+    ``s·q``, so a dropped or misplaced offset shows)."""
+    from qtune.formats.affine import n_groups, pack_codes
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    scale = (torch.rand(n, n_groups(k, group_size), generator=g) * 0.1 + 1e-3).half()
+    offset = (torch.randn(n, n_groups(k, group_size), generator=g) * 0.2).half()
+    return (pack_codes(codes, bits), scale, offset, bits, group_size, k)
+
+
 def activations(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(m, k, generator=g).to(dtype)

@@ -39,7 +39,7 @@ def _key(cfg) -> str:
 def test_every_kernel_and_config_compiles(rows):
     # imported under the interpreter here: only their config lists are read
     from qtune.kernels import dequant_4bit, dequant_affine, dequant_gguf, dequant_gptq, dequant_int8, matmul_4bit, \
-        matmul_gguf, matmul_gptq, matmul_int8, matmul_llm_int8
+        matmul_affine, matmul_gguf, matmul_gptq, matmul_int8, matmul_llm_int8
 
     failed = [(r["kernel"], r["variant"], r["arch"], r["config"], r.get("error", "")[:300])
               for r in rows if not r["ok"]]
@@ -47,7 +47,7 @@ def test_every_kernel_and_config_compiles(rows):
     compiled = {(r["kernel"].split("[")[0], r["arch"], json.dumps(r["config"], sort_keys=True)) for r in rows}
     for arch in ("sm_80", "sm_90"):
         for op, module in (("linear_4bit", matmul_4bit), ("linear_gptq", matmul_gptq), ("linear_int8", matmul_int8),
-                           ("linear_gguf", matmul_gguf)):
+                           ("linear_gguf", matmul_gguf), ("linear_affine", matmul_affine)):
             for cfgs in module.CONFIGS.values():
                 for cfg in cfgs:
                     assert (op, arch, _key(cfg)) in compiled, (op, arch, cfg)

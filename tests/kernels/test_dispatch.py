@@ -10,11 +10,11 @@ pytest.importorskip("triton")
 
 import qtune  # noqa: E402,F401
 from qtune.kernels import _common, routing  # noqa: E402
-from qtune.kernels import matmul_4bit, matmul_gguf, matmul_gptq, matmul_int8  # noqa: E402
+from qtune.kernels import matmul_4bit, matmul_affine, matmul_gguf, matmul_gptq, matmul_int8  # noqa: E402
 from qtune.ops import dequantize as ref_ops  # noqa: E402
 from qtune.ops import dispatch  # noqa: E402
 
-from .cases import GGUF, activations, assert_product_close, gguf_weight, gptq_weight, int8_weight, nf4_weight  # noqa: E402,E501
+from .cases import GGUF, activations, affine_weight, assert_product_close, gguf_weight, gptq_weight, int8_weight, nf4_weight  # noqa: E402,E501
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def clean_policy(monkeypatch, tmp_path):
 
 # -- the policy -------------------------------------------------------------------------------------------
 def test_default_table_fused_for_small_m_forward_dequant_backward():
-    for fam in ("4bit", "int8", "gptq", "gguf"):
+    for fam in ("4bit", "int8", "gptq", "gguf", "affine"):
         assert dispatch.choose(fam, "forward", 1, "cpu") == "fused"
         assert dispatch.choose(fam, "forward", 16, "cpu") == "fused"
         assert dispatch.choose(fam, "forward", 17, "cpu") == "dequant"
@@ -131,6 +131,9 @@ ROUTED_CASES = {
     # one op family for every GGUF type: Q5_1 (32-weight blocks) here, the K-quants in test_matmul_gguf.py
     "gguf": (lambda: gguf_weight(GGUF["Q5_1"], 40, 96), routing.linear_gguf, routing.linear_gguf_grad_input,
              lambda w: ref_ops.dequantize_gguf(*w, torch.float32)),
+    # 3-bit codes straddle bytes; K = 96 is three groups of 32
+    "affine": (lambda: affine_weight(40, 96, 3, 32), routing.linear_affine, routing.linear_affine_grad_input,
+               lambda w: ref_ops.dequantize_affine(*w, torch.float32)),
 }
 
 
@@ -188,8 +191,8 @@ def test_every_launch_runs_under_the_device_guard_of_its_tensors(monkeypatch):
         launches.append(jit_fn.__name__ if hasattr(jit_fn, "__name__") else str(jit_fn))
         return real_launch(jit_fn, *a, **k)
 
-    for mod in ("dequant_4bit", "dequant_int8", "dequant_gptq", "dequant_gguf", "matmul_4bit", "matmul_gptq",
-                "matmul_int8", "matmul_llm_int8", "matmul_gguf"):
+    for mod in ("dequant_4bit", "dequant_int8", "dequant_gptq", "dequant_gguf", "dequant_affine", "matmul_4bit",
+                "matmul_gptq", "matmul_int8", "matmul_llm_int8", "matmul_gguf", "matmul_affine"):
         monkeypatch.setattr(f"qtune.kernels.{mod}.launch", counting_launch)
     from qtune import kernels as K
 
@@ -203,8 +206,10 @@ def test_every_launch_runs_under_the_device_guard_of_its_tensors(monkeypatch):
     wq = gguf_weight(GGUF["Q6_K"], 40, 256)
     xq, dyq = activations(2, 256, torch.float16), activations(2, 40, torch.float16)
     K.linear_gguf(xq, *wq, None), K.linear_gguf_grad_input(dyq, *wq), K.dequantize_gguf(*wq, torch.float16)
+    wa = affine_weight(40, 96, 4, 32)
+    K.linear_affine(x, *wa, None), K.linear_affine_grad_input(dy, *wa), K.dequantize_affine(*wa, torch.float16)
     K.linear_llm_int8(x, w8[0], w8[1][:, 0].contiguous(), 6.0, None)
-    assert len(launches) == 14 and len(entered) == len(launches), (launches, entered)  # llm_int8: quantize + GEMM
+    assert len(launches) == 17 and len(entered) == len(launches), (launches, entered)  # llm_int8: quantize + GEMM
     assert set(entered) == {dev}
 
 
@@ -241,7 +246,7 @@ def deterministic():
     torch.use_deterministic_algorithms(prev)
 
 
-@pytest.mark.parametrize("module", [matmul_4bit, matmul_int8, matmul_gptq, matmul_gguf])
+@pytest.mark.parametrize("module", [matmul_4bit, matmul_int8, matmul_gptq, matmul_gguf, matmul_affine])
 def test_deterministic_mode_picks_decode_configs_without_atomics(module, deterministic):
     for direction, split in (("fwd", "SPLIT_K"), ("bwd", "SPLIT_N")):
         name = _common.config_set(direction, 1, torch.float16, module.DECODE_MAX_M)

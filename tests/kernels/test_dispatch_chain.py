@@ -2,8 +2,8 @@
 
 A subprocess with ``TRITON_INTERPRET=1`` builds a tiny Llama (hidden 64, 2 layers) whose 14 linear
 layers are qtune layers of every format (NF4/FP4 ± double quant, int8 ± zero point, LLM.int8 with an
-injected outlier column, GPTQ 4-bit ± act-order and 3-bit, GGUF Q4_1 and Q5_0) with peft LoRA adapters,
-and runs forward and backward:
+injected outlier column, GPTQ 4-bit ± act-order and 3-bit, GGUF Q4_1 and Q5_0, affine 3-bit g32 and 2-bit
+g64) with peft LoRA adapters, and runs forward and backward:
 
 1. on the reference path (the CPU kernels), then
 2. after ``qtune.kernels.register(device="cpu", _testing=True)`` registered the Triton wrappers for CPU
@@ -31,7 +31,7 @@ CHAIN = textwrap.dedent(r"""
     from torch import nn
     import qtune
     import qtune.kernels as K
-    from qtune.formats import FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config
+    from qtune.formats import AffineConfig, FP4Config, GPTQConfig, Int8Config, LLMInt8Config, NF4Config
     from qtune.formats.gguf import GGUFQ4_1Config, GGUFQ5_0Config
     from qtune.formats.gptq import GPTQHessian
     from qtune.nn import QuantLinear
@@ -51,7 +51,8 @@ CHAIN = textwrap.dedent(r"""
     FORMATS = [NF4Config(), FP4Config(double_quant=True, blocksize=32), NF4Config(double_quant=True),
                Int8Config(), Int8Config(symmetric=False, group_size=32), LLMInt8Config(),
                GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32, desc_act=True),
-               GPTQConfig(bits=3, group_size=32), FP4Config(), GGUFQ4_1Config(), GGUFQ5_0Config()]
+               GPTQConfig(bits=3, group_size=32), FP4Config(), GGUFQ4_1Config(), GGUFQ5_0Config(),
+               AffineConfig(bits=3, group_size=32, iters=2), AffineConfig(bits=2, group_size=64, iters=2)]
 
     def build(dtype):
         torch.manual_seed(0)
@@ -84,7 +85,7 @@ CHAIN = textwrap.dedent(r"""
         model = build(dtype)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         fams = {m.op_family for m in layers.values()}
-        assert fams == {"4bit", "int8", "llm_int8", "gptq", "gguf"}, fams
+        assert fams == {"4bit", "int8", "llm_int8", "gptq", "gguf", "affine"}, fams
         calls = []
         if check_layers:
             for name, m in layers.items():

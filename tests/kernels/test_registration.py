@@ -82,7 +82,7 @@ def test_wrappers_take_the_op_schemas():
     # the op families qtune ships Triton kernels for (formats registered later, by qtune or by a test module,
     # may have none yet: on CUDA they run the reference, with the slow-path warning)
     with_kernels = {fmt for fmt in WEIGHT_SCHEMAS if f"linear_{fmt}" in K.OPS}
-    assert with_kernels == {"4bit", "int8", "llm_int8", "gptq", "gguf"}, sorted(with_kernels)
+    assert with_kernels == {"4bit", "int8", "llm_int8", "gptq", "gguf", "affine"}, sorted(with_kernels)
     for fmt in sorted(with_kernels):
         schema = WEIGHT_SCHEMAS[fmt]
         names = [arg.split()[-1] for arg in schema.split(", ")]

@@ -22,7 +22,8 @@ def test_report_fast():
     for column in ("regs", "spill", "smem", "tensor core", "B/weight"):
         assert column in out
     for kernel in ("dequant_4bit", "dequant_int8", "dequant_gptq", "linear_4bit[fwd]", "linear_gptq[fwd_decode]",
-                   "linear_int8[bwd]", "llm_int8[gemm]", "dequant_gguf", "linear_gguf[fwd_decode]"):
+                   "linear_int8[bwd]", "llm_int8[gemm]", "dequant_gguf", "linear_gguf[fwd_decode]", "dequant_affine",
+                   "linear_affine[fwd]", "linear_affine[bwd_decode]"):
         assert kernel in out, kernel
     assert "sm_80" in out and "sm_90" in out and "wgmma" in out and "mma.sync" in out
     assert "0 failed" in out and "0 fused matmuls without tensor-core" in out

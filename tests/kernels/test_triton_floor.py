@@ -70,11 +70,12 @@ def test_every_kernel_compiles_on_the_floor_triton(floor_rows):
     assert not failed, (floor_rows["triton"], failed)
     kernels = {(r["kernel"].split("[")[0], r["arch"]) for r in rows}
     for name in ("dequant_4bit", "dequant_int8", "dequant_gptq", "dequant_gguf", "dequant_affine", "linear_4bit",
-                 "linear_gptq", "linear_int8", "linear_gguf", "llm_int8"):
+                 "linear_gptq", "linear_int8", "linear_gguf", "linear_affine", "llm_int8"):
         for arch in ("sm_80", "sm_90"):
             assert (name, arch) in kernels, (name, arch)
     # every variant family the default level lists: 4-bit with and without double quant and odd K, GPTQ bits,
-    # every GGUF type in the dequantize kernel and in the fused forward
+    # every GGUF type in the dequantize kernel and in the fused forward, every affine code width in the fused
+    # forward and backward (odd K included)
     variants = " | ".join(r["variant"] for r in rows)
     for needle in ("nf4 dq", "odd K", "2-bit", "3-bit", "8-bit", "act-order", "zero-point", "bf16", "fp32",
                    "affine 3-bit"):
@@ -84,6 +85,11 @@ def test_every_kernel_compiles_on_the_floor_triton(floor_rows):
     for cfg in GGUF_CONFIGS:
         for kernel in ("dequant_gguf", "linear_gguf"):
             assert any(r["kernel"].startswith(kernel) and cfg.type_name in r["variant"] for r in rows), (kernel, cfg)
+    for bits in (2, 3, 4, 8):
+        for direction in ("fwd", "bwd"):
+            assert any(r["kernel"].startswith(f"linear_affine[{direction}") and f"affine {bits}-bit" in r["variant"]
+                       for r in rows), (direction, bits)
+    assert any(r["kernel"] == "linear_affine[fwd_odd_k]" and "odd K" in r["variant"] for r in rows)
 
 
 def test_fused_matmuls_use_tensor_cores_on_the_floor(floor_rows):
