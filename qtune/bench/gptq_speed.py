@@ -62,16 +62,24 @@ def time_qtune(path: Path, windows: torch.Tensor, spec: str, batch_size: int) ->
             "threads": torch.get_num_threads()}
 
 
-def time_gptqmodel(path: Path, windows: torch.Tensor, batch_size: int, gptqmodel_path: Path, dtype: str) -> dict:
-    """Quantize the same model with GPTQModel (its default GPTQ-4 g128 config) in a child process."""
+def time_gptqmodel(path: Path, windows: torch.Tensor, batch_size: int, gptqmodel_path: Path, dtype: str, *,
+                   bits: int = 4, group_size: int = 128, sym: bool = True, quantize_config: dict | None = None,
+                   out: Path | None = None) -> dict:
+    """Quantize the float model at ``path`` with GPTQModel in a child process (:mod:`.gptqmodel_worker`).
+
+    Its default ordering unless ``quantize_config`` (extra ``QuantizeConfig`` fields, e.g. ``{"desc_act": True,
+    "act_group_aware": False}``) says otherwise; ``out``: folder where GPTQModel saves the checkpoint (none by
+    default). Returns the worker's times and settings with the load averages around the run.
+    """
     if not (gptqmodel_path / "gptqmodel").is_dir():
         raise SystemExit(f"GPTQModel not found in {gptqmodel_path}: pip install --no-deps --target .deps/gptqmodel "
                          "gptqmodel==7.7.0 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7 pypcre==0.6.4 "
                          "defuser==0.0.28 threadpoolctl==3.8.0, or pass --skip-gptqmodel")
     with tempfile.TemporaryDirectory(prefix="qtune-gptq-speed-") as tmp:
         job, result = Path(tmp) / "job.pt", Path(tmp) / "result.json"
-        torch.save({"float": str(Path(path).resolve()), "out": "", "dtype": dtype, "bits": 4, "group_size": 128, "sym": True,
-                    "batch_size": batch_size, "calibration": windows}, job)
+        torch.save({"float": str(Path(path).resolve()), "out": str(Path(out).resolve()) if out else "", "dtype": dtype,
+                    "bits": bits, "group_size": group_size, "sym": sym, "batch_size": batch_size,
+                    "calibration": windows, "quantize_config": dict(quantize_config or {})}, job)
         env = dict(os.environ)
         # GPTQModel's folder only: the repository root would put qtune's kernels/ where Hugging Face's `kernels` goes
         env["PYTHONPATH"] = str(gptqmodel_path)

@@ -2,11 +2,14 @@
 
 ``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 32] [--out FILE]``
 
-Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 and GPTQ-3 g128 (the default
-group-aware order, act-order, act-order with static groups, the natural order), GPTQ-8 g128, affine-4 g64/g128
-and affine-3 g64 (and affine-4 g64 without its fit); and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
-transformers from the same float checkpoint. Each row has bits/parameter (linear layers, lm_head
-excluded), the time to load and quantize (for GPTQ: calibration included) and perplexity on the first ``--tokens``
+Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-2/3/4/8 g128 (the default
+group-aware order, act-order, act-order with static groups, the natural order; GPTQ-3 also with GPTQModel's
+damping 0.05), affine-4 g64/g128 and affine-3 g64 (and affine-4 g64 without its fit); bitsandbytes NF4, NF4+DQ,
+FP4, LLM.int8 loaded by transformers from the same float checkpoint; and GPTQModel 7.7 GPTQ-2/3/4/8 g128 (its
+default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
+(:func:`qtune.bench.gptq_speed.time_gptqmodel`, GPTQModel from ``.deps/gptqmodel``) and read back by qtune.
+Each row has bits/parameter (linear layers, lm_head excluded), the time to load and quantize (for GPTQ:
+calibration included; GPTQ rows also ``quantize_s`` and ``quantize_cpu_s``, the quantization alone, wall and CPU) and perplexity on the first ``--tokens``
 tokens of the held-out text in disjoint ``--seq-len`` windows. GPTQ calibrates on ``--samples`` random
 ``--cal-seq-len`` windows of the calibration text (default: Emma, the demo's training novel; the
 evaluation text defaults to Persuasion, held out).
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", metavar="ROW", help="run only these rows (names as printed)")
     p.add_argument("--skip-bnb", action="store_true")
     p.add_argument("--skip-gptq", action="store_true", help="leave out the GPTQ rows (minutes of calibration each)")
+    p.add_argument("--skip-gptqmodel", action="store_true",
+                   help="leave out the GPTQModel rows (GPTQModel 7.7 in .deps/gptqmodel, as .ci/run installs it)")
     p.add_argument("--out", help="results file (default bench/results/perplexity.json)")
     p.add_argument("--merge", action="store_true",
                    help="replace the rows measured in the existing --out file instead of rewriting it")
@@ -117,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenize_text(read_text(args.text), tokenizer, tokens=args.tokens)
     cal = None
+    # a GPTQ row's build leaves its quantization's wall and CPU seconds here (calibration, Hessians, solve,
+    # packing; not the load): the CPU time (all threads of the process) is the fairer measure on a shared machine
+    quantize_s: dict[str, tuple[float, float]] = {}
+
+    def calibration():
+        nonlocal cal
+        if cal is None:
+            cal = calibration_windows([read_text(args.calibration)], tokenizer, samples=args.samples,
+                                      seq_len=args.cal_seq_len)
+        return cal
 
     def float_model():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
@@ -126,15 +141,27 @@ def main(argv: list[str] | None = None) -> int:
 
     def gptq(spec: str) -> Callable:
         def build():
-            nonlocal cal
-            if cal is None:
-                cal = calibration_windows([read_text(args.calibration)], tokenizer, samples=args.samples,
-                                          seq_len=args.cal_seq_len)
             model = float_model()
             qc = QTuneConfig.from_spec(spec)
-            gptq_quantize_model(model, cal, qc.default_config(), skip_modules=qc.skip_modules,
-                                overrides=qc.override_configs(), progress=False)
+            cpu = time.process_time()
+            report = gptq_quantize_model(model, calibration(), qc.default_config(), skip_modules=qc.skip_modules,
+                                         overrides=qc.override_configs(), progress=False)
+            quantize_s["last"] = (report.seconds, time.process_time() - cpu)
             return model
+        return build
+
+    def gptqmodel(bits: int, **quantize_config: Any) -> Callable:
+        """GPTQModel quantizes the float checkpoint on the same windows (its defaults plus ``quantize_config``)
+        in a child process and saves it; qtune reads that checkpoint (bit-identical, see the interop tests)."""
+        def build():
+            import tempfile
+
+            from .gptq_speed import default_gptqmodel_path, time_gptqmodel
+            with tempfile.TemporaryDirectory(prefix="qtune-ppl-gptqmodel-") as tmp:
+                timing = time_gptqmodel(path, calibration(), 8, default_gptqmodel_path(), "float32", bits=bits,
+                                        quantize_config=quantize_config, out=Path(tmp) / "model")
+                quantize_s["last"] = (timing["quantize_s"], timing["quantize_cpu_s"])
+                return load_model(Path(tmp) / "model", dtype=torch.float32)
         return build
 
     rows: list[tuple[str, Callable, Callable, bool]] = [
@@ -172,7 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune gptq-3 g128 act-order static", gptq("gptq:bits=3,group_size=128,desc_act=true,static_groups=true"),
          model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-8 g128 act-order static", gptq("gptq:bits=8,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
+        ("qtune gptq-3 g128 damp 0.05", gptq("gptq:bits=3,group_size=128,damp_percent=0.05"), model_bits_per_param,
+         True),
+        ("qtune gptq-2 g128", gptq("gptq:bits=2,group_size=128"), model_bits_per_param, True),
+        ("qtune gptq-2 g128 act-order", gptq("gptq:bits=2,group_size=128,desc_act=true"), model_bits_per_param, True),
+        ("qtune gptq-2 g128 act-order static", gptq("gptq:bits=2,group_size=128,desc_act=true,static_groups=true"),
+         model_bits_per_param, True),
     ]
+    if not args.skip_gptq and not args.skip_gptqmodel:
+        from .gptq_speed import default_gptqmodel_path
+        if not (default_gptqmodel_path() / "gptqmodel").is_dir():
+            print(f"(GPTQModel not installed in {default_gptqmodel_path()}: no GPTQModel rows)", file=sys.stderr)
+        else:  # GPTQModel 7.7's default ordering is act_group_aware; desc_act is its act-order
+            for bits in (2, 3, 4, 8):
+                rows.append((f"gptqmodel gptq-{bits} g128", gptqmodel(bits), model_bits_per_param, True))
+                rows.append((f"gptqmodel gptq-{bits} g128 desc_act",
+                             gptqmodel(bits, desc_act=True, act_group_aware=False), model_bits_per_param, True))
     if args.skip_gptq:
         rows = [r for r in rows if " gptq-" not in r[0]]
     if not args.skip_bnb:
@@ -222,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<30} {bits:>10.3f} {prep:>12.1f} {res.perplexity:>11.4f} "
               f"{100 * (res.perplexity / ref - 1):>+7.2f}% {res.tokens_per_s:>9.0f}", flush=True)
         measured.append({"name": label, "bits_per_param": bits, "load_quantize_s": round(prep, 2),
+                         **({k: round(v, 2) for k, v in zip(("quantize_s", "quantize_cpu_s"), quantize_s.pop("last"))}
+                            if "last" in quantize_s else {}),
                          "perplexity": res.perplexity, "nll": res.nll, "predicted_tokens": res.predicted,
                          "eval_tokens_per_s": round(res.tokens_per_s, 1)})
         del model
