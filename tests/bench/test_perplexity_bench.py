@@ -16,7 +16,8 @@ QTUNE_ROWS = ["fp32", "qtune nf4", "qtune nf4+dq", "qtune fp4", "qtune int8", "q
               "qtune gptq-4 g128 act-order static", "qtune gptq-4 g128 no-order", "qtune affine-4 g64",
               "qtune affine-4 g64 min-max", "qtune affine-4 g128", "qtune affine-3 g64", "qtune gptq-3 g128",
               "qtune gptq-3 g128 act-order", "qtune gptq-3 g128 no-order", "qtune gptq-3 g128 act-order static",
-              "qtune gptq-8 g128"]
+              "qtune gptq-8 g128", "qtune gptq-8 g128 act-order static", "qtune gptq-3 g128 damp 0.05",
+              "qtune gptq-2 g128", "qtune gptq-2 g128 act-order", "qtune gptq-2 g128 act-order static"]
 BNB_ROWS = ["bnb nf4", "bnb nf4+dq", "bnb fp4", "bnb llm_int8", "qtune llm_int8 on bnb bytes",
             "qtune nf4+dq on bnb bytes"]
 
@@ -24,7 +25,7 @@ BNB_ROWS = ["bnb nf4", "bnb nf4+dq", "bnb fp4", "bnb llm_int8", "qtune llm_int8 
 def _argv(model, out, *extra):
     return ["--model", str(model), "--text", str(model.parent / "train.txt"), "--calibration",
             str(model.parent / "train.txt"), "--tokens", "256", "--seq-len", "64", "--samples", "2",
-            "--cal-seq-len", "64", "--batch-size", "2", "--out", str(out), *extra]
+            "--cal-seq-len", "64", "--batch-size", "2", "--out", str(out), "--skip-gptqmodel", *extra]
 
 
 def test_perplexity_bench_writes_every_row_and_merges(tiny_model_dir, tmp_path, one_thread):
@@ -41,7 +42,9 @@ def test_perplexity_bench_writes_every_row_and_merges(tiny_model_dir, tmp_path, 
     for row in r["rows"]:
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1 and row["predicted_tokens"] > 0
         assert row["vs_fp32"] == pytest.approx(row["perplexity"] / fp32 - 1)
-        assert row["bits_per_param"] == 32 if row["name"] == "fp32" else 3 < row["bits_per_param"] < 10
+        assert row["bits_per_param"] == 32 if row["name"] == "fp32" else 2 < row["bits_per_param"] < 10
+        # GPTQ rows carry the quantization's own wall and CPU seconds
+        assert ("quantize_s" in row) == (" gptq-" in row["name"])
 
     # rerunning one row replaces it in place and keeps the others as the file has them (marked here with
     # impossible values); the recorded command then reproduces the whole file
@@ -71,3 +74,21 @@ def test_perplexity_merge_refuses_other_settings(tiny_model_dir, tmp_path):
                                "results": {"settings": {"samples": 128}, "complete": True, "rows": []}}))
     with pytest.raises(SystemExit, match="other settings.*samples"):
         perplexity.main(_argv(tiny_model_dir / "model", out, "--only", "qtune nf4", "--merge"))
+
+
+@pytest.mark.slow
+def test_gptqmodel_row_quantizes_in_a_child_and_qtune_reads_it(tiny_model_dir, tmp_path, one_thread):
+    """The ``gptqmodel ...`` rows: GPTQModel 7.7 (``.deps/gptqmodel``) quantizes the same windows in its own process,
+    saves, and qtune evaluates that checkpoint; the row carries GPTQModel's own quantize seconds."""
+    from qtune.bench.gptq_speed import default_gptqmodel_path
+
+    if not (default_gptqmodel_path() / "gptqmodel").is_dir():
+        pytest.skip(f"GPTQModel not found in {default_gptqmodel_path()} (.ci/run installs it)")
+    model, out = tiny_model_dir / "model", tmp_path / "perplexity.json"
+    argv = [a for a in _argv(model, out) if a != "--skip-gptqmodel"]
+    assert perplexity.main(argv + ["--only", "gptqmodel gptq-4 g128"]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]["rows"]}
+    assert list(rows) == ["fp32", "gptqmodel gptq-4 g128"]
+    row = rows["gptqmodel gptq-4 g128"]
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+    assert 4 < row["bits_per_param"] < 5 and row["quantize_s"] > 0 and row["quantize_cpu_s"] > 0
