@@ -256,6 +256,22 @@ def render_qalora(payload: dict[str, Any], path: Path) -> str:
     return f"{intro}\n\n{table}\n\n{outro}\n\n{_source(payload, path)}"
 
 
+def render_loftq(payload: dict[str, Any], path: Path) -> str:
+    """LoftQ against the default LoRA initialisation (:mod:`qtune.bench.loftq`): per format and initialisation,
+    the step-0 and last training losses and the held-out perplexity before and after training."""
+    r = payload["results"]
+    steps = r["steps"]
+    intro = (f"`{r['recipe']}` with its quantization replaced by each format, {steps} steps"
+             + (f" (overrides: {', '.join(f'`{o}`' for o in r['overrides'])})" if r.get("overrides") else "")
+             + "; both initialisations see the same batches. Step-0 loss: the first batch's loss at initialisation; "
+             "perplexity: held-out, before (the initialised model) and after training.")
+    rows = [[row["format"], row["init"] + (f" (T={row['loftq_iters']})" if row.get("loftq_iters") else ""),
+             _num(row.get("step0_loss"), 3), _num(row.get("final_loss"), 3),
+             f"{_num(row.get('perplexity_before'))} → {_num(row.get('perplexity_after'))}"] for row in r["rows"]]
+    table = _table(["format", "init", "step-0 loss", f"loss at step {steps}", "perplexity before → after"], rows)
+    return f"{intro}\n\n{table}\n\n{_source(payload, path)}"
+
+
 RENDERERS: dict[tuple[str, str | None], Callable[[dict[str, Any], Path], str]] = {
     ("formats", None): render_formats,
     ("perplexity", None): render_perplexity,
@@ -263,6 +279,7 @@ RENDERERS: dict[tuple[str, str | None], Callable[[dict[str, Any], Path], str]] =
     ("demo", "summary"): render_demo_summary,
     ("gpu", None): render_gpu,
     ("qalora", None): render_qalora,
+    ("loftq", None): render_loftq,
 }
 
 

@@ -172,6 +172,20 @@ def test_qalora_section(tree):
     assert "QA-LoRA 100.0%" in text and "standard LoRA 6.2%" in text and "+2.6% in trained perplexity" in text
 
 
+def test_loftq_section(tree):
+    rows = [{"format": "nf4", "init": "default", "loftq_iters": None, "steps": 20, "step0_loss": 4.1835,
+             "final_loss": 3.819, "perplexity_before": 48.81, "perplexity_after": 40.03},
+            {"format": "nf4", "init": "loftq", "loftq_iters": 1, "steps": 20, "step0_loss": 4.1493,
+             "final_loss": 3.7894, "perplexity_before": 47.18, "perplexity_after": 39.92}]
+    write_results("loftq", {"recipe": "r.yaml", "steps": 20, "loftq_iters": 1, "overrides": [], "rows": rows},
+                  tree / "bench" / "results", command="python -m qtune.bench.loftq --steps 20 --format nf4")
+    (tree / "README.md").write_text("<!-- bench:loftq -->\n<!-- /bench:loftq -->\n")
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "| nf4 | default | 4.184 | 3.819 | 48.81 → 40.03 |" in text
+    assert "| nf4 | loftq (T=1) | 4.149 | 3.789 | 47.18 → 39.92 |" in text and "20 steps" in text
+
+
 def test_committed_readme_matches_the_committed_results():
     """The README in the repository quotes exactly what bench/results/ holds (regenerate with
     ``python -m qtune.bench.readme`` after rerunning a bench)."""
