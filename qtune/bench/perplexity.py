@@ -3,8 +3,8 @@
 ``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 32] [--out FILE]``
 
 Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-4 and GPTQ-3 g128 (the default
-group-aware order, act-order, act-order with static groups, the natural order), GPTQ-8 g128, affine-4 g64/g128
-and affine-3 g64 (and affine-4 g64 without its fit); and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
+group-aware order, act-order, act-order with static groups, the natural order), GPTQ-8 g128, affine-4 g64/g128,
+affine-3 and affine-2 g64 (and affine-4 g64 without its fit, and with the scale refitted too); and bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by
 transformers from the same float checkpoint. Each row has bits/parameter (linear layers, lm_head
 excluded), the time to load and quantize (for GPTQ: calibration included) and perplexity on the first ``--tokens``
 tokens of the held-out text in disjoint ``--seq-len`` windows. GPTQ calibrates on ``--samples`` random
@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune affine-4 g64", rtn("affine:bits=4,group_size=64"), model_bits_per_param, True),
         ("qtune affine-4 g64 min-max", rtn("affine:bits=4,group_size=64,iters=0"), model_bits_per_param, True),
         ("qtune affine-4 g128", rtn("affine:bits=4,group_size=128"), model_bits_per_param, True),
+        ("qtune affine-4 g64 scale+offset", rtn("affine:bits=4,group_size=64,fit=scale_offset"),
+         model_bits_per_param, True),
         ("qtune affine-3 g64", rtn("affine:bits=3,group_size=64"), model_bits_per_param, True),
+        ("qtune affine-2 g64", rtn("affine:bits=2,group_size=64"), model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
         ("qtune gptq-3 g128 act-order", gptq("gptq:bits=3,group_size=128,desc_act=true"), model_bits_per_param, True),
         ("qtune gptq-3 g128 no-order", gptq("gptq:bits=3,group_size=128,desc_act=false,act_group_aware=false"),

@@ -60,6 +60,7 @@ _FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a stored scale is
 LP_NORM = 0.7
 BETA0 = 10.0
 KAPPA = 1.01
+FITS = ("offset", "scale_offset")
 
 
 def _aliases() -> dict[str, dict[str, Any]]:
@@ -79,6 +80,8 @@ class AffineConfig(QuantConfig):
         bits: code width, one of 2, 3, 4, 8.
         group_size: input columns per (scale, offset) pair: 32, 64 or 128 (a partial last group is allowed).
         iters: fitting iterations of the quantizer (0: plain min-max rounding). Not needed to read the layer.
+        fit: what the iterations refit: ``"offset"`` (HQQ's scheme: the min-max scale stays, default) or
+            ``"scale_offset"`` (both, by least squares). Not needed to read the layer.
     """
 
     format: ClassVar[str] = "affine"
@@ -88,11 +91,14 @@ class AffineConfig(QuantConfig):
         CliOption("bits", "code width (default 4)", choices=SUPPORTED_BITS),
         CliOption("group_size", "affine: input columns per scale and offset, 32/64/128 (default 64)"),
         CliOption("iters", "affine: scale/offset fitting iterations, 0 = min-max rounding (default 20)"),
+        CliOption("fit", "affine: what the iterations refit, offset (HQQ, default) or scale_offset", type=str,
+                  choices=FITS),
     )
     spec_aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = _aliases()
     bits: int = 4
     group_size: int = 64
     iters: int = 20
+    fit: str = "offset"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +110,8 @@ class AffineConfig(QuantConfig):
                              f"{SUPPORTED_GROUP_SIZES}")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or not (0 <= self.iters <= 1000):
             raise ValueError(f"{cls}.iters={self.iters!r} must be an integer in [0, 1000]")
+        if self.fit not in FITS:
+            raise ValueError(f"{cls}.fit={self.fit!r} is not supported; choose one of {FITS}")
 
 
 @dataclasses.dataclass
@@ -198,7 +206,32 @@ def _shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
     return torch.sign(x) * torch.relu(ax - ax.clamp_min(1e-12).pow(p - 1) / beta)
 
 
-def fit_affine(w: Tensor, valid: Tensor, bits: int, iters: int) -> tuple[Tensor, Tensor]:
+def _start_grid(w: Tensor, valid: Tensor, maxq: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Each group's starting grid: ``(scale, offset, flat)``, [N, G, 1] each.
+
+    ``s = (max − min) / maxq`` and ``m = −s · round(−min / s)``: the min-max step, with the offset moved (by at most
+    half a step) so that 0 is a grid point (code ``round(−min/s)``), as in asymmetric RTN's integer zero point.
+    A constant group (``flat``) gets ``s = 1``, ``m =`` its value (codes 0: exact).
+    """
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(valid > 0, w, big).amin(-1, keepdim=True)
+    hi = torch.where(valid > 0, w, -big).amax(-1, keepdim=True)
+    step = (hi - lo) / maxq
+    flat = step <= 0
+    scale = torch.where(flat, torch.ones_like(step), step)
+    offset = torch.where(flat, lo, -scale * torch.round(-lo / scale))
+    return scale, offset, flat
+
+
+def _codes_and_error(w: Tensor, valid: Tensor, s: Tensor, m: Tensor, maxq: float) -> tuple[Tensor, Tensor]:
+    """Codes ``clamp(round((w − m)/s), 0, maxq)`` [N, G, g] and each group's squared error ``Σ (w − s·q − m)²``
+    over its valid entries, [N, G, 1]."""
+    q = torch.clamp(torch.round((w - m) / s), 0, maxq)
+    r = (w - (s * q + m)) * valid
+    return q, (r * r).sum(-1, keepdim=True)
+
+
+def fit_affine(w: Tensor, valid: Tensor, bits: int, iters: int, fit: str = "offset") -> tuple[Tensor, Tensor]:
     """Fit each group's scale and offset (fp32, before fp16 rounding); see the module docstring.
 
     Args:
@@ -206,47 +239,51 @@ def fit_affine(w: Tensor, valid: Tensor, bits: int, iters: int) -> tuple[Tensor,
         valid: fp32 [1, G, g], 1 for real weights, 0 for padding.
         bits: code width.
         iters: alternating iterations (0: min-max).
+        fit: ``"offset"`` (HQQ: the min-max scale is kept, only the offset moves) or ``"scale_offset"`` (both
+            refitted by least squares each iteration).
     Returns:
-        (scale, offset) fp32 [N, G, 1] each; scale > 0.
+        (scale, offset) fp32 [N, G, 1] each; scale > 0. Per group, the iterate with the smallest squared error
+        (the min-max start included).
     """
+    if fit not in FITS:
+        raise ValueError(f"fit_affine: fit={fit!r} is not one of {FITS}")
     maxq = float(2**bits - 1)
-    big = torch.finfo(torch.float32).max
-    lo = torch.where(valid > 0, w, big).amin(-1, keepdim=True)
-    hi = torch.where(valid > 0, w, -big).amax(-1, keepdim=True)
-    step0 = (hi - lo) / maxq
-    flat = step0 <= 0  # a constant group: any scale, offset = the value, codes 0: exact
-    scale = torch.where(flat, torch.ones_like(step0), step0)
-    offset = lo
-    unit = scale  # residuals are shrunk in units of the min-max step
+    scale, offset, flat = _start_grid(w, valid, maxq)
+    unit = scale  # scale_offset: residuals are shrunk in units of the min-max step
     n_valid = valid.sum(-1, keepdim=True)
-
-    def codes_and_error(s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-        q = torch.clamp(torch.round((w - m) / s), 0, maxq)
-        r = (w - (s * q + m)) * valid
-        return q, (r * r).sum(-1, keepdim=True)
-
-    q, best_err = codes_and_error(scale, offset)
+    q, best_err = _codes_and_error(w, valid, scale, offset, maxq)
     best_s, best_m = scale, offset
+    live = ~flat  # groups still improving (a group stops at its first iterate that does not lower its error)
     beta = BETA0
     for _ in range(iters):
-        resid = (w - (scale * q + offset)) / unit
-        target = w - _shrink_lp(resid, beta, LP_NORM) * unit
-        # least squares of s·q + m to `target` over the group's valid entries (closed form)
-        qv = q * valid
-        sq, sqq = qv.sum(-1, keepdim=True), (qv * q).sum(-1, keepdim=True)
-        st, sqt = (target * valid).sum(-1, keepdim=True), (qv * target).sum(-1, keepdim=True)
-        det = n_valid * sqq - sq * sq
-        ok = (det > 0) & ~flat
-        new_s = (n_valid * sqt - sq * st) / torch.where(ok, det, torch.ones_like(det))
-        ok = ok & (new_s > 0)
-        scale = torch.where(ok, new_s, scale)
-        offset = torch.where(ok, (st - scale * sq) / n_valid, offset)
-        q, err = codes_and_error(scale, offset)
-        better = err < best_err
+        if fit == "offset":
+            # HQQ: e = shrink_p(w − ŵ, β) in the weights' units; m = mean over the group of (w − e − s·q)
+            e = _shrink_lp(w - (scale * q + offset), beta, LP_NORM)
+            new_m = ((w - e - scale * q) * valid).sum(-1, keepdim=True) / n_valid
+            offset = torch.where(live, new_m, offset)
+        else:
+            resid = (w - (scale * q + offset)) / unit
+            target = w - _shrink_lp(resid, beta, LP_NORM) * unit
+            # least squares of s·q + m to `target` over the group's valid entries (closed form)
+            qv = q * valid
+            sq, sqq = qv.sum(-1, keepdim=True), (qv * q).sum(-1, keepdim=True)
+            st, sqt = (target * valid).sum(-1, keepdim=True), (qv * target).sum(-1, keepdim=True)
+            det = n_valid * sqq - sq * sq
+            ok = (det > 0) & live
+            new_s = (n_valid * sqt - sq * st) / torch.where(ok, det, torch.ones_like(det))
+            ok = ok & (new_s > 0)
+            scale = torch.where(ok, new_s, scale)
+            offset = torch.where(ok, (st - scale * sq) / n_valid, offset)
+        q, err = _codes_and_error(w, valid, scale, offset, maxq)
+        better = live & (err < best_err)
+        if fit == "offset":  # HQQ's early stop, per group: the first iterate that does not lower the error ends it
+            live = better
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, scale, best_s)
         best_m = torch.where(better, offset, best_m)
         beta *= KAPPA
+        if not bool(live.any()):
+            break
     return best_s, best_m
 
 
@@ -254,7 +291,8 @@ def quantize_affine(weight: Tensor, config: AffineConfig, *, name: str = "weight
     """Quantize a float weight [N, K] into :class:`AffineTensors` (see the module docstring).
 
     The codes are chosen with the fp16-rounded scale and offset that are stored, so dequantization reproduces
-    exactly the grid the quantizer assumed.
+    exactly the grid the quantizer assumed; per group, the fitted values are kept only if their squared error (with
+    the stored values) is below the starting grid's, so the fit never ends worse than its start.
 
     Args:
         weight: float [N, K] (arithmetic in fp32).
@@ -266,13 +304,21 @@ def quantize_affine(weight: Tensor, config: AffineConfig, *, name: str = "weight
     check_weight(weight, name=name)
     n, k = weight.shape
     w, valid = _grouped(weight.detach().float(), config.group_size)
-    s, m = fit_affine(w, valid, config.bits, config.iters)
-    s16 = s.clamp_min(_FP16_TINY).to(torch.float16)
-    m16 = m.to(torch.float16)
-    if not (torch.isfinite(s16).all() and torch.isfinite(m16).all()):
-        raise ValueError(f"{name}: weights of magnitude up to {weight.abs().max().item():.4g} overflow the fp16 "
-                         "scale/offset of the affine format")
-    maxq = 2**config.bits - 1
-    sf, mf = s16.float(), m16.float()
-    q = torch.clamp(torch.round((w - mf) / sf), 0, maxq).to(torch.int64).view(n, -1)[:, :k]
+    maxq = float(2**config.bits - 1)
+
+    def stored(s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        s16, m16 = s.clamp_min(_FP16_TINY).to(torch.float16), m.to(torch.float16)
+        if not (torch.isfinite(s16).all() and torch.isfinite(m16).all()):
+            raise ValueError(f"{name}: weights of magnitude up to {weight.abs().max().item():.4g} overflow the fp16 "
+                             "scale/offset of the affine format")
+        return s16, m16
+
+    s16, m16 = stored(*fit_affine(w, valid, config.bits, config.iters, config.fit))
+    q, err = _codes_and_error(w, valid, s16.float(), m16.float(), maxq)
+    if config.iters:  # the fit is kept only where, with the stored fp16 values, it beats its start
+        s0, m0 = stored(*_start_grid(w, valid, maxq)[:2])
+        q0, err0 = _codes_and_error(w, valid, s0.float(), m0.float(), maxq)
+        start = err0 <= err
+        s16, m16, q = torch.where(start, s0, s16), torch.where(start, m0, m16), torch.where(start, q0, q)
+    q = q.to(torch.int64).view(n, -1)[:, :k]
     return AffineTensors(pack_codes(q, config.bits), s16.view(n, -1), m16.view(n, -1))
