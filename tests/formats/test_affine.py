@@ -243,12 +243,13 @@ def test_cli_quantize_format_affine(tmp_path, capsys):
 
     float_dir = save_tiny_model_dir(tmp_path / "float")
     code = main(["quantize", str(float_dir), "--format", "affine", "--bits", "3", "--group-size", "32",
-                 "--out", str(tmp_path / "q")])
+                 "--fit", "scale_offset", "--out", str(tmp_path / "q")])
     out, err = capsys.readouterr()
     assert code == 0, err
     q = qtune.load_model(tmp_path / "q")
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert layers and all(isinstance(m, LinearAffine) and m.bits == 3 and m.group_size == 32 for m in layers)
+    assert all(m.config.fit == "scale_offset" for m in layers)  # the flag reached the config, which is saved
     code = main(["quantize", str(float_dir), "--format", "affine", "--layout", "gptq", "--out", str(tmp_path / "g")])
     _, err = capsys.readouterr()
     assert code != 0 and "cannot carry the float per-group offsets" in err
