@@ -4,12 +4,14 @@
 
 Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-2/3/4/8 g128 (the default
 group-aware order, act-order, act-order with static groups, the natural order; GPTQ-3 also with GPTQModel's
-damping 0.05), affine-4 g64/g128 and affine-3 g64 (and affine-4 g64 without its fit); bitsandbytes NF4, NF4+DQ,
-FP4, LLM.int8 loaded by transformers from the same float checkpoint; and GPTQModel 7.7 GPTQ-2/3/4/8 g128 (its
+damping 0.05), affine-4 g64/g128, affine-3 and affine-2 g64 (and affine-4 without its fit, and with the scale
+refitted too); bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by transformers from the same float checkpoint; and
+GPTQModel 7.7 GPTQ-2/3/4/8 g128 (its
 default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
 (:func:`qtune.bench.gptq_speed.time_gptqmodel`, GPTQModel from ``.deps/gptqmodel``) and read back by qtune.
 Each row has bits/parameter (linear layers, lm_head excluded), the time to load and quantize (for GPTQ:
-calibration included; GPTQ rows also ``quantize_s`` and ``quantize_cpu_s``, the quantization alone, wall and CPU) and perplexity on the first ``--tokens``
+calibration included; GPTQ rows also ``quantize_s`` and ``quantize_cpu_s``, the quantization alone, wall and CPU)
+and perplexity on the first ``--tokens``
 tokens of the held-out text in disjoint ``--seq-len`` windows. GPTQ calibrates on ``--samples`` random
 ``--cal-seq-len`` windows of the calibration text (default: Emma, the demo's training novel; the
 evaluation text defaults to Persuasion, held out).
@@ -191,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune affine-4 g64", rtn("affine:bits=4,group_size=64"), model_bits_per_param, True),
         ("qtune affine-4 g64 min-max", rtn("affine:bits=4,group_size=64,iters=0"), model_bits_per_param, True),
         ("qtune affine-4 g128", rtn("affine:bits=4,group_size=128"), model_bits_per_param, True),
+        ("qtune affine-4 g128 min-max", rtn("affine:bits=4,group_size=128,iters=0"), model_bits_per_param, True),
+        ("qtune affine-4 g64 scale+offset", rtn("affine:bits=4,group_size=64,fit=scale_offset"),
+         model_bits_per_param, True),
         ("qtune affine-3 g64", rtn("affine:bits=3,group_size=64"), model_bits_per_param, True),
+        ("qtune affine-3 g64 min-max", rtn("affine:bits=3,group_size=64,iters=0"), model_bits_per_param, True),
+        ("qtune affine-2 g64", rtn("affine:bits=2,group_size=64"), model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
         ("qtune gptq-3 g128 act-order", gptq("gptq:bits=3,group_size=128,desc_act=true"), model_bits_per_param, True),
         ("qtune gptq-3 g128 no-order", gptq("gptq:bits=3,group_size=128,desc_act=false,act_group_aware=false"),

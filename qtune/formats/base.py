@@ -26,7 +26,7 @@ class CliOption:
         field: the config field the flag sets.
         help: the flag's help text.
         flag: the flag (default ``--`` + the field with dashes).
-        type: ``int``, ``float`` or ``bool``.
+        type: ``int``, ``float``, ``str`` or ``bool``.
         switch: for ``bool``: ``True`` gives a plain ``--flag`` (sets ``True``), ``False`` gives ``--flag``/``--no-flag``.
         choices: allowed values (argparse rejects others).
     Several formats may declare the same flag (``--bits``); their declarations must agree.
