@@ -40,7 +40,8 @@ def test_input_and_bias_grads_match_dequantized_weight(key, kind):
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
     # the quantized weight approximates the float one
     rel = (w - _dense(src).detach()).norm() / _dense(src).detach().norm()
-    assert rel < {"rtn2": 0.6, "gptq3-act": 0.3}.get(key, 0.15)
+    # 3 bits on uniform weights: 8 levels give ~1/7 before affine's grid is shifted to hold 0 (clipping one end)
+    assert rel < {"rtn2": 0.6, "gptq3-act": 0.3, "affine3-g32": 0.2}.get(key, 0.15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
