@@ -22,6 +22,7 @@ layers outside the decoder blocks (rarely quantized) are calibrated by one final
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -32,6 +33,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .block_replay import BlockReplay, default_budget
 from .formats import QuantConfig
 from .formats.gptq import GPTQHessian
 from .nn import (QuantizationReport, QuantLinear, float_weight_of, linear_modules, plan_layers, quantize_experts,
@@ -209,9 +211,14 @@ def _call(block: nn.Module, hidden: Tensor, kwargs: dict, device) -> Any:
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[Tensor, dict]], device: torch.device,
-               storage: torch.device | str = "cpu") -> list[Tensor]:
-    """The block's outputs (hidden states) for every captured input, run on ``device``, kept on ``storage``."""
-    return [_first(_call(block, hidden, kwargs, device)).to(storage) for hidden, kwargs in inputs]
+               storage: torch.device | str = "cpu", replay: BlockReplay | None = None) -> list[Tensor]:
+    """The block's outputs (hidden states) for every captured input, run on ``device``, kept on ``storage``
+    (reading the ``replay`` store, not adding to it: the block's last forward)."""
+    outputs = []
+    for b, (hidden, kwargs) in enumerate(inputs):
+        with replay.forward(b, store=False) if replay is not None else contextlib.nullcontext():
+            outputs.append(_first(_call(block, hidden, kwargs, device)).to(storage))
+    return outputs
 
 
 def _to(v: Any, device: torch.device) -> Any:
@@ -535,13 +542,15 @@ def _hessians_from(module_root: nn.Module, names: list[str], run: Callable[[], A
 
 
 def _shared_hessians(block: nn.Module, group: list[str], inputs: list[tuple[Tensor, dict]],
-                     device: torch.device, times: _BlockTimes | None = None) -> dict[str, GPTQHessian]:
+                     device: torch.device, times: _BlockTimes | None = None,
+                     replay: BlockReplay | None = None) -> dict[str, GPTQHessian]:
     """Hessians of a group of layers that read the same input tensor (q/k/v, gate/up), in one pass.
 
     The group's layers see one tensor, so ``2/n·XᵀX`` is accumulated once and shared (every consumer
     copies it before damping). Each block forward stops as soon as the group's last layer has been
     reached: the rest of the block cannot change these inputs. The Hessian is bit-identical to one
-    accumulated per layer over a full forward. ``times`` (optional) collects the seconds spent in the Hessians.
+    accumulated per layer over a full forward. ``times`` (optional) collects the seconds spent in the Hessians;
+    ``replay`` (optional) returns the stored outputs of the block's finished submodules instead of recomputing them.
     """
     first = block.get_submodule(group[0])
     w, _ = float_weight_of(first, group[0])
@@ -567,10 +576,11 @@ def _shared_hessians(block: nn.Module, group: list[str], inputs: list[tuple[Tens
     # registered after `accumulate`, so the first layer's input is taken before a stop
     handles += [block.get_submodule(n).register_forward_pre_hook(stop_when_all_seen(n)) for n in group]
     try:
-        for hidden, kwargs in inputs:
+        for b, (hidden, kwargs) in enumerate(inputs):
             seen.clear()
             try:
-                _call(block, hidden, kwargs, device)
+                with replay.forward(b) if replay is not None else contextlib.nullcontext():
+                    _call(block, hidden, kwargs, device)
             except _StopForward:
                 pass
     finally:
@@ -587,7 +597,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
                         true_sequential: bool | None = None, batch_size: int = 8,
                         device: torch.device | str | None = None,
                         progress: bool | Callable[[BlockProgress], None] = True,
-                        min_expert_tokens: int | None = None) -> QuantizationReport:
+                        min_expert_tokens: int | None = None, replay_budget: int | None = None) -> QuantizationReport:
     """Quantize a causal LM in place with sequential, block-by-block GPTQ.
 
     Args:
@@ -608,6 +618,11 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
             model's own router sends to each (:func:`expert_hessians`); an expert that receives fewer tokens is
             quantized round-to-nearest on the same grid and listed in ``report.expert_fallbacks`` (default:
             ``2 × group_size``, 256 for ``group_size=-1``).
+        replay_budget: bytes that the forward replay (:mod:`qtune.block_replay`) may hold per block: the outputs of
+            a block's finished submodules (its quantized linears, then its attention) are stored once and reused by
+            the block's later forwards, so each is computed once instead of up to four times; the results are
+            bit-identical. Default: half the free memory of ``device`` (:func:`qtune.block_replay.default_budget`);
+            0 turns replay off.
     Returns:
         :class:`qtune.QuantizationReport` (``report.seconds`` holds the wall time).
     Raises:
@@ -621,11 +636,16 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
     if min_expert_tokens is not None and (isinstance(min_expert_tokens, bool) or not isinstance(min_expert_tokens, int)
                                           or min_expert_tokens < 1):
         raise ValueError(f"min_expert_tokens={min_expert_tokens!r} must be a positive integer")
+    if replay_budget is not None and (isinstance(replay_budget, bool) or not isinstance(replay_budget, int)
+                                      or replay_budget < 0):
+        raise ValueError(f"replay_budget={replay_budget!r} must be a number of bytes >= 0 (0 turns replay off)")
     if true_sequential is None:
         true_sequential = bool(getattr(config, "true_sequential", True))
     first = next(model.parameters())
     storage = first.device  # where the model and the calibration activations stay
     device = torch.device(device) if device is not None else default_device(model)
+    if replay_budget is None:
+        replay_budget = default_budget(device)
     was_training = model.training
     model.eval()
     report = QuantizationReport()
@@ -650,6 +670,9 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
         experts = [n[len(prefix):] for n, c in plan.experts.items() if n.startswith(prefix) and c.needs_calibration]
         calibrated = [n for n in names if plan[prefix + n].needs_calibration]
         quantized: dict[str, QuantLinear] = {}  # replaced by stand-ins until the block is done
+        replay = BlockReplay(block, replay_budget)
+        pending = set(calibrated) | set(experts)  # layers and experts modules still to be calibrated
+        done: set[str] = set()
 
         def quantize(n: str, hessian: GPTQHessian | None) -> None:
             t = times.now()
@@ -658,6 +681,8 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
             if isinstance(layer, QuantLinear):  # the later forwards of this block read Ŵ once, not per batch
                 quantized[n] = layer
                 set_submodule(block, n, _Dequantized(layer))
+            pending.discard(n)
+            done.add(n)
             times.add("solve", t)
 
         def gptq_experts_module(n: str, sequential: bool) -> None:
@@ -668,6 +693,8 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
                                             min_tokens=threshold)
             report.layers.append(layer)
             report.expert_fallbacks.extend(fallbacks)
+            pending.discard(n)
+            done.add(n)
             times.add("solve", t)
 
         try:
@@ -678,11 +705,12 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
                 if true_sequential:  # each group calibrated on the outputs of the already-quantized ones
                     # groups of layers that read one tensor, in execution order; each experts module on its own
                     for group in _groups_in_order(block, calibrated + experts, inputs[0], device, frozenset(experts)):
+                        replay.update(done, pending)
                         if group[0] in experts:
                             gptq_experts_module(group[0], True)
                             continue
                         t = times.now()
-                        hessians = _shared_hessians(block, group, inputs, device, times)
+                        hessians = _shared_hessians(block, group, inputs, device, times, replay)
                         times.add("forwards", t)
                         for n in group:
                             quantize(n, hessians.pop(n))
@@ -696,10 +724,12 @@ def gptq_quantize_model(model: nn.Module, calibration: Tensor, config: QuantConf
                     for n in calibrated:
                         quantize(n, hessians.pop(n))
             t = times.now()
-            outputs = _run_block(block, inputs, device, storage)
+            replay.update(done, pending)
+            outputs = _run_block(block, inputs, device, storage, replay)
             times.add("forwards", t)
             inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
         finally:  # also on an error: the quantized layers (not their stand-ins) go back, the block goes home
+            replay.close()
             for n, layer in quantized.items():
                 set_submodule(block, n, layer)
             _move_block(block, home)

@@ -62,16 +62,16 @@ def test_forwards_stop_after_the_groups_last_layer():
 
 
 def _reference_gptq_model(model, ids, cfg):
-    """The driver before the speed-ups: per-layer Hessians, full block forwards per group, and the quantized
-    layers' own forwards (no dequantized stand-ins)."""
+    """The driver before the speed-ups: per-layer Hessians, full block forwards per group, the quantized
+    layers' own forwards (no dequantized stand-ins) and no forward replay."""
     original, stand_in = calibration._shared_hessians, calibration._Dequantized
 
-    def per_layer(block, group, inputs, device, times=None):
+    def per_layer(block, group, inputs, device, times=None, replay=None):
         return _hessians_from(block, group, lambda: _run_block(block, inputs, device), device)
     calibration._shared_hessians = per_layer
     calibration._Dequantized = lambda layer: layer
     try:
-        return calibration.gptq_quantize_model(model, ids, cfg, progress=False)
+        return calibration.gptq_quantize_model(model, ids, cfg, progress=False, replay_budget=0)
     finally:
         calibration._shared_hessians, calibration._Dequantized = original, stand_in
 

@@ -605,16 +605,23 @@ class GPTQHessian:
         device (torch.device | str | None): where ``H`` lives (CPU by default).
     """
 
+    #: width of the row bands of the symmetric accumulation (:meth:`add_batch`)
+    band: int = 256
+
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"GPTQHessian: in_features={in_features!r} must be a positive integer")
         self.in_features = in_features
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._nsamples = 0
+        self._lower_stale = False
 
     @property
     def H(self) -> torch.Tensor:
-        """``[K, K]`` fp32, the accumulator itself (not a copy)."""
+        """``[K, K]`` fp32, the accumulator itself (not a copy), symmetric."""
+        if self._lower_stale:  # add_batch fills the upper triangle only: mirror it once, when H is read
+            self._H.copy_(torch.triu(self._H) + torch.triu(self._H, 1).T)
+            self._lower_stale = False
         return self._H
 
     @property
@@ -644,10 +651,18 @@ class GPTQHessian:
             return
         if not bool(torch.isfinite(x).all()):
             raise ValueError("GPTQHessian.add_batch: calibration inputs hold NaN/Inf")
-        # one fp32 matmul into H: H ← n/(n+m)·H + 2/(n+m)·XᵀX
+        # H ← n/(n+m)·H + 2/(n+m)·XᵀX in fp32, upper triangle only (H is symmetric): one matmul per band of
+        # `band` rows, H[i:i+b, i:] from X[:, i:i+b]ᵀ X[:, i:]; about (1 + b/K)/2 of the full product's work.
         n = self._nsamples
         self._nsamples = n + m
-        self._H.addmm_(x.T, x, beta=n / (n + m), alpha=2.0 / (n + m))
+        k, b = self.in_features, self.band
+        if k <= b:
+            self._H.addmm_(x.T, x, beta=n / (n + m), alpha=2.0 / (n + m))
+            return
+        b = -(-k // -(-k // b))  # equal bands
+        for i in range(0, k, b):
+            self._H[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:], beta=n / (n + m), alpha=2.0 / (n + m))
+        self._lower_stale = True
 
 
 def _cholesky(h: torch.Tensor, name: str, damp_percent: float, upper: bool = False) -> torch.Tensor:

@@ -372,6 +372,25 @@ def test_hessian_accumulator():
     assert torch.equal(a.qweight, b.qweight)
 
 
+@pytest.mark.parametrize("k", [600, 1536])
+def test_hessian_accumulator_in_bands(k):
+    """Past ``band`` inputs only the upper triangle is accumulated (band by band) and mirrored when ``H`` is read:
+    the result is the full ``2/n·XᵀX`` to fp32 rounding, exactly symmetric, also when read between batches."""
+    g = _gen(13)
+    xs = [torch.randn(n, k, generator=g, dtype=torch.float64) for n in (100, 57, 200)]
+    h = GPTQHessian(k)
+    assert k > h.band
+    h.add_batch(xs[0].float())
+    first = h.H.clone()
+    h.add_batch(xs[1].float())
+    h.add_batch(xs[2].float())
+    x = torch.cat(xs)
+    want = 2.0 / x.shape[0] * x.T @ x
+    assert torch.equal(h.H, h.H.T)
+    torch.testing.assert_close(h.H.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(first.double(), 2.0 / 100 * xs[0].T @ xs[0], rtol=0, atol=2e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Configs and validation
 # ------------------------------------------------------------------------------------------------
