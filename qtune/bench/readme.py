@@ -272,6 +272,32 @@ def render_loftq(payload: dict[str, Any], path: Path) -> str:
     return f"{intro}\n\n{table}\n\n{_source(payload, path)}"
 
 
+def render_gptq_speed(payload: dict[str, Any], path: Path) -> str:
+    """GPTQ calibration time (:mod:`qtune.bench.gptq_speed`): qtune against GPTQModel in one run, wall and CPU
+    seconds, their ratios, and qtune's time per part."""
+    r = payload["results"]
+    st, ours = r["settings"], r["qtune"]
+    intro = (f"Time to GPTQ-quantize `{st['model']}` ({len(ours['block_s'])} blocks) on {st['samples']}×{st['seq_len']} "
+             f"tokens of `{st['calibration']}`, batches of {st['batch_size']} windows, on the CPU ({r['cores']} cores, "
+             f"{r['cpu']}, torch CPU capability {r['cpu_capability']}): the quantization alone, not loading or saving. "
+             "CPU seconds count every thread of the process.")
+    rows = [[f"qtune (`{st['spec']}`)", f"{ours['quantize_s']:.0f}", f"{ours['quantize_cpu_s']:.0f}"]]
+    theirs = r.get("gptqmodel")
+    if theirs:
+        cfg = theirs.get("quantize_config", {})
+        rows.append([f"GPTQModel {theirs.get('gptqmodel', '')} (its defaults: "
+                     + ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("desc_act", "act_group_aware",
+                                                                               "damp_percent")) + ")",
+                     f"{theirs['quantize_s']:.0f}", f"{theirs['quantize_cpu_s']:.0f}"])
+    table = _table(["library", "wall s", "CPU s"], rows)
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in ours["parts_s"].items())
+    outro = f"qtune's wall time by part, summed over the blocks: {parts}."
+    if theirs:
+        outro += (f" qtune / GPTQModel: **{r['ratio_qtune_over_gptqmodel']:.2f}×** wall time, "
+                  f"{r['cpu_ratio_qtune_over_gptqmodel']:.2f}× CPU time.")
+    return f"{intro}\n\n{table}\n\n{outro}\n\n{_source(payload, path)}"
+
+
 RENDERERS: dict[tuple[str, str | None], Callable[[dict[str, Any], Path], str]] = {
     ("formats", None): render_formats,
     ("perplexity", None): render_perplexity,
@@ -280,6 +306,7 @@ RENDERERS: dict[tuple[str, str | None], Callable[[dict[str, Any], Path], str]] =
     ("gpu", None): render_gpu,
     ("qalora", None): render_qalora,
     ("loftq", None): render_loftq,
+    ("gptq-speed", None): render_gptq_speed,
 }
 
 

@@ -186,6 +186,27 @@ def test_loftq_section(tree):
     assert "| nf4 | loftq (T=1) | 4.149 | 3.789 | 47.18 → 39.92 |" in text and "20 steps" in text
 
 
+def test_gptq_speed_section(tree):
+    speed = {"settings": {"model": "smollm2", "calibration": "qtune:austen/emma", "samples": 128, "seq_len": 512,
+                          "batch_size": 8, "spec": "gptq:bits=4,group_size=128"},
+             "cpu": "AMD EPYC", "cpu_capability": "AVX2", "cores": 2,
+             "qtune": {"quantize_s": 250.4, "quantize_cpu_s": 480.2, "block_s": [8.0] * 30,
+                       "parts_s": {"forwards": 150.0, "hessians": 70.0, "solve": 20.0}},
+             "gptqmodel": {"quantize_s": 830.6, "quantize_cpu_s": 820.0, "gptqmodel": "7.7.0",
+                           "quantize_config": {"bits": 4, "desc_act": False, "act_group_aware": True,
+                                               "damp_percent": 0.05}},
+             "ratio_qtune_over_gptqmodel": 0.301, "cpu_ratio_qtune_over_gptqmodel": 0.586}
+    write_results("gptq-speed", speed, tree / "bench" / "results",
+                  command="python -m qtune.bench.gptq_speed --samples 128")
+    (tree / "README.md").write_text("<!-- bench:gptq-speed -->\n<!-- /bench:gptq-speed -->\n")
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "| qtune (`gptq:bits=4,group_size=128`) | 250 | 480 |" in text
+    assert "| GPTQModel 7.7.0 (its defaults: desc_act=False, act_group_aware=True, damp_percent=0.05) | 831 | 820 |" in text
+    assert "(30 blocks) on 128×512 tokens" in text and "torch CPU capability AVX2" in text
+    assert "forwards 150 s, hessians 70 s, solve 20 s" in text and "**0.30×** wall time, 0.59× CPU time" in text
+
+
 def test_committed_readme_matches_the_committed_results():
     """The README in the repository quotes exactly what bench/results/ holds (regenerate with
     ``python -m qtune.bench.readme`` after rerunning a bench)."""
