@@ -50,7 +50,7 @@ CHAIN = textwrap.dedent(r"""
     torch.manual_seed(0)
     FORMATS = [NF4Config(), FP4Config(double_quant=True, blocksize=32), NF4Config(double_quant=True),
                Int8Config(), Int8Config(symmetric=False, group_size=32), LLMInt8Config(),
-               GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32, desc_act=True),
+               GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32, static_groups=False),
                GPTQConfig(bits=3, group_size=32), FP4Config(), GGUFQ4_1Config(), GGUFQ5_0Config(),
                AffineConfig(bits=3, group_size=32, iters=2), AffineConfig(bits=2, group_size=64, iters=2)]
 
