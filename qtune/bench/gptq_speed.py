@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward, both libraries")
-    p.add_argument("--spec", default="gptq:bits=4,group_size=128", help="qtune's format spec (default: GPTQ-4 g128 in qtune's default ordering, act-order with "
+    p.add_argument("--spec", default="gptq:bits=4,group_size=128",
+                   help="qtune's format spec (default: GPTQ-4 g128 in qtune's default ordering, act-order with "
                         "static groups)")
     p.add_argument("--gptqmodel-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype GPTQModel loads the float model in (qtune calibrates in float32)")

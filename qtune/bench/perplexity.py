@@ -7,10 +7,10 @@ Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-
 default before; ``... act-order``: classic act-order, ``static_groups=false``, permuted ``g_idx``;
 ``... no-order``: the natural order; GPTQ-3 also with GPTQModel's damping 0.05; results files written before
 the default changed name act-order with static groups ``... act-order static`` and mean group-aware order by
-``qtune gptq-N g128``, or the natural order in files older than group-aware order), affine-4 g64/g128, affine-3 and affine-2 g64 (and affine-4 without its fit, and with the scale
-refitted too); bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by transformers from the same float checkpoint; and
-GPTQModel 7.7 GPTQ-2/3/4/8 g128 (its
-default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
+``qtune gptq-N g128``, or the natural order in files older than group-aware order), affine-4 g64/g128,
+affine-3 and affine-2 g64 (and affine-4 without its fit, and with the scale refitted too); bitsandbytes NF4,
+NF4+DQ, FP4, LLM.int8 loaded by transformers from the same float checkpoint; and GPTQModel 7.7 GPTQ-2/3/4/8 g128
+(its default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
 (:func:`qtune.bench.gptq_speed.time_gptqmodel`, GPTQModel from ``.deps/gptqmodel``) and read back by qtune.
 Each row has bits/parameter (linear layers, lm_head excluded), the time to load and quantize (for GPTQ:
 calibration included; GPTQ rows also ``quantize_s`` and ``quantize_cpu_s``, the quantization alone, wall and CPU)

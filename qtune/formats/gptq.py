@@ -149,9 +149,9 @@ class GPTQConfig(QuantConfig):
         static_groups: with ``desc_act``, compute all group parameters up front on the original column
             groups (of the weight before any error compensation), so ``g_idx`` stays ``k // group_size``.
             The default. Ignored without ``desc_act``: the groups are then quantized whole, each fitted on
-            its error-compensated columns when it starts. (GPTQModel 7.7
-            applies ``static_groups`` whatever ``desc_act`` says: without act-order it quantizes in the
-            natural order with the up-front parameters; its default is ``static_groups=False``.)
+            its error-compensated columns when it starts. (GPTQModel 7.7 applies ``static_groups`` whatever
+            ``desc_act`` says: without act-order it quantizes in the natural order with the up-front
+            parameters; its default is ``static_groups=False``.)
         act_group_aware: group-aware reordering (GAR, Gafni et al. 2025; GPTQModel's
             ``act_group_aware``, also its default): whole groups are quantized in descending order of
             their largest Hessian diagonal, and the columns inside each group by descending diagonal.
@@ -825,8 +825,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
     ``λ = damp_percent · mean(diag H)``; ``U = chol(H⁻¹)ᵀ``; column-by-column quantization with
     error compensation in lazy blocks. Group parameters are computed when a group starts, on the
     current (already compensated, possibly permuted) columns of the group; with act-order and
-    ``static_groups`` (the default) they are computed up front on the original column groups. All float work is fp32 on
-    ``weight.device``.
+    ``static_groups`` (the default) they are computed up front on the original column groups. All float
+    work is fp32 on ``weight.device``.
 
     Args:
         weight (Tensor): ``[N, K]`` float (fp16/bf16/fp32/fp64).

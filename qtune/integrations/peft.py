@@ -914,9 +914,9 @@ def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfi
 
     Raises:
         ValueError: the adapter targets no quantized layer, a targeted layer has no group along ``in_features``
-            (LLM.int8, per-row int8, GPTQ in classic act-order: a permuted ``g_idx``), the group does not divide a layer's ``in_features``, a
-            targeted layer has no per-group float offset covered by the group (NF4, GPTQ, Q4_0, Q8_0, K-quants:
-            :func:`qalora_offset_error`), or DoRA.
+            (LLM.int8, per-row int8, GPTQ in classic act-order: a permuted ``g_idx``), the group does not divide
+            a layer's ``in_features``, a targeted layer has no per-group float offset covered by the group (NF4,
+            GPTQ, Q4_0, Q8_0, K-quants: :func:`qalora_offset_error`), or DoRA.
     """
     _expand_targets(model, config)
     if config.use_dora:
