@@ -340,45 +340,6 @@ def test_gptq_with_identity_hessian_is_rtn(ordering):
             assert torch.equal(getattr(rtn, f), getattr(gptq, f)), f
 
 
-def test_block_size_does_not_change_result():
-    # The lazy batch is an exact reordering of the updates, also when groups start mid-block.
-    x = _calibration(7, k=160)
-    w = torch.randn(32, 160, generator=_gen(8))
-    h = GPTQHessian(160)
-    h.add_batch(x)
-    ref = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, block_size=160)).dequantize()
-    for bs in (1, 48, 128):
-        got = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, block_size=bs)).dequantize()
-        assert (got != ref).float().mean() < 0.01, bs
-
-
-def test_gptq_odd_shapes_and_dead_inputs():
-    x = _calibration(9, n_samples=200, k=70)
-    x[:, 5] = 0.0  # a dead input: its weight column must come out exactly 0
-    w = torch.randn(33, 70, generator=_gen(10), dtype=torch.float16)
-    t = gptq_quantize_from_inputs(w, x.view(4, 50, 70), GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True,
-                                                                   static_groups=False))
-    assert (t.qweight.shape, t.qzeros.shape, t.scales.shape) == ((9, 33), (3, 6), (3, 33))
-    deq = t.dequantize(torch.float16)
-    assert deq.dtype == torch.float16 and (deq[:, 5] == 0).all()
-    assert int(unpack_zeros(t.qzeros, 3, 33).min()) >= 1
-    t2 = gptq_quantize_from_inputs(w, x, GPTQConfig(bits=8, group_size=-1))
-    assert t2.scales.shape == (1, 33) and _output_error(x, w.float(), t2) < 0.01
-
-
-def test_hessian_accumulator():
-    x = _calibration(11, n_samples=300, k=48)
-    h = GPTQHessian(48)
-    h.add_batch(x[:100].view(10, 10, 48))
-    h.add_batch(x[100:])
-    assert h.nsamples == 300 and h.H.dtype == torch.float32
-    torch.testing.assert_close(h.H, 2.0 / 300 * x.T @ x, rtol=1e-4, atol=1e-4)
-    w = torch.randn(8, 48, generator=_gen(12))
-    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16))
-    b = gptq_quantize(w, h.H.clone(), GPTQConfig(bits=4, group_size=16))
-    assert torch.equal(a.qweight, b.qweight)
-
-
 def _skewed_layer(k: int = 128, n: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(w, h, x)``: correlated inputs whose scales span 2.5 decades in shuffled column order, so the Hessian
     diagonal is skewed within every group and act-order's column order differs from any group-wise order."""
@@ -423,6 +384,45 @@ def test_static_groups_is_ignored_without_act_order(act_group_aware):
     # and act_group_aware is ignored with act-order
     c = gptq_quantize(w, h, GPTQConfig(group_size=32, act_group_aware=act_group_aware))
     assert torch.equal(c.qweight, gptq_quantize(w, h, GPTQConfig(group_size=32)).qweight)
+
+
+def test_block_size_does_not_change_result():
+    # The lazy batch is an exact reordering of the updates, also when groups start mid-block.
+    x = _calibration(7, k=160)
+    w = torch.randn(32, 160, generator=_gen(8))
+    h = GPTQHessian(160)
+    h.add_batch(x)
+    ref = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, block_size=160)).dequantize()
+    for bs in (1, 48, 128):
+        got = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, block_size=bs)).dequantize()
+        assert (got != ref).float().mean() < 0.01, bs
+
+
+def test_gptq_odd_shapes_and_dead_inputs():
+    x = _calibration(9, n_samples=200, k=70)
+    x[:, 5] = 0.0  # a dead input: its weight column must come out exactly 0
+    w = torch.randn(33, 70, generator=_gen(10), dtype=torch.float16)
+    t = gptq_quantize_from_inputs(w, x.view(4, 50, 70), GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True,
+                                                                   static_groups=False))
+    assert (t.qweight.shape, t.qzeros.shape, t.scales.shape) == ((9, 33), (3, 6), (3, 33))
+    deq = t.dequantize(torch.float16)
+    assert deq.dtype == torch.float16 and (deq[:, 5] == 0).all()
+    assert int(unpack_zeros(t.qzeros, 3, 33).min()) >= 1
+    t2 = gptq_quantize_from_inputs(w, x, GPTQConfig(bits=8, group_size=-1))
+    assert t2.scales.shape == (1, 33) and _output_error(x, w.float(), t2) < 0.01
+
+
+def test_hessian_accumulator():
+    x = _calibration(11, n_samples=300, k=48)
+    h = GPTQHessian(48)
+    h.add_batch(x[:100].view(10, 10, 48))
+    h.add_batch(x[100:])
+    assert h.nsamples == 300 and h.H.dtype == torch.float32
+    torch.testing.assert_close(h.H, 2.0 / 300 * x.T @ x, rtol=1e-4, atol=1e-4)
+    w = torch.randn(8, 48, generator=_gen(12))
+    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16))
+    b = gptq_quantize(w, h.H.clone(), GPTQConfig(bits=4, group_size=16))
+    assert torch.equal(a.qweight, b.qweight)
 
 
 # ------------------------------------------------------------------------------------------------
