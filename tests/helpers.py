@@ -15,7 +15,7 @@ FORMAT_CONFIGS = {
     "int8-zp-g32": Int8Config(symmetric=False, group_size=32),
     "llm_int8": LLMInt8Config(),
     "gptq4-g32": GPTQConfig(bits=4, group_size=32),
-    "gptq3-act": GPTQConfig(bits=3, group_size=32, desc_act=True),
+    "gptq3-act": GPTQConfig(bits=3, group_size=32, static_groups=False),  # classic act-order: permuted g_idx
     "rtn2": RTNConfig(bits=2, group_size=32),
     "rtn8": RTNConfig(bits=8, group_size=-1),
     "gguf_q4_1": GGUFQ4_1Config(),

@@ -107,7 +107,7 @@ def test_true_sequential_act_order_and_mixed_formats(tiny):
     results = {}
     for ts in (True, False):
         g = copy.deepcopy(model)
-        gptq_quantize_model(g, calib(), GPTQConfig(bits=4, group_size=32, desc_act=True), true_sequential=ts,
+        gptq_quantize_model(g, calib(), GPTQConfig(bits=4, group_size=32, static_groups=False), true_sequential=ts,
                             overrides={"down_proj": NF4Config()}, batch_size=8, progress=False)
         assert isinstance(g.model.layers[1].mlp.down_proj, Linear4bit)
         q = g.model.layers[0].self_attn.q_proj
@@ -122,7 +122,7 @@ def test_gptq_model_saves_and_reloads(tiny, tmp_path):
     from qtune.integrations.layouts import load_model, save_quantized
 
     g = AutoModelForCausalLM.from_pretrained(tiny["gpt2"])
-    gptq_quantize_model(g, calib(), GPTQConfig(bits=4, group_size=32, desc_act=True), progress=False)
+    gptq_quantize_model(g, calib(), GPTQConfig(bits=4, group_size=32, static_groups=False), progress=False)
     mark_quantized(g)
     save_quantized(g, tmp_path / "q")
     save_quantized(g, tmp_path / "g", layout="gptq")

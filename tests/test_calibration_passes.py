@@ -76,7 +76,8 @@ def _reference_gptq_model(model, ids, cfg):
         calibration._shared_hessians, calibration._Dequantized = original, stand_in
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(bits=4, group_size=16), GPTQConfig(bits=3, group_size=32, desc_act=True)],
+@pytest.mark.parametrize("cfg", [GPTQConfig(bits=4, group_size=16),
+                                 GPTQConfig(bits=3, group_size=32, static_groups=False)],
                          ids=["4bit", "3bit-act-order"])
 def test_gptq_model_is_bit_identical_to_the_straightforward_driver(cfg):
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))

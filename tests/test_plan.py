@@ -121,7 +121,13 @@ def test_checkpoint_quantization_configs_as_their_layouts_declare():
 
     assert _quant_dict(None) is None and _quant_dict({}) is None
     gptq = {"quant_method": "gptq", "bits": 3, "group_size": 64, "desc_act": True, "sym": False}
-    assert _quant_dict(gptq) == {"format": "gptq", "bits": 3, "group_size": 64, "desc_act": True, "sym": False}
+    assert _quant_dict(gptq) == {"format": "gptq", "bits": 3, "group_size": 64, "desc_act": True,
+                                 "static_groups": False, "act_group_aware": False, "sym": False}
+    # qtune writes desc_act for the layout; its static_groups (act-order with static groups) implies desc_act
+    ours = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "static_groups": True,
+            "act_group_aware": False, "quantizer": ["qtune:0.1.0"]}
+    assert _quant_dict(ours)["desc_act"] is True and _quant_dict(ours)["static_groups"] is True
+    assert _quant_dict({**ours, "quantizer": ["gptqmodel:7.7.0"]})["desc_act"] is False  # others: as written
     bnb4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
             "bnb_4bit_use_double_quant": True}
     assert _quant_dict(bnb4) == {"format": "nf4", "double_quant": True}

@@ -2,7 +2,9 @@
 
 ``python -m qtune.bench.gptq_speed [--model smollm2] [--samples 128] [--seq-len 512] [--out FILE]``
 
-Both quantize the same float model to GPTQ-4 g128 (each library's default ordering) on the same ``--samples``
+Both quantize the same float model to GPTQ-4 g128 (each library's default ordering: qtune's act-order with static
+groups, GPTQModel's group-aware order; ``--spec gptq:bits=4,group_size=128,desc_act=false`` gives qtune the same
+order as GPTQModel) on the same ``--samples``
 random windows of ``--seq-len`` tokens of the calibration text, with the same batch size, on the CPU. The time
 is the quantization alone (calibration capture, block forwards, Hessians, solve, packing), not loading or
 saving. GPTQModel 7.7 runs in a child process with its folder (``QTUNE_GPTQMODEL_PATH``, default
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward, both libraries")
-    p.add_argument("--spec", default="gptq:bits=4,group_size=128", help="qtune's format spec (its default ordering)")
+    p.add_argument("--spec", default="gptq:bits=4,group_size=128",
+                   help="qtune's format spec (default: GPTQ-4 g128 in qtune's default ordering, act-order with "
+                        "static groups)")
     p.add_argument("--gptqmodel-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype GPTQModel loads the float model in (qtune calibrates in float32)")
     p.add_argument("--skip-gptqmodel", action="store_true", help="time qtune alone")

@@ -2,12 +2,15 @@
 
 ``python -m qtune.bench.perplexity [--model smollm2] [--tokens 16384] [--seq-len 512] [--samples 32] [--out FILE]``
 
-Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-2/3/4/8 g128 (the default
-group-aware order, act-order, act-order with static groups, the natural order; GPTQ-3 also with GPTQModel's
-damping 0.05), affine-4 g64/g128, affine-3 and affine-2 g64 (and affine-4 without its fit, and with the scale
-refitted too); bitsandbytes NF4, NF4+DQ, FP4, LLM.int8 loaded by transformers from the same float checkpoint; and
-GPTQModel 7.7 GPTQ-2/3/4/8 g128 (its
-default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
+Rows: the float model; qtune NF4, NF4+DQ, FP4, int8, LLM.int8, RTN-4 g128, GPTQ-2/3/4/8 g128 (rows
+``qtune gptq-N g128``: the default, act-order with static groups; ``... group-aware``: group-aware order, the
+default before; ``... act-order``: classic act-order, ``static_groups=false``, permuted ``g_idx``;
+``... no-order``: the natural order; GPTQ-3 also with GPTQModel's damping 0.05; results files written before
+the default changed name act-order with static groups ``... act-order static`` and mean group-aware order by
+``qtune gptq-N g128``, or the natural order in files older than group-aware order), affine-4 g64/g128,
+affine-3 and affine-2 g64 (and affine-4 without its fit, and with the scale refitted too); bitsandbytes NF4,
+NF4+DQ, FP4, LLM.int8 loaded by transformers from the same float checkpoint; and GPTQModel 7.7 GPTQ-2/3/4/8 g128
+(its default ``act_group_aware`` order and ``desc_act``), quantized on the same windows in a child process
 (:func:`qtune.bench.gptq_speed.time_gptqmodel`, GPTQModel from ``.deps/gptqmodel``) and read back by qtune.
 Each row has bits/parameter (linear layers, lm_head excluded), the time to load and quantize (for GPTQ:
 calibration included; GPTQ rows also ``quantize_s`` and ``quantize_cpu_s``, the quantization alone, wall and CPU)
@@ -44,6 +47,10 @@ from .results import bench_command, default_dir, load_average, read_results, wri
 
 # the settings that make two runs' rows comparable (a merge refuses a file with other values)
 SETTINGS = ("model", "text", "calibration", "tokens", "seq_len", "samples", "cal_seq_len", "batch_size")
+# GPTQ orderings other than the default (act-order with static groups), spelled out so a row keeps its meaning
+CLASSIC = "desc_act=true,static_groups=false"
+GROUP_AWARE = "desc_act=false,act_group_aware=true"
+NATURAL = "desc_act=false,act_group_aware=false"
 
 
 def _bnb_config(spec: str):
@@ -174,20 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune int8", rtn("int8"), model_bits_per_param, True),
         ("qtune llm_int8", rtn("llm_int8"), model_bits_per_param, True),
         ("qtune rtn-4 g128", rtn("rtn:bits=4,group_size=128"), model_bits_per_param, True),
+        # the default: act-order with static groups (g_idx = k // group_size, kernels need no gather)
         ("qtune gptq-4 g128", gptq("gptq:bits=4,group_size=128"), model_bits_per_param, True),
         # asymmetric grids (a zero point per group), the kind SmolLM2's own Q4_1 weights come from
         ("qtune rtn-4 g128 asym", rtn("rtn:bits=4,group_size=128,sym=false"), model_bits_per_param, True),
         ("qtune gptq-4 g128 asym", gptq("gptq:bits=4,group_size=128,sym=false"), model_bits_per_param, True),
-        ("qtune gptq-4 g128 asym act-order", gptq("gptq:bits=4,group_size=128,sym=false,desc_act=true"),
+        ("qtune gptq-4 g128 asym act-order", gptq(f"gptq:bits=4,group_size=128,sym=false,{CLASSIC}"),
          model_bits_per_param, True),
-        ("qtune gptq-4 g128 act-order", gptq("gptq:bits=4,group_size=128,desc_act=true"), model_bits_per_param, True),
-        # the orderings that keep g_idx = k // group_size (kernels need no gather)
-        ("qtune gptq-4 g128 group-aware", gptq("gptq:bits=4,group_size=128,act_group_aware=true"),
+        ("qtune gptq-4 g128 asym group-aware", gptq(f"gptq:bits=4,group_size=128,sym=false,{GROUP_AWARE}"),
          model_bits_per_param, True),
-        ("qtune gptq-4 g128 act-order static", gptq("gptq:bits=4,group_size=128,desc_act=true,static_groups=true"),
+        ("qtune gptq-4 g128 act-order", gptq(f"gptq:bits=4,group_size=128,{CLASSIC}"), model_bits_per_param, True),
+        # the other orderings that keep g_idx = k // group_size
+        ("qtune gptq-4 g128 group-aware", gptq(f"gptq:bits=4,group_size=128,{GROUP_AWARE}"),
          model_bits_per_param, True),
-        ("qtune gptq-4 g128 no-order", gptq("gptq:bits=4,group_size=128,desc_act=false,act_group_aware=false"),
-         model_bits_per_param, True),
+        ("qtune gptq-4 g128 no-order", gptq(f"gptq:bits=4,group_size=128,{NATURAL}"), model_bits_per_param, True),
         # float scale and offset per group, fitted to the weights without calibration (qtune.formats.affine);
         # "min-max" is the same storage with the fit switched off (iters=0)
         ("qtune affine-4 g64", rtn("affine:bits=4,group_size=64"), model_bits_per_param, True),
@@ -200,19 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         ("qtune affine-3 g64 min-max", rtn("affine:bits=3,group_size=64,iters=0"), model_bits_per_param, True),
         ("qtune affine-2 g64", rtn("affine:bits=2,group_size=64"), model_bits_per_param, True),
         ("qtune gptq-3 g128", gptq("gptq:bits=3,group_size=128"), model_bits_per_param, True),
-        ("qtune gptq-3 g128 act-order", gptq("gptq:bits=3,group_size=128,desc_act=true"), model_bits_per_param, True),
-        ("qtune gptq-3 g128 no-order", gptq("gptq:bits=3,group_size=128,desc_act=false,act_group_aware=false"),
-         model_bits_per_param, True),
-        ("qtune gptq-3 g128 act-order static", gptq("gptq:bits=3,group_size=128,desc_act=true,static_groups=true"),
+        ("qtune gptq-3 g128 act-order", gptq(f"gptq:bits=3,group_size=128,{CLASSIC}"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 no-order", gptq(f"gptq:bits=3,group_size=128,{NATURAL}"), model_bits_per_param, True),
+        ("qtune gptq-3 g128 group-aware", gptq(f"gptq:bits=3,group_size=128,{GROUP_AWARE}"),
          model_bits_per_param, True),
         ("qtune gptq-8 g128", gptq("gptq:bits=8,group_size=128"), model_bits_per_param, True),
-        ("qtune gptq-8 g128 act-order static", gptq("gptq:bits=8,group_size=128,desc_act=true,static_groups=true"),
+        ("qtune gptq-8 g128 group-aware", gptq(f"gptq:bits=8,group_size=128,{GROUP_AWARE}"),
          model_bits_per_param, True),
         ("qtune gptq-3 g128 damp 0.05", gptq("gptq:bits=3,group_size=128,damp_percent=0.05"), model_bits_per_param,
          True),
         ("qtune gptq-2 g128", gptq("gptq:bits=2,group_size=128"), model_bits_per_param, True),
-        ("qtune gptq-2 g128 act-order", gptq("gptq:bits=2,group_size=128,desc_act=true"), model_bits_per_param, True),
-        ("qtune gptq-2 g128 act-order static", gptq("gptq:bits=2,group_size=128,desc_act=true,static_groups=true"),
+        ("qtune gptq-2 g128 act-order", gptq(f"gptq:bits=2,group_size=128,{CLASSIC}"), model_bits_per_param, True),
+        ("qtune gptq-2 g128 group-aware", gptq(f"gptq:bits=2,group_size=128,{GROUP_AWARE}"),
          model_bits_per_param, True),
     ]
     if not args.skip_gptq and not args.skip_gptqmodel:

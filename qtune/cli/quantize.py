@@ -8,8 +8,12 @@ nothing appears at ``--out``.
 Examples::
 
     qtune quantize smollm2 --format nf4 --double-quant --out smollm2-nf4
-    qtune quantize MODEL --format gptq --bits 4 --group-size 128 --act-order --calibration emma.txt \\
+    qtune quantize MODEL --format gptq --bits 4 --group-size 128 --calibration emma.txt \\
         --samples 128 --seq-len 512 --out model-gptq --layout gptq
+
+GPTQ's default ordering is act-order with static groups (``g_idx = k // group_size``, the kernels' no-gather
+path); ``--no-static-groups`` gives classic act-order (permuted ``g_idx``), ``--no-act-order`` group-aware order,
+``--no-act-order --no-act-group-aware`` the natural column order.
 """
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ Updates inside a block of ``block_size`` columns are applied immediately (one BL
 column, on the transposed weight so that a column is a contiguous row); those to the columns after
 the block are batched into one matrix product per block ("lazy batch"), which gives the same result.
 Act-order (``desc_act``) processes the columns by descending ``diag(H)`` so the most
-activation-heavy ones are quantized while the most freedom is left to compensate them.
+activation-heavy ones are quantized while the most freedom is left to compensate them; with static groups
+(qtune's default, see :class:`GPTQConfig`) the group parameters come from the original column groups, so the
+codes keep their column order and ``g_idx = k // g``.
 """
 from __future__ import annotations
 
@@ -118,22 +120,45 @@ _GRID_OPTIONS = (
 class GPTQConfig(QuantConfig):
     """Settings of GPTQ quantization (names follow AutoGPTQ/GPTQModel ``quantize_config.json``).
 
+    The default ordering is act-order with static groups (``desc_act=True, static_groups=True``): the
+    columns are quantized by descending Hessian diagonal, but every group's scale and zero are fitted up
+    front on the original contiguous column groups, so the codes are stored un-permuted with
+    ``g_idx = k // group_size``. Inference then needs no gather (the fused kernels' ``trivial_group_size``
+    path) and the checkpoint says ``desc_act: false`` (see :mod:`qtune.integrations.layouts.gptq`). On
+    SmolLM2-135M, GPTQ-4 g128, 128×512 Emma calibration windows, perplexity on 16,384 Persuasion tokens:
+    act-order with static groups 42.523, group-aware order 44.140 (qtune's previous default), GPTQModel 7.7's
+    default (group-aware) 44.008 (``bench/results/perplexity-gptq128*.json``); at 32 windows 42.59 against
+    44.04 (``bench/results/perplexity-gptq-order.json``).
+
+    The three ordering fields combine as follows (with ``group_size=-1`` there is one group, and only
+    ``desc_act`` matters):
+
+    * default (``desc_act``, ``static_groups``): act-order, parameters fitted up front on the original
+      groups; ``g_idx = k // g``.
+    * ``static_groups=False``: classic act-order, parameters fitted on each run of ``g`` quantized columns
+      as it starts; ``g_idx`` permuted (kernels gather scales and zeros per input row).
+    * ``desc_act=False``: group-aware order, parameters fitted on each (compensated) group as it starts;
+      ``g_idx = k // g``.
+    * ``desc_act=False, act_group_aware=False``: the natural column order; ``g_idx = k // g``.
+
     Attributes:
         bits: code width, one of 2, 3, 4, 8.
         group_size: input columns sharing one scale/zero per output row; -1 = one group per row.
-        desc_act: act-order, quantize columns by descending Hessian diagonal.
+        desc_act: act-order, quantize columns by descending Hessian diagonal. The default.
         sym: symmetric grid (zero fixed at 2^(bits-1)) instead of a per-group min/max zero.
-        static_groups: with act-order, compute all group parameters up front on the original column
-            groups, so ``g_idx`` stays ``k // group_size`` (kernels need no gather).
+        static_groups: with ``desc_act``, compute all group parameters up front on the original column
+            groups (of the weight before any error compensation), so ``g_idx`` stays ``k // group_size``.
+            The default. Ignored without ``desc_act``: the groups are then quantized whole, each fitted on
+            its error-compensated columns when it starts. (GPTQModel 7.7 applies ``static_groups`` whatever
+            ``desc_act`` says: without act-order it quantizes in the natural order with the up-front
+            parameters; its default is ``static_groups=False``.)
         act_group_aware: group-aware reordering (GAR, Gafni et al. 2025; GPTQModel's
             ``act_group_aware``, also its default): whole groups are quantized in descending order of
             their largest Hessian diagonal, and the columns inside each group by descending diagonal.
-            Groups stay contiguous, so ``g_idx`` stays ``k // group_size`` (the kernels' no-gather path,
-            and ``desc_act: false`` in the checkpoint) and the group parameters are still fitted on the
-            error-compensated columns. Ignored with ``desc_act`` (which orders all columns) and with
-            ``group_size=-1``. The default. On SmolLM2-135M, GPTQ-4 g128 at 32 calibration windows:
-            44.04 against 46.93 in the natural order (NF4: 45.71), but act-order with static groups,
-            whose ``g_idx`` is trivial too, measured 42.59 (bench/results/perplexity-gptq-order.json).
+            Groups stay contiguous, so ``g_idx`` stays ``k // group_size``, and the group parameters are
+            still fitted on the error-compensated columns. Used only without ``desc_act`` (which orders
+            all columns), and not with ``group_size=-1``; ``desc_act=False`` alone gives this order,
+            ``act_group_aware=False`` with it the natural order.
         damp_percent: fraction of mean(diag H) added to the diagonal before inverting, in (0, 1).
         true_sequential: quantize the sub-layers of a block one after another, each calibrated on the
             outputs of the already-quantized ones (read by the model-level driver, not here).
@@ -145,18 +170,22 @@ class GPTQConfig(QuantConfig):
     op_family: ClassVar[str] = "gptq"
     cli_options: ClassVar[tuple[CliOption, ...]] = (
         *_GRID_OPTIONS,
-        CliOption("desc_act", "GPTQ desc_act: columns by descending Hessian diagonal", flag="--act-order", type=bool),
-        CliOption("static_groups", "with --act-order, keep g_idx = k // group_size", type=bool),
-        CliOption("act_group_aware", "group-aware order: whole groups by importance, g_idx = k // group_size "
-                  "(default; --no-act-group-aware: natural column order)", type=bool, switch=False),
+        CliOption("desc_act", "act-order: columns by descending Hessian diagonal (default; --no-act-order: "
+                  "group-aware order, see --act-group-aware)", flag="--act-order", type=bool, switch=False),
+        CliOption("static_groups", "with --act-order, group scales/zeros fitted up front on the original column "
+                  "groups, g_idx = k // group_size (default; --no-static-groups: classic act-order, permuted "
+                  "g_idx)", type=bool, switch=False),
+        CliOption("act_group_aware", "without act-order, whole groups by importance, g_idx = k // group_size "
+                  "(default with --no-act-order; --no-act-group-aware: natural column order)", type=bool,
+                  switch=False),
         CliOption("damp_percent", "fraction of mean(diag H) added to the diagonal (default 0.01)", type=float),
         CliOption("true_sequential", "calibrate each block's layers group by group (default)", type=bool, switch=False),
     )
     bits: int = 4
     group_size: int = 128
-    desc_act: bool = False
+    desc_act: bool = True
     sym: bool = True
-    static_groups: bool = False
+    static_groups: bool = True
     act_group_aware: bool = True
     damp_percent: float = 0.01
     true_sequential: bool = True
@@ -176,6 +205,14 @@ class GPTQConfig(QuantConfig):
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"{cls}.block_size={bs!r} must be a positive integer (128 is usual)")
+
+    @property
+    def ordering(self) -> str:
+        """The column order and group fitting these fields select, with the guards above applied:
+        ``"act-order-static"``, ``"act-order"`` (permuted ``g_idx``), ``"group-aware"`` or ``"natural"``."""
+        if self.desc_act:
+            return "act-order-static" if self.static_groups else "act-order"
+        return "group-aware" if self.act_group_aware and self.group_size != -1 else "natural"
 
     def without_calibration(self) -> "RTNConfig":
         """The round-to-nearest config on the same grid (bits, group size, symmetry, compute dtype): what a
@@ -802,9 +839,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | GPTQHessian, cfg
     ``H[i,i] = 1`` and a zero weight column; optional act-order permutation; damping
     ``λ = damp_percent · mean(diag H)``; ``U = chol(H⁻¹)ᵀ``; column-by-column quantization with
     error compensation in lazy blocks. Group parameters are computed when a group starts, on the
-    current (already compensated, possibly permuted) columns of the group; with ``static_groups``
-    they are computed up front on the original column groups. All float work is fp32 on
-    ``weight.device``.
+    current (already compensated, possibly permuted) columns of the group; with act-order and
+    ``static_groups`` (the default) they are computed up front on the original column groups. All float
+    work is fp32 on ``weight.device``.
 
     Args:
         weight (Tensor): ``[N, K]`` float (fp16/bf16/fp32/fp64).
@@ -858,6 +895,11 @@ def _gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig, na
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    # static_groups only applies with act-order, act_group_aware only without it (GPTQConfig.ordering); the
+    # column loop reads cfg.static_groups, so it is cleared where it is ignored
+    ordering = cfg.ordering
+    if cfg.static_groups and ordering != "act-order-static":
+        cfg = dataclasses.replace(cfg, static_groups=False)
     scales = torch.empty(n_groups, n, dtype=torch.float32, device=device)
     zeros = torch.empty(n_groups, n, dtype=torch.float32, device=device)
     if cfg.static_groups:
@@ -866,7 +908,7 @@ def _gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig, na
             scales[g], zeros[g] = _group_params(cols.amin(1), cols.amax(1), bits, cfg.sym, scale_dtype, name)
 
     perm = None
-    group_aware = cfg.act_group_aware and not cfg.desc_act and cfg.group_size != -1
+    group_aware = ordering == "group-aware"
     if cfg.desc_act:
         # stable: equal diagonals keep their order, so the result does not depend on the sort backend.
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)

@@ -914,9 +914,9 @@ def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfi
 
     Raises:
         ValueError: the adapter targets no quantized layer, a targeted layer has no group along ``in_features``
-            (LLM.int8, per-row int8, act-order GPTQ), the group does not divide a layer's ``in_features``, a
-            targeted layer has no per-group float offset covered by the group (NF4, GPTQ, Q4_0, Q8_0, K-quants:
-            :func:`qalora_offset_error`), or DoRA.
+            (LLM.int8, per-row int8, GPTQ in classic act-order: a permuted ``g_idx``), the group does not divide
+            a layer's ``in_features``, a targeted layer has no per-group float offset covered by the group (NF4,
+            GPTQ, Q4_0, Q8_0, K-quants: :func:`qalora_offset_error`), or DoRA.
     """
     _expand_targets(model, config)
     if config.use_dora:
@@ -929,7 +929,7 @@ def quantization_aware_config(model: nn.Module, config: LoraConfig) -> LoraConfi
         if layer.quant_group_size is None:
             raise ValueError(f"quantization-aware LoRA: layer {name} ({layer.config.format}) has no quantization group "
                              "along in_features to pool over; use a group format (GGUF, affine, NF4, GPTQ/int8 with "
-                             "group_size, no act-order) or leave this layer out of target_modules")
+                             "group_size and g_idx = k // group_size) or leave this layer out of target_modules")
     sizes = sorted({layer.quant_group_size for _, layer in layers})
     config.use_qalora = True
     config.qalora_group_size = math.lcm(*sizes)

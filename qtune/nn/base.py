@@ -288,7 +288,7 @@ class QuantLinear(nn.Module):
     def quant_group_size(self) -> int | None:
         """Consecutive weights of a row (along ``in_features``) that share their quantization parameters (scale,
         and offset where the format has one), or ``None`` when the format has no such group (per-row scales, or
-        groups that are not contiguous, e.g. GPTQ act-order). What quantization-aware LoRA pools its input over.
+        groups that are not contiguous, e.g. GPTQ classic act-order). What quantization-aware LoRA pools its input over.
 
         Default: :attr:`offset_group_size` (a format with per-group float offsets groups along ``in_features``).
         """

@@ -14,7 +14,8 @@ def test_gptq_speed_bench_times_qtune_per_part(tiny_model_dir, tmp_path, one_thr
     r = check_results_file(out, "gptq-speed", f"python -m qtune.bench.gptq_speed --model {model}")["results"]
     q = r["qtune"]
     assert r["settings"]["samples"] == 2 and "gptqmodel" not in r and r["cpu"]
-    assert q["config"]["act_group_aware"] is True and q["config"]["group_size"] == 32
+    assert q["config"]["desc_act"] is True and q["config"]["static_groups"] is True  # the default ordering
+    assert q["config"]["group_size"] == 32
     assert set(q["parts_s"]) == {"forwards", "hessians", "solve"} and len(q["block_s"]) >= 1
     assert q["quantize_s"] > 0 and q["quantize_cpu_s"] > 0
     assert sum(q["parts_s"].values()) <= q["quantize_s"] + 0.05

@@ -12,14 +12,14 @@ from tests.conftest import bnb_available
 
 QTUNE_ROWS = ["fp32", "qtune nf4", "qtune nf4+dq", "qtune fp4", "qtune int8", "qtune llm_int8", "qtune rtn-4 g128",
               "qtune gptq-4 g128", "qtune rtn-4 g128 asym", "qtune gptq-4 g128 asym",
-              "qtune gptq-4 g128 asym act-order", "qtune gptq-4 g128 act-order", "qtune gptq-4 g128 group-aware",
-              "qtune gptq-4 g128 act-order static", "qtune gptq-4 g128 no-order", "qtune affine-4 g64",
+              "qtune gptq-4 g128 asym act-order", "qtune gptq-4 g128 asym group-aware", "qtune gptq-4 g128 act-order",
+              "qtune gptq-4 g128 group-aware", "qtune gptq-4 g128 no-order", "qtune affine-4 g64",
               "qtune affine-4 g64 min-max", "qtune affine-4 g128", "qtune affine-4 g128 min-max",
               "qtune affine-4 g64 scale+offset",
               "qtune affine-3 g64", "qtune affine-3 g64 min-max", "qtune affine-2 g64", "qtune gptq-3 g128",
-              "qtune gptq-3 g128 act-order", "qtune gptq-3 g128 no-order", "qtune gptq-3 g128 act-order static",
-              "qtune gptq-8 g128", "qtune gptq-8 g128 act-order static", "qtune gptq-3 g128 damp 0.05",
-              "qtune gptq-2 g128", "qtune gptq-2 g128 act-order", "qtune gptq-2 g128 act-order static"]
+              "qtune gptq-3 g128 act-order", "qtune gptq-3 g128 no-order", "qtune gptq-3 g128 group-aware",
+              "qtune gptq-8 g128", "qtune gptq-8 g128 group-aware", "qtune gptq-3 g128 damp 0.05",
+              "qtune gptq-2 g128", "qtune gptq-2 g128 act-order", "qtune gptq-2 g128 group-aware"]
 BNB_ROWS = ["bnb nf4", "bnb nf4+dq", "bnb fp4", "bnb llm_int8", "qtune llm_int8 on bnb bytes",
             "qtune nf4+dq on bnb bytes"]
 

@@ -61,18 +61,56 @@ def test_quantize_rtn_formats_and_layouts(model_dir, tmp_path, capsys):
 def test_quantize_gptq_then_eval_and_inspect(model_dir, texts, tmp_path, capsys):
     out_dir = tmp_path / "gptq"
     code, out, err = run(capsys, "quantize", model_dir, "--format", "gptq", "--bits", "4", "--group-size", "32",
-                         "--act-order", "--no-sym", "--calibration", texts / "cal.txt", "--samples", "16",
+                         "--no-static-groups", "--no-sym", "--calibration", texts / "cal.txt", "--samples", "16",
                          "--seq-len", "64", "--out", out_dir, "--layout", "gptq")
     assert code == 0, err
     assert "GPTQ" in err  # the per-block progress bar
     qc = json.loads((out_dir / "quantize_config.json").read_text())
-    assert qc["desc_act"] is True and qc["sym"] is False and qc["group_size"] == 32
+    # classic act-order: the checkpoint's g_idx is permuted, and says so
+    assert qc["desc_act"] is True and qc["static_groups"] is False and qc["sym"] is False and qc["group_size"] == 32
     code, out, err = run(capsys, "eval", out_dir, "--text", texts / "eval.txt", "--tokens", "1024", "--seq-len", "128")
     assert code == 0, err
     assert "gptq 4-bit g32" in out and "perplexity on 1024 tokens" in out
     code, out, _ = run(capsys, "inspect", out_dir, "--reference", model_dir, "--plot", tmp_path / "p.png")
     assert code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
     assert "model.layers.0.self_attn.q_proj" in out and "gptq" in out and "rel.err" in out and "total (15 layers)" in out
+
+
+def _gptq_checkpoint(folder) -> tuple[dict, dict[str, "torch.Tensor"]]:
+    """``quantize_config.json`` and the ``qweight``/``g_idx`` tensors of a GPTQ-layout folder."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    return (json.loads((folder / "quantize_config.json").read_text()),
+            {k: v for k, v in tensors.items() if k.endswith((".qweight", ".g_idx"))})
+
+
+def test_quantize_gptq_default_ordering_and_its_switches(model_dir, texts, tmp_path, capsys):
+    """``qtune quantize --format gptq`` quantizes in act-order with static groups unless told otherwise: trivial
+    ``g_idx`` (``desc_act: false`` in the checkpoint) and codes other than group-aware order's; ``--no-act-order``
+    gives group-aware order, where ``static_groups`` (on by default) changes nothing."""
+    import torch
+
+    runs = {"default": (), "explicit": ("--act-order", "--static-groups"), "no-act-order": ("--no-act-order",),
+            "no-act-order-no-static": ("--no-act-order", "--no-static-groups")}
+    got = {}
+    for name, flags in runs.items():
+        code, _, err = run(capsys, "quantize", model_dir, "--format", "gptq", "--group-size", "32", *flags,
+                           "--calibration", texts / "cal.txt", "--samples", "8", "--seq-len", "32", "--no-progress",
+                           "--out", tmp_path / name, "--layout", "gptq")
+        assert code == 0, err
+        got[name] = _gptq_checkpoint(tmp_path / name)
+    qc, tensors = got["default"]
+    assert (qc["desc_act"], qc["static_groups"], qc["act_group_aware"]) == (False, True, False)
+    g_idx = {k: v for k, v in tensors.items() if k.endswith(".g_idx")}
+    assert g_idx and all(torch.equal(v, torch.arange(v.numel(), dtype=v.dtype) // 32) for v in g_idx.values())
+    assert all(torch.equal(v, got["explicit"][1][k]) for k, v in tensors.items())
+    qc_gar, gar = got["no-act-order"]
+    assert (qc_gar["desc_act"], qc_gar["static_groups"], qc_gar["act_group_aware"]) == (False, False, True)
+    assert all(torch.equal(v, got["no-act-order-no-static"][1][k]) for k, v in gar.items())
+    differs = [k for k in tensors if k.endswith(".qweight") and not torch.equal(tensors[k], gar[k])]
+    assert len(differs) == len(g_idx), differs  # act-order found other codes in every layer
+    assert load_model(tmp_path / "default").model.layers[0].self_attn.q_proj.config.ordering == "act-order-static"
 
 
 def test_eval_compares_formats_side_by_side(model_dir, texts, capsys):
@@ -155,7 +193,11 @@ def test_quantize_flags_come_from_the_format_registry(capsys):
         for opt in get_format(name).cli_options:
             assert opt.cli_flag in out
     assert GPTQConfig.cli_options[3].cli_flag == "--act-order"
+    for flag in ("--no-act-order", "--no-static-groups", "--no-act-group-aware"):  # the defaults can be turned off
+        assert flag in out
     p = argparse.ArgumentParser()
     add_format_options(p)
     args = p.parse_args(["--act-order", "--no-sym", "--bits", "3"])
     assert (args.desc_act, args.sym, args.bits, args.blocksize, args.true_sequential) == (True, False, 3, None, None)
+    args = p.parse_args(["--no-act-order", "--no-static-groups"])
+    assert (args.desc_act, args.static_groups, args.act_group_aware) == (False, False, None)

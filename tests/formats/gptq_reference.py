@@ -43,9 +43,11 @@ def gptq_quantize_reference(weight: torch.Tensor, hessian: torch.Tensor | GPTQHe
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    # static_groups applies only with act-order (added with the act-order-static default)
+    static = cfg.static_groups and cfg.desc_act
     scales = torch.empty(n_groups, n, dtype=torch.float32, device=device)
     zeros = torch.empty(n_groups, n, dtype=torch.float32, device=device)
-    if cfg.static_groups:
+    if static:
         for g in range(n_groups):
             cols = W[:, g * gs:(g + 1) * gs]
             scales[g], zeros[g] = _group_params(cols.amin(1), cols.amax(1), bits, cfg.sym, scale_dtype, name)
@@ -69,7 +71,7 @@ def gptq_quantize_reference(weight: torch.Tensor, hessian: torch.Tensor | GPTQHe
 
     # Group of each (permuted) column: static groups (and group-aware order, whose groups stay whole)
     # follow the original column, dynamic act-order groups follow the order.
-    if cfg.static_groups or group_aware:
+    if static or group_aware:
         col_group = (perm if perm is not None else torch.arange(k, device=device)) // gs
     else:
         col_group = torch.arange(k, device=device) // gs
@@ -83,7 +85,7 @@ def gptq_quantize_reference(weight: torch.Tensor, hessian: torch.Tensor | GPTQHe
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if not cfg.static_groups and col % gs == 0:
+            if not static and col % gs == 0:
                 # The group's current values: in-block columns live in W1; columns past the block have
                 # not yet received this block's lazy update, so it is applied to the slice here. (The
                 # reference reads the stale W instead, which only agrees when groups start on block starts.)
@@ -107,7 +109,7 @@ def gptq_quantize_reference(weight: torch.Tensor, hessian: torch.Tensor | GPTQHe
     if perm is not None:
         inverse = torch.argsort(perm)
         codes = codes[:, inverse]
-        if not (cfg.static_groups or group_aware):
+        if not (static or group_aware):
             # Column perm[i] was quantized i-th, with the parameters of group i // gs.
             g_idx = torch.empty_like(g_idx)
             g_idx[perm] = torch.arange(k, device=device) // gs

@@ -301,8 +301,8 @@ def test_act_order_helps_with_outlier_features():
     assert errs[True, False] < 0.6 * base, errs
     assert errs[True, True] < 0.6 * base, errs
     assert errs[True, True] < _output_error(x, w, quantize_rtn(w, RTNConfig(bits=4, group_size=64)))
-    # group-aware order (the default) moves whole groups only: 0.0351 here (0.0375 and 0.0397 with seeds 4/5, 6/7)
-    assert _output_error(x, w, gptq_quantize(w, h, GPTQConfig(bits=4, group_size=64))) < 0.85 * base
+    # group-aware order moves whole groups only: 0.0351 here (0.0375 and 0.0397 with seeds 4/5, 6/7)
+    assert _output_error(x, w, gptq_quantize(w, h, GPTQConfig(bits=4, group_size=64, desc_act=False))) < 0.85 * base
 
 
 def test_act_order_g_idx():
@@ -311,7 +311,7 @@ def test_act_order_g_idx():
     h = GPTQHessian(96)
     h.add_batch(x)
     perm = torch.argsort(torch.diagonal(h.H), descending=True, stable=True)
-    dyn = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, desc_act=True))
+    dyn = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, desc_act=True, static_groups=False))
     expected = torch.empty(96, dtype=torch.int32)
     expected[perm] = torch.arange(96, dtype=torch.int32) // 32
     assert torch.equal(dyn.g_idx, expected)
@@ -323,15 +323,67 @@ def test_act_order_g_idx():
         assert _output_error(x, w, t) < _output_error(x, w, quantize_rtn(w, RTNConfig(bits=4, group_size=32)))
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_gptq_with_identity_hessian_is_rtn(desc_act):
+ORDERINGS = {"act-order-static": {}, "act-order": {"static_groups": False}, "group-aware": {"desc_act": False},
+             "natural": {"desc_act": False, "act_group_aware": False}}
+
+
+@pytest.mark.parametrize("ordering", list(ORDERINGS))
+def test_gptq_with_identity_hessian_is_rtn(ordering):
     # With H ∝ I no column informs another, so GPTQ must reduce to round-to-nearest bit for bit.
     w = torch.randn(24, 100, generator=_gen(6))
     for sym in (True, False):
         rtn = quantize_rtn(w, RTNConfig(bits=4, group_size=32, sym=sym))
-        gptq = gptq_quantize(w, torch.eye(100), GPTQConfig(bits=4, group_size=32, sym=sym, desc_act=desc_act))
+        cfg = GPTQConfig(bits=4, group_size=32, sym=sym, **ORDERINGS[ordering])
+        assert cfg.ordering == ordering
+        gptq = gptq_quantize(w, torch.eye(100), cfg)
         for f in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(getattr(rtn, f), getattr(gptq, f)), f
+
+
+def _skewed_layer(k: int = 128, n: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w, h, x)``: correlated inputs whose scales span 2.5 decades in shuffled column order, so the Hessian
+    diagonal is skewed within every group and act-order's column order differs from any group-wise order."""
+    gen = _gen(21)
+    x = torch.randn(1024, k, generator=gen) * torch.logspace(-1.5, 1.0, k)[torch.randperm(k, generator=gen)]
+    x = x + 0.3 * x.roll(1, dims=1)
+    h = GPTQHessian(k)
+    h.add_batch(x)
+    return torch.randn(n, k, generator=gen), h.H, x
+
+
+def _codes(t: GPTQTensors) -> torch.Tensor:
+    return unpack_rows(t.qweight, t.bits, t.in_features)
+
+
+def test_default_is_act_order_with_static_groups():
+    """The default quantizes in act-order (its codes are not group-aware's or the natural order's) and stores
+    them un-permuted with ``g_idx = k // g``, the same tensors as asking for act-order with static groups."""
+    w, h, x = _skewed_layer()
+    default = gptq_quantize(w, h, GPTQConfig(group_size=32))
+    explicit = gptq_quantize(w, h, GPTQConfig(group_size=32, desc_act=True, static_groups=True))
+    for f in ("qweight", "qzeros", "scales", "g_idx"):
+        assert torch.equal(getattr(default, f), getattr(explicit, f)), f
+    assert torch.equal(default.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    others = {o: gptq_quantize(w, h, GPTQConfig(group_size=32, **ORDERINGS[o]))
+              for o in ("act-order", "group-aware", "natural")}
+    for o, t in others.items():
+        assert (_codes(default) != _codes(t)).float().mean() > 0.05, o
+    # the group parameters come from the original, uncompensated groups: those of round-to-nearest
+    assert torch.equal(default.scales, quantize_rtn(w, RTNConfig(group_size=32)).scales)
+    assert _output_error(x, w, default) < _output_error(x, w, quantize_rtn(w, RTNConfig(group_size=32)))
+
+
+@pytest.mark.parametrize("act_group_aware", [True, False], ids=["group-aware", "natural"])
+def test_static_groups_is_ignored_without_act_order(act_group_aware):
+    w, h, _ = _skewed_layer()
+    a = gptq_quantize(w, h, GPTQConfig(group_size=32, desc_act=False, act_group_aware=act_group_aware))
+    b = gptq_quantize(w, h, GPTQConfig(group_size=32, desc_act=False, act_group_aware=act_group_aware,
+                                       static_groups=False))
+    for f in ("qweight", "qzeros", "scales", "g_idx"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    # and act_group_aware is ignored with act-order
+    c = gptq_quantize(w, h, GPTQConfig(group_size=32, act_group_aware=act_group_aware))
+    assert torch.equal(c.qweight, gptq_quantize(w, h, GPTQConfig(group_size=32)).qweight)
 
 
 def test_block_size_does_not_change_result():
@@ -350,7 +402,8 @@ def test_gptq_odd_shapes_and_dead_inputs():
     x = _calibration(9, n_samples=200, k=70)
     x[:, 5] = 0.0  # a dead input: its weight column must come out exactly 0
     w = torch.randn(33, 70, generator=_gen(10), dtype=torch.float16)
-    t = gptq_quantize_from_inputs(w, x.view(4, 50, 70), GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True))
+    t = gptq_quantize_from_inputs(w, x.view(4, 50, 70), GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True,
+                                                                   static_groups=False))
     assert (t.qweight.shape, t.qzeros.shape, t.scales.shape) == ((9, 33), (3, 6), (3, 33))
     deq = t.dequantize(torch.float16)
     assert deq.dtype == torch.float16 and (deq[:, 5] == 0).all()
@@ -396,8 +449,10 @@ def test_hessian_accumulator_in_bands(k):
 # ------------------------------------------------------------------------------------------------
 def test_configs():
     cfg = GPTQConfig()
-    assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym) == (4, 128, False, True)
-    assert (cfg.static_groups, cfg.damp_percent, cfg.true_sequential, cfg.block_size) == (False, 0.01, True, 128)
+    assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym) == (4, 128, True, True)
+    assert (cfg.static_groups, cfg.act_group_aware) == (True, True)  # the second used only with desc_act=False
+    assert (cfg.damp_percent, cfg.true_sequential, cfg.block_size) == (0.01, True, 128)
+    assert cfg.ordering == "act-order-static"
     assert cfg.to_dict()["format"] == "gptq" and RTNConfig().to_dict()["format"] == "rtn"
     assert hash(cfg) == hash(GPTQConfig())
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -1,4 +1,6 @@
-"""Group-aware reordering (GAR) for GPTQ: contiguous groups, act-order-like quality, plain ``g_idx``."""
+"""Group-aware reordering (GAR) for GPTQ: contiguous groups, act-order-like quality, plain ``g_idx``.
+
+GAR is the order without act-order (``desc_act=False``); these tests pass ``desc_act=False`` explicitly."""
 from __future__ import annotations
 
 import pytest
@@ -46,9 +48,9 @@ def test_group_aware_equals_natural_gptq_on_the_reordered_problem(bits, k):
     scale/zero that the permuted problem fitted at its new position; ``g_idx`` stays ``k // g``."""
     w, h, _ = _layer(k=k)
     g = 16
-    cfg = GPTQConfig(bits=bits, group_size=g, act_group_aware=False)  # the natural order
+    cfg = GPTQConfig(bits=bits, group_size=g, desc_act=False, act_group_aware=False)  # the natural order
     perm = group_aware_order(torch.diagonal(h.H), g)
-    gar = gptq_quantize(w, h, GPTQConfig(bits=bits, group_size=g, act_group_aware=True))
+    gar = gptq_quantize(w, h, GPTQConfig(bits=bits, group_size=g, desc_act=False, act_group_aware=True))
     ref = gptq_quantize(w[:, perm], h.H[perm][:, perm], cfg)
     assert torch.equal(gar.g_idx, torch.arange(k) // g)  # kernels need no gather
     inverse = torch.argsort(perm)
@@ -69,8 +71,8 @@ def test_identity_order_gives_the_natural_result_bit_for_bit():
     r = torch.randn(k, k, generator=torch.Generator().manual_seed(2))
     h = torch.diag(torch.linspace(3.0, 0.5, k) ** 2) + 0.01 * (r @ r.T) / k  # diagonal strictly descending
     assert torch.equal(group_aware_order(torch.diagonal(h), 16), torch.arange(k))
-    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_group_aware=False))
-    b = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, act_group_aware=True))
+    a = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, desc_act=False, act_group_aware=False))
+    b = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, desc_act=False, act_group_aware=True))
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
@@ -80,5 +82,7 @@ def test_config_rejects_a_non_bool():
         GPTQConfig(act_group_aware="yes")
 
 
-def test_group_aware_is_the_default():
-    assert GPTQConfig().act_group_aware and not GPTQConfig().desc_act
+def test_group_aware_is_the_order_without_act_order():
+    assert GPTQConfig().act_group_aware and GPTQConfig(desc_act=False).ordering == "group-aware"
+    assert GPTQConfig(desc_act=False, act_group_aware=False).ordering == "natural"
+    assert GPTQConfig(desc_act=False, group_size=-1).ordering == "natural"  # one group: nothing to reorder

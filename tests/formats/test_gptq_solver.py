@@ -13,10 +13,10 @@ from tests.formats.gptq_reference import gptq_quantize_reference
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ORDERS = {
-    "natural": {},
-    "act-order": {"desc_act": True},
+    "natural": {"desc_act": False, "act_group_aware": False},
+    "act-order": {"desc_act": True, "static_groups": False},
     "act-order-static": {"desc_act": True, "static_groups": True},
-    "group-aware": {"act_group_aware": True},
+    "group-aware": {"desc_act": False, "act_group_aware": True},
 }
 
 
@@ -61,8 +61,9 @@ def test_blocked_solver_odd_shapes_and_dead_inputs():
     w, h = _layer(n, k, seed=5)
     h.H[3, :] = 0
     h.H[:, 3] = 0
-    for cfg in (GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True, block_size=16),
-                GPTQConfig(bits=4, group_size=16, act_group_aware=True, block_size=24)):
+    for cfg in (GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True, static_groups=False, block_size=16),
+                GPTQConfig(bits=3, group_size=32, sym=False, block_size=16),  # the default, act-order static
+                GPTQConfig(bits=4, group_size=16, desc_act=False, act_group_aware=True, block_size=24)):
         fast, ref = gptq_quantize(w, h, cfg), gptq_quantize_reference(w, h, cfg)
         _assert_same_codes(fast, ref, cfg.bits, k, n)
         assert (fast.dequantize()[:, 3] == 0).all()

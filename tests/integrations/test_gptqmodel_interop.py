@@ -63,14 +63,18 @@ WORKER = Path(__file__).with_name("gptqmodel_worker.py")
 FP32_ATOL = 1e-5
 FP16_REL = 3e-3
 
-# (bits, group_size, desc_act, sym); the tiny Llama has in_features 64 and 128
-QTUNE_WRITES = [(4, 32, True, True), (3, 32, True, True), (8, 64, False, True), (2, 64, False, True)]
+# qtune: (bits, group_size, ordering, sym), the ordering's GPTQConfig fields in ORDERINGS; GPTQModel: (bits,
+# group_size, desc_act, sym). The tiny Llama has in_features 64 and 128.
+ORDERINGS = {"default": {}, "act-order": {"static_groups": False}, "group-aware": {"desc_act": False}}
+QTUNE_WRITES = [(4, 32, "act-order", True), (3, 32, "default", True), (8, 64, "group-aware", True),
+                (2, 64, "default", True)]
 GPTQMODEL_WRITES = [(4, 32, True, False), (8, 64, False, False), (3, 32, False, True)]
 
 
 def case_id(case) -> str:
-    bits, group_size, desc_act, sym = case
-    return f"{bits}bit-g{group_size}" + ("-act" if desc_act else "") + ("-sym" if sym else "-asym")
+    bits, group_size, order, sym = case
+    order = f"-{order}" if isinstance(order, str) else "-act" if order else ""
+    return f"{bits}bit-g{group_size}" + order + ("-sym" if sym else "-asym")
 
 
 def calibration() -> torch.Tensor:
@@ -119,10 +123,10 @@ def qtune_written(llama_fp16, tmp_path_factory) -> dict:
     tok = AutoTokenizer.from_pretrained(llama_fp16)
     jobs = []
     for case in QTUNE_WRITES:
-        bits, group_size, desc_act, sym = case
+        bits, group_size, order, sym = case
         model = AutoModelForCausalLM.from_pretrained(llama_fp16, dtype=torch.float32)
-        gptq_quantize_model(model, calibration(), GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act,
-                                                             sym=sym), progress=False)
+        gptq_quantize_model(model, calibration(), GPTQConfig(bits=bits, group_size=group_size, sym=sym,
+                                                             **ORDERINGS[order]), progress=False)
         mark_quantized(model)
         folder = save_quantized(model, root / case_id(case), layout="gptq", tokenizer=tok)
         jobs.append({"name": case_id(case), "folder": str(folder), "quantize": None})
@@ -163,7 +167,11 @@ def check_same_model(folder: Path, theirs: dict, bits: int) -> None:
 def test_gptqmodel_loads_qtune_gptq(case, qtune_written):
     folder = qtune_written["folders"][case_id(case)]
     qc = json.loads((folder / "quantize_config.json").read_text())
-    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == (*case, "gptq")
+    bits, group_size, order, sym = case
+    # desc_act describes the layout: only classic act-order permutes g_idx; the default records static_groups
+    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == \
+        (bits, group_size, order == "act-order", sym, "gptq")
+    assert (qc["static_groups"], qc["act_group_aware"]) == (order == "default", order == "group-aware")
     check_same_model(folder, qtune_written["results"][case_id(case)], case[0])
 
 

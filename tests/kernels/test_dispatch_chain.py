@@ -50,7 +50,7 @@ CHAIN = textwrap.dedent(r"""
     torch.manual_seed(0)
     FORMATS = [NF4Config(), FP4Config(double_quant=True, blocksize=32), NF4Config(double_quant=True),
                Int8Config(), Int8Config(symmetric=False, group_size=32), LLMInt8Config(),
-               GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32, desc_act=True),
+               GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32, static_groups=False),
                GPTQConfig(bits=3, group_size=32), FP4Config(), GGUFQ4_1Config(), GGUFQ5_0Config(),
                AffineConfig(bits=3, group_size=32, iters=2), AffineConfig(bits=2, group_size=64, iters=2)]
 
@@ -137,8 +137,13 @@ CHAIN = textwrap.dedent(r"""
         names = K.register(device="cpu", _testing=True)
     assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"qtune::{op}", "CPU") for op in names)
 
-    # fp16: both paths round the same fp32-accumulated products once, to nearest: logits and LoRA
-    # gradients agree to 1e-4 of their largest value (measured: identical logits, gradients within 2e-5).
+    # fp16: both paths round fp32-accumulated products once, to nearest, but sum them in another order, so
+    # a few outputs round one ulp apart: the fused int8 forward of layer 0's gate_proj and up_proj (1 of
+    # 1536 each), whatever the GPTQ layers are. The logits come out identical; the backward carries such a
+    # flip into the LoRA gradients or not depending on the weights behind it (measured: within 2e-5 with
+    # group-aware GPTQ layers, 1.3e-3 of the largest value with act-order with static groups, the default
+    # since, in layer 0's q_proj lora_A). The bound, 5e-3, is 4x that; a wrong weight shows in the
+    # per-layer checks above at many ulps.
     # bf16: the interpreter rounds every dequantized weight toward zero, the reference to nearest (up to
     # 1 bf16 ulp per weight, a bias of half an ulp on average), and that difference is amplified by two
     # attention layers: the per-layer checks above hold each kernel call to 1 ulp of the product of the
@@ -146,7 +151,7 @@ CHAIN = textwrap.dedent(r"""
     # each LoRA gradient to 15% in L2 (measured at most 1.2e-2 and 9.1e-2: the largest is layer 0's q_proj
     # lora_A, whose input carries the 40x outlier column). fp16 shows that the chain adds nothing else.
     LOGITS_RTOL = {torch.float16: 1e-4, torch.bfloat16: 2 * 2.0 ** -7}
-    GRAD_RTOL = {torch.float16: 1e-4, torch.bfloat16: 0.15}
+    GRAD_RTOL = {torch.float16: 5e-3, torch.bfloat16: 0.15}
     for branch, bound in (("fused", math.inf), ("dequant", 0)):
         for fam in dispatch.FAMILIES:
             for direction in dispatch.DIRECTIONS:

@@ -172,14 +172,14 @@ def test_other_formats_forward(fmt):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("desc_act", [False, True], ids=["g_idx_trivial", "act_order"])
-def test_gptq_experts_per_expert_hessians_and_fallback(desc_act, impl):
+@pytest.mark.parametrize("permuted", [False, True], ids=["g_idx_trivial", "act_order"])
+def test_gptq_experts_per_expert_hessians_and_fallback(permuted, impl):
     """GPTQ stacks: each expert quantized with its own Hessian (act-order: its own g_idx), expert 2 without one
     (round-to-nearest on the same grid); the forward equals the family's experts on the dequantized weights."""
     from qtune.formats import GPTQConfig
     from qtune.formats import gptq as gptq_fmt
 
-    cfg = GPTQConfig(bits=4, group_size=16, desc_act=desc_act)
+    cfg = GPTQConfig(bits=4, group_size=16, static_groups=not permuted)  # act-order, static groups or classic
     m = make_experts("qwen3_moe")
     g = torch.Generator().manual_seed(3)
     hessians = {}
@@ -198,7 +198,7 @@ def test_gptq_experts_per_expert_hessians_and_fallback(desc_act, impl):
             t = (gptq_fmt.quantize_rtn(w[e], cfg.without_calibration()) if e == 2
                  else gptq_fmt.gptq_quantize(w[e], hessians[n][e], cfg))
             assert torch.equal(stack.qweight[e], t.qweight) and torch.equal(stack.g_idx[e], t.g_idx), (n, e)
-        assert desc_act is any(not torch.equal(stack.g_idx[e], stack.g_idx[2]) for e in range(E))
+        assert permuted is any(not torch.equal(stack.g_idx[e], stack.g_idx[2]) for e in range(E))
     ref = dense_twin(q, m, impl)
     x, idx, w = routing(skip=())
     torch.testing.assert_close(q(x, idx, w), ref(x, idx, w), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,15 @@ checkpoints and qtune's, asserted in ``tests/integrations/test_gptqmodel_interop
 forward.
 
 Writing (:func:`gptq_tensors`): v1 tensors, ``quantize_config.json`` and ``config.json``
-``quantization_config``.
+``quantization_config``. ``desc_act`` there describes the layout, not how the codes were found: it is true only
+when some layer's ``g_idx`` is not ``k // group_size`` (classic act-order, ``static_groups=False``), so that
+GPTQModel, AutoGPTQ, exllama and Marlin readers take their no-act-order path (no ``g_idx`` gather or input
+permutation) for qtune's default, act-order with static groups, whose ``g_idx`` is trivial. How the codes were
+found is recorded apart, as GPTQModel records ``act_group_aware``: ``static_groups: true`` (some layer used
+act-order with static groups) and ``act_group_aware: true`` (some layer used group-aware order). Reading a file
+qtune wrote (``quantizer`` ``qtune:...``), ``static_groups: true`` gives back ``desc_act=True,
+static_groups=True``; in other writers' files (AutoGPTQ, GPTQModel) ``static_groups`` also applies without
+``desc_act``, so there the fields are read as they stand.
 """
 from __future__ import annotations
 
@@ -54,6 +62,18 @@ def check_plan(model: nn.Module, plan: Mapping[str, QuantConfig]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
+def _ordering(qc: Mapping[str, Any]) -> dict[str, bool]:
+    """``desc_act``, ``static_groups``, ``act_group_aware`` of a ``quantization_config`` as :class:`GPTQConfig`
+    fields (GPTQModel keeps the last two under ``meta``). qtune writes ``desc_act`` for the layout and
+    ``static_groups`` for act-order with static groups, so in its files ``static_groups`` implies ``desc_act``."""
+    meta = qc.get("meta") if isinstance(qc.get("meta"), Mapping) else {}
+    static = bool(qc.get("static_groups", meta.get("static_groups", False)))
+    group_aware = bool(qc.get("act_group_aware", meta.get("act_group_aware", False)))
+    by_qtune = any(str(q).startswith("qtune:") for q in (qc.get("quantizer") or ()))
+    desc_act = bool(qc.get("desc_act", False)) or (static and by_qtune)
+    return {"desc_act": desc_act, "static_groups": static, "act_group_aware": group_aware}
+
+
 def _repack_v2_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return gptq.pack_zeros(gptq.unpack_rows(qzeros.T.contiguous(), bits, n).T, bits)  # v2 stores the zero itself
 
@@ -68,9 +88,8 @@ def translate(headers: Headers, skeleton: nn.Module,
     try:
         bits = int(qc["bits"])
         group_size = int(qc.get("group_size", 128))
-        cfg = GPTQConfig(bits=bits, group_size=group_size, desc_act=bool(qc.get("desc_act", False)),
-                         sym=bool(qc.get("sym", True)), static_groups=bool(qc.get("static_groups", False)),
-                         act_group_aware=bool(qc.get("act_group_aware", False)), compute_dtype=None)
+        cfg = GPTQConfig(bits=bits, group_size=group_size, sym=bool(qc.get("sym", True)), **_ordering(qc),
+                         compute_dtype=None)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"config.json quantization_config: invalid GPTQ settings ({type(e).__name__}: {e})") from None
     state: dict[str, Any] = {}
@@ -132,7 +151,8 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     """The model's state dict in GPTQ v1 layout and its ``quantization_config`` (also ``quantize_config.json``).
 
     Raises:
-        ValueError: a non-GPTQ layer, or layers with different bits/group size/act-order/symmetry.
+        ValueError: a non-GPTQ layer, layers with different bits/group size/symmetry/damping/true_sequential, or
+            a group size that does not divide a layer's ``in_features``.
     """
     layers = quantized_layers(model)
     bad = [n for n, m in layers.items() if not isinstance(m, LinearGPTQ)]
@@ -143,12 +163,14 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     bits = unique({c.bits for c in cfgs}, "bits")
     group_size = unique({c.group_size for c in cfgs}, "group_size")
     sym = unique({c.sym for c in cfgs}, "sym")
-    desc_act = unique({bool(getattr(c, "desc_act", False)) for c in cfgs}, "desc_act")
-    static = unique({bool(getattr(c, "static_groups", False)) for c in cfgs}, "static_groups")
     damp = unique({float(getattr(c, "damp_percent", 0.01)) for c in cfgs}, "damp_percent")
     true_seq = unique({bool(getattr(c, "true_sequential", True)) for c in cfgs}, "true_sequential")
-    # how the codes were found, not how to read them (g_idx stays k // group_size): recorded as GPTQModel does
-    group_aware = any(getattr(c, "act_group_aware", False) and not getattr(c, "desc_act", False) for c in cfgs)
+    # desc_act says how to read the tensors (a permuted g_idx somewhere); the orderings whose g_idx stays
+    # k // group_size are recorded apart, as GPTQModel records act_group_aware (see the module docstring)
+    desc_act = any(not _trivial_g_idx(m, group_size) for m in layers.values())
+    orderings = {c.ordering for c in cfgs if isinstance(c, GPTQConfig)}
+    static = "act-order-static" in orderings
+    group_aware = "group-aware" in orderings
     if group_size != -1:
         for name, m in layers.items():
             if m.in_features % group_size:
@@ -170,14 +192,22 @@ def gptq_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, qc
 
 
+def _trivial_g_idx(m: LinearGPTQ, group_size: int) -> bool:
+    """``g_idx == k // group_size``: the layer reads without act-order's gather."""
+    gs = m.in_features if group_size == -1 else group_size
+    return bool(torch.equal(m.g_idx.long().cpu(), torch.arange(m.in_features) // gs))
+
+
 def declares(qc: dict[str, Any]) -> dict[str, Any]:
     """The qtune format a GPTQ ``quantization_config`` declares."""
     return {"format": GPTQConfig.format, "bits": int(qc.get("bits", 4)), "group_size": int(qc.get("group_size", 128)),
-            "desc_act": bool(qc.get("desc_act", False)), "sym": bool(qc.get("sym", True))}
+            **_ordering(qc), "sym": bool(qc.get("sym", True))}
 
 
 def _describe(qc: dict[str, Any]) -> str:
-    return f"{qc.get('bits')}-bit, group size {qc.get('group_size')}" + (", act-order" if qc.get("desc_act") else "")
+    order = _ordering(qc)
+    act = (", act-order, static groups" if order["static_groups"] else ", act-order") if order["desc_act"] else ""
+    return f"{qc.get('bits')}-bit, group size {qc.get('group_size')}" + act
 
 
 def _version() -> str:
