@@ -15,13 +15,14 @@ exactly as that table does (same settings, same calibration windows, same evalua
   ``static_groups``, ``damp_percent``...; values ``true``/``false``, integers or floats), read back by qtune
   (:func:`qtune.bench.gptq_speed.time_gptqmodel`).
 
-The float model is always the first row. Every row records its spec, and GPTQModel rows the ``QuantizeConfig``
-GPTQModel reports having used. The results go to ``bench/results/gptq-study.json`` (``--out`` elsewhere),
+The float model is always the first row. Every row records its spec; qtune rows the config it resolved to
+(``config``), GPTQModel rows the ``QuantizeConfig`` fields GPTQModel reports having used (``quantize_config``). The results go to ``bench/results/gptq-study.json`` (``--out`` elsewhere),
 rewritten after every row with ``"complete": false`` until the last one.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import tempfile
 import time
@@ -112,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             cpu = time.process_time()
             report = gptq_quantize_model(model, cal, qc.default_config(), skip_modules=qc.skip_modules,
                                          overrides=qc.override_configs(), progress=False)
+            cfg = qc.default_config()
             return model, {"quantize_s": round(report.seconds, 2),
-                           "quantize_cpu_s": round(time.process_time() - cpu, 2)}
+                           "quantize_cpu_s": round(time.process_time() - cpu, 2),
+                           "config": {"format": cfg.format, **{k: v if v is None or isinstance(v, (bool, int, float, str))
+                                                               else str(v) for k, v in dataclasses.asdict(cfg).items()}}}
         return build
 
     def gptqmodel_row(spec: str) -> Callable[[], tuple[Any, dict]]:

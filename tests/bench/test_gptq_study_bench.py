@@ -21,6 +21,10 @@ def test_gptq_study_measures_the_rows_it_is_given(tiny_model_dir, tmp_path, one_
     assert r["complete"] is True and r["settings"]["samples"] == 2 and r["eval_tokens"] == 256
     assert [row["name"] for row in r["rows"]] == ["fp32", "natural", "static damp 0.1"]
     assert [row["spec"] for row in r["rows"]] == ["float"] + ["qtune:" + row.split("=qtune:")[1] for row in rows]
+    natural, static = r["rows"][1]["config"], r["rows"][2]["config"]
+    assert (natural["format"], natural["bits"], natural["group_size"], natural["act_group_aware"], natural["desc_act"],
+            natural["damp_percent"]) == ("gptq", 3, 32, False, False, 0.01)
+    assert (static["desc_act"], static["static_groups"], static["damp_percent"]) == (True, True, 0.1)
     for row in r["rows"][1:]:
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1 and row["quantize_cpu_s"] > 0
         assert 3 < row["bits_per_param"] < 5  # 3-bit codes, a scale and zero per 32 weights, g_idx (tiny layers)

@@ -210,7 +210,7 @@ def test_qtune_loads_gptqmodel_zero_point_zero(gptqmodel_written):
 # columns were quantized, and that first difference is one code (a tie); rows that never diverge have the same
 # zeros and scales (bit-identical for static groups, ≤ 1e-4 relative for groups fitted on compensated columns);
 # few rows diverge; and the layer's GPTQ objective tr(ΔW H ΔWᵀ) of the two solutions agrees within 1% (measured:
-within 0.32% on the random layer, 0.04% on SmolLM2's down_proj).
+# within 0.32% on the random layer, 0.04% on SmolLM2's down_proj).
 # --------------------------------------------------------------------------------------------------
 SOLVER_ORDERS = {
     "natural": {"desc_act": False, "act_group_aware": False, "static_groups": False},
