@@ -111,7 +111,8 @@ def render_perplexity(payload: dict[str, Any], path: Path) -> str:
     paired = {theirs for ours, theirs in PPL_PAIRS.items() if ours in by_name and theirs in by_name}
     intro = (f"Perplexity of {r['model_name']} on the first {r['eval_tokens']:,} tokens of `{st['text']}` "
              f"({st['seq_len']}-token windows, fp32 compute); bits/param over the linear layers without lm_head.")
-    if any(" gptq-" in name for name in by_name):
+    specs = any("spec" in row for row in r["rows"])  # qtune.bench.gptq_study: rows given as specs
+    if specs or any(" gptq-" in name for name in by_name):
         intro += f" GPTQ calibrated on {st['samples']}×{st['cal_seq_len']} tokens of `{st['calibration']}`."
     if any(name.startswith("bnb ") or "on bnb bytes" in name for name in by_name):
         intro += (f" bitsandbytes {payload['machine']['versions'].get('bitsandbytes')} (rows `bnb ...`) loaded by "
@@ -137,9 +138,11 @@ def render_perplexity(payload: dict[str, Any], path: Path) -> str:
         if paired:
             theirs = by_name.get(PPL_PAIRS.get(row["name"], ""))
             cells.append(f"{theirs['perplexity']:.3f} ({theirs['bits_per_param']:.2f} bits)" if theirs else "")
+        if specs:
+            cells.append(f"`{row['spec']}`" if "spec" in row else "")
         rows.append(cells)
     header = ["model", "bits/param", "perplexity", "vs fp32", "load+quantize s"] + (["GPTQ wall / CPU s"] if timed else [])
-    table = _table(header + (["bitsandbytes, same format"] if paired else []), rows)
+    table = _table(header + (["bitsandbytes, same format"] if paired else []) + (["spec"] if specs else []), rows)
     return f"{intro}\n\n{table}\n\n{_source(payload, path)}"
 
 

@@ -154,6 +154,23 @@ def test_gptq_rows_show_their_quantize_times(tree):
     assert "| qtune nf4 | 4.50 | 45.714 | +23.55% | 3 |  | 45.709 (4.50 bits) |" in text  # not a GPTQ row: no time
 
 
+def test_study_rows_show_their_specs(tree):
+    """Rows of qtune.bench.gptq_study carry the spec they were measured with; the table shows it."""
+    path = tree / "bench" / "results" / "perplexity.json"
+    payload = json.loads(path.read_text())
+    for row in payload["results"]["rows"]:
+        row["spec"] = "float" if row["name"] == "fp32" else f"qtune:{row['name'].split()[-1]}"
+    payload["results"]["rows"].append({"name": "qtune natural d0.01", "spec": "qtune:gptq:bits=3,act_group_aware=false",
+                                       "bits_per_param": 3.27, "load_quantize_s": 95.0, "quantize_s": 88.4,
+                                       "quantize_cpu_s": 160.2, "perplexity": 110.5, "vs_fp32": 110.5 / 37 - 1})
+    path.write_text(json.dumps(payload))
+    assert _main(tree) == 0
+    text = (tree / "README.md").read_text()
+    assert "| qtune natural d0.01 | 3.27 | 110.500 | +198.65% | 95 | 88 / 160 | | `qtune:gptq:bits=3,act_group_aware=false` |" \
+        in text.replace("|  |", "| |")
+    assert "GPTQ calibrated on" in text and "| spec |" in text
+
+
 def test_qalora_section(tree):
     table = [{"row": "base (Q4_1 GGUF)", "perplexity": 39.2857, "over_trained": None},
              {"row": "QA-LoRA trained (adapter on the base)", "perplexity": 36.2377, "over_trained": 1.0},

@@ -13,6 +13,13 @@ Usage: ``python gptqmodel_worker.py JOBS.pt RESULTS.pt``. ``JOBS.pt`` (``torch.s
                "quantize": None | {"float": str, "bits": int, "group_size": int, "sym": bool,
                                    "desc_act": bool, "calibration": int64 [S, L]}}]}
 
+A job with ``"solve"`` instead runs GPTQModel's layer solver alone (``gptqmodel.quantization.gptq.GPTQ.quantize``)
+on a given weight and Hessian: ``{"name": str, "solve": {"weight": fp32 [N, K], "hessian": fp32 [K, K] (the
+final H, injected as if accumulated), "bits": int, "group_size": int, "sym": bool, "desc_act": bool,
+"act_group_aware": bool, "static_groups": bool, "damp_percent": float, "blocksize": int}}``; its result is
+``{"weight": fp32 [N, K] (the dequantized Q, fp32 scales), "scale": fp32 [N, G], "zero": fp32 [N, G],
+"g_idx": int32 [K], "damp": float (the damp_percent used)}``.
+
 With ``quantize``, GPTQModel first quantizes the float folder ``float`` with its own GPTQ and saves the
 result to ``folder``. Every ``folder`` is then loaded with the pure-PyTorch ``TorchLinear`` kernel
 (``BACKEND.GPTQ_TORCH``) in fp16, the only dtypes that kernel accepts besides bf16. ``RESULTS.pt`` maps
@@ -56,6 +63,30 @@ def quantize(spec: dict, out: str) -> None:
     model.save(out)
 
 
+def solve(spec: dict) -> dict:
+    """GPTQModel's GPTQ solve of one ``nn.Linear`` on the Hessian ``spec["hessian"]`` (no calibration forward)."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    weight, hessian = spec["weight"], spec["hessian"]
+    n, k = weight.shape
+    layer = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    qc = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"], desc_act=spec["desc_act"],
+                        act_group_aware=spec["act_group_aware"], static_groups=spec["static_groups"],
+                        damp_percent=spec["damp_percent"], damp_auto_increment=0.0, offload_to_disk=False)
+    gptq = GPTQ(layer, qc)
+    gptq.quantizer.configure(perchannel=True)  # as GPTQProcessor.preprocess does
+    # the final Hessian, as materialize_global_hessian() leaves it (a clean H is used as is)
+    gptq.H = hessian.clone()
+    gptq.nsamples = 1
+    gptq._hessian_dirty = False
+    q, scale, zero, g_idx, _, _, damp, _ = gptq.quantize(blocksize=spec["blocksize"])
+    return {"weight": q.float(), "scale": scale.float(), "zero": zero.float(), "g_idx": g_idx.to(torch.int32),
+            "damp": float(damp)}
+
+
 def run(folder: str, ids: torch.Tensor) -> dict:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
@@ -77,6 +108,9 @@ def main(jobs_path: str, results_path: str) -> None:
     spec = torch.load(jobs_path, weights_only=True)
     results = {}
     for job in spec["jobs"]:
+        if job.get("solve") is not None:
+            results[job["name"]] = solve(job["solve"])
+            continue
         if job.get("quantize") is not None:
             quantize(job["quantize"], job["folder"])
         results[job["name"]] = run(job["folder"], spec["ids"])
