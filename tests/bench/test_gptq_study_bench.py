@@ -12,7 +12,7 @@ from tests.bench.conftest import check_results_file
 def test_gptq_study_measures_the_rows_it_is_given(tiny_model_dir, tmp_path, one_thread):
     model, out = tiny_model_dir / "model", tmp_path / "study.json"
     text = str(model.parent / "train.txt")
-    rows = ["natural=qtune:gptq:bits=3,group_size=32,act_group_aware=false",
+    rows = ["natural=qtune:gptq:bits=3,group_size=32,desc_act=false,act_group_aware=false",
             "static damp 0.1=qtune:gptq:bits=3,group_size=32,desc_act=true,static_groups=true,damp_percent=0.1"]
     argv = ["--model", str(model), "--text", text, "--calibration", text, "--tokens", "256", "--seq-len", "64",
             "--samples", "2", "--cal-seq-len", "64", "--batch-size", "2", "--out", str(out)]
