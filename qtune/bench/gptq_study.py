@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from .perplexity import SETTINGS, _write
+from .perplexity import SETTINGS, _write, add_settings_args
 from .results import bench_command, default_dir, load_average
 
 
@@ -68,14 +68,7 @@ def parse_gptqmodel_spec(spec: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row", action="append", required=True, metavar="NAME=SPEC", help="a row (repeat)")
-    p.add_argument("--model", default="smollm2", help="float model folder, or 'smollm2' (the bundled SmolLM2-135M)")
-    p.add_argument("--text", default="qtune:austen/persuasion", help="evaluation text (file, or qtune:austen/NAME)")
-    p.add_argument("--calibration", default="qtune:austen/emma", help="calibration text (file, or qtune:austen/NAME)")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--samples", type=int, default=32, help="calibration windows")
-    p.add_argument("--cal-seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    add_settings_args(p)
     p.add_argument("--out", help="results file (default bench/results/gptq-study.json)")
     args = p.parse_args(argv)
     rows_spec = [parse_row(r) for r in args.row]

@@ -91,8 +91,9 @@ def _bnb_bits_per_param(model) -> float:
     return bits / params
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_settings_args(p: argparse.ArgumentParser) -> None:
+    """The options that make :data:`SETTINGS` (model, texts, token counts, calibration windows, batch size), shared
+    with :mod:`.gptq_study`."""
     p.add_argument("--model", default="smollm2", help="float model folder, or 'smollm2' (the bundled SmolLM2-135M)")
     p.add_argument("--text", default="qtune:austen/persuasion", help="evaluation text (file, or qtune:austen/NAME)")
     p.add_argument("--calibration", default="qtune:austen/emma", help="GPTQ calibration text (file, or qtune:austen/NAME)")
@@ -101,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=32, help="GPTQ calibration windows")
     p.add_argument("--cal-seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_settings_args(p)
     p.add_argument("--only", nargs="*", metavar="ROW", help="run only these rows (names as printed)")
     p.add_argument("--skip-bnb", action="store_true")
     p.add_argument("--skip-gptq", action="store_true", help="leave out the GPTQ rows (minutes of calibration each)")
