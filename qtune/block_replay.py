@@ -13,7 +13,8 @@ stored the first time it is computed *final* and returned as is by the later for
   can change any more);
 - stored outputs are keyed by (submodule, window batch, call number in that forward), checked against the shapes
   of the call's tensor arguments, and dropped if a later op modified them in place (``Tensor._version``);
-- when an output is stored, the stored outputs of the submodule's own descendants for that batch are freed;
+- when an output is stored, the stored outputs of the submodule's own descendants for that batch are freed
+  (an output that does not fit the budget leaves them in place);
 - the store keeps to a byte budget; past it, outputs are simply computed again.
 
 Replay changes no arithmetic: a replayed output is the tensor the same ops produced before, so the Hessians,
@@ -159,9 +160,11 @@ class BlockReplay:
         if fwd.store and not fwd.pending_ran:
             tensors = _tensors(out)
             size = sum(t.numel() * t.element_size() for t in tensors)
-            for k in [k for k in self._entries if k[1] == fwd.batch and k[0].startswith(name + ".")]:
-                self._drop(k)  # a descendant's output is not read again once this one is stored
-            if self.bytes + size <= self.budget:
+            # a descendant's output is not read again once this one is stored: it makes room for it
+            below = [k for k in self._entries if k[1] == fwd.batch and k[0].startswith(name + ".")]
+            if self.bytes - sum(self._entries[k][3] for k in below) + size <= self.budget:
+                for k in below:
+                    self._drop(k)
                 self._entries[key] = (out, sig, [t._version for t in tensors], size)
                 self.bytes += size
         return out
